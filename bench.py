@@ -1,0 +1,230 @@
+"""
+Measure babygpt against the seed's code on this machine, side by side in one run.
+
+    python bench.py                      # sizes chosen for the device
+    python bench.py --batch_size=16 --steps=10
+
+Prints one line per measurement, the ratios last:
+  train   tokens/sec of babygpt's fast path and of the seed's per-head fp32 model with its
+          Python-loop get_batch (same architecture, batch and device), model FLOPs utilisation
+          where the device's peak is known, and peak memory;
+  eval    the time of one evaluation (2 x eval_iters forward passes);
+  sample  2 prompts x 100 new characters: the seed's recompute-everything loop against
+          babygpt.generate in fp32 and in the fast dtype `python babygpt.py sample` uses.
+Each measurement runs in a process of its own, so its peak memory is its own.
+Data are random tokens over the real corpus's vocabulary size: speed does not depend on them.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+import babygpt
+import reference
+
+VOCAB = 6104  # distinct characters in ci.txt
+# Dense bfloat16 tensor-core peaks (no sparsity), FLOP/s, by a substring of the device name.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "A10G": 70e12}
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def peak_memory_gb(dev):
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux: whole process
+
+
+def flops_per_token(args):
+    """Training FLOPs per token: 6 per weight (forward + backward) plus attention's scores and
+    weighted sums (12 * layers * width * context, counting the full square as PyTorch does)."""
+    C, L = args.n_embed, args.n_layer
+    weights = L * 12 * C * C + C * VOCAB  # blocks (qkv, proj, 2 MLP matrices) + lm_head
+    return 6 * weights + 12 * L * C * args.block_size
+
+
+def build(kind, args, dev):
+    shape = dict(block_size=args.block_size, n_embed=args.n_embed, n_head=args.n_head,
+                 n_layer=args.n_layer, dropout=0.2)
+    torch.manual_seed(0)
+    if kind == "seed":
+        return reference.SeedGPT(VOCAB, **shape).to(dev)
+    return babygpt.BabyGPT(VOCAB, **shape).to(dev)
+
+
+def measure_train(kind, args, dev):
+    data = torch.randint(VOCAB, (1_000_000,), device=dev)
+    model = build(kind, args, dev)
+    B, T = args.batch_size, args.block_size
+    if kind == "seed":  # the seed's loop: fp32, per-head attention, Python-loop batches
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+
+        def step():
+            x, y = reference.seed_get_batch(data, B, T, dev)
+            _, loss = model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        def evaluate(iters):
+            model.eval()
+            with torch.no_grad():
+                for _ in range(2 * iters):
+                    x, y = reference.seed_get_batch(data, B, T, dev)
+                    model(x, y)[1].item()
+            model.train()
+    else:  # what babygpt.train does by default on this device
+        amp = babygpt.resolve_dtype("auto", dev)
+        ctx = babygpt.autocast(dev, amp)
+        if dev.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+        fast = torch.compile(model) if dev.type == "cuda" else model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=dev.type == "cuda")
+        scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+
+        def step():
+            babygpt.train_step(fast, optimizer, [babygpt.get_batch(data, B, T)], ctx, scaler)
+
+        def evaluate(iters):
+            babygpt.estimate_loss(fast, {"train": data, "val": data}, B, T, iters, ctx=ctx)
+
+    for _ in range(args.warmup):
+        step()
+    sync(dev)
+    t0 = time.time()
+    for _ in range(args.steps):
+        step()
+    sync(dev)
+    seconds = time.time() - t0
+    evaluate(1)  # warm the evaluation graph
+    sync(dev)
+    t1 = time.time()
+    evaluate(args.eval_iters)
+    sync(dev)
+    eval_seconds = (time.time() - t1) * 100 / args.eval_iters  # scaled to the default eval_iters=100
+    return {"tokens_per_sec": args.steps * B * T / seconds, "eval_seconds": eval_seconds,
+            "peak_gb": peak_memory_gb(dev)}
+
+
+def measure_sample(args, dev):
+    """2 prompts x 100 characters, sampled as the seed did and as babygpt does."""
+    seed_model = build("seed", args, dev).eval()
+    model = babygpt.BabyGPT(VOCAB, block_size=args.block_size, n_embed=args.n_embed,
+                            n_head=args.n_head, n_layer=args.n_layer, dropout=0.2).to(dev)
+    model.load_state_dict(seed_model.state_dict())
+    model.eval()
+    chars = "".join(chr(0x4E00 + i) for i in range(VOCAB))
+    tokenizer = babygpt.Tokenizer(chars)
+    prompts = [chars[10:12], chars[20:22]]
+    cfg = SimpleNamespace(num_samples=1, max_new_token=args.new_tokens, temperature=1.0, top_k=0,
+                          kv_cache=True)
+
+    def timed(fn, repeats=2):
+        best = float("inf")
+        for _ in range(repeats):
+            sync(dev)
+            t0 = time.time()
+            fn()
+            sync(dev)
+            best = min(best, time.time() - t0)
+        return best
+
+    idx = torch.tensor([tokenizer.encode(p) for p in prompts], device=dev)
+    out = {"seed": timed(lambda: seed_model.generate(idx, args.new_tokens))}
+    out["fp32"] = timed(lambda: babygpt.generate_texts(model, tokenizer, prompts, cfg, dev))
+    half = torch.bfloat16 if babygpt.resolve_dtype("auto", dev) == torch.bfloat16 else torch.float16
+    model.to(half)
+    out["half"] = timed(lambda: babygpt.generate_texts(model, tokenizer, prompts, cfg, dev))
+    out["half_dtype"] = str(half).replace("torch.", "")
+    out["sample_dtype"] = str(babygpt.sampling_dtype("auto", dev)).replace("torch.", "")
+    return out
+
+
+def run_child(what, args):
+    """Run one measurement in a fresh process and return its JSON result."""
+    cmd = [sys.executable, os.path.abspath(__file__), f"--child={what}"] + [
+        f"--{k}={v}" for k, v in vars(args).items() if k != "child" and v is not None]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"bench: the {what} measurement failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--block_size", type=int, default=babygpt.block_size)
+    p.add_argument("--n_embed", type=int, default=babygpt.n_embed)
+    p.add_argument("--n_head", type=int, default=babygpt.n_head)
+    p.add_argument("--n_layer", type=int, default=babygpt.n_layer)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--eval_iters", type=int)
+    p.add_argument("--new_tokens", type=int, default=babygpt.max_new_token)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    try:
+        dev = babygpt.resolve_device(args.device)
+    except babygpt.UserError as e:
+        sys.exit(f"error: {e}")
+    gpu = dev.type == "cuda"
+    # Full defaults on a GPU; on a CPU the seed's architecture with a small batch (~2 minutes).
+    for name, on_gpu, on_cpu in (("batch_size", 64, 8), ("steps", 50, 5), ("warmup", 10, 2),
+                                 ("eval_iters", 100, 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, on_gpu if gpu else on_cpu)
+    if args.device == "auto":
+        args.device = str(dev)
+
+    if args.child:
+        torch.set_num_threads(torch.get_num_threads())
+        result = measure_sample(args, dev) if args.child == "sample" else measure_train(args.child, args, dev)
+        print(json.dumps(result))
+        return
+
+    name = torch.cuda.get_device_name(dev) if gpu else f"CPU, {torch.get_num_threads()} threads"
+    amp = babygpt.resolve_dtype("auto", dev)
+    print(f"device: {dev} ({name}), torch {torch.__version__}, fast path: "
+          f"{str(amp).replace('torch.', '')} autocast, compile {'on' if gpu else 'off'}")
+    print(f"config: n_layer={args.n_layer} n_head={args.n_head} n_embed={args.n_embed} "
+          f"block_size={args.block_size} batch_size={args.batch_size} vocab={VOCAB}, "
+          f"{args.steps} timed steps after {args.warmup} warm-up")
+    fast = run_child("fast", args)
+    print(f"train babygpt fast path : {fast['tokens_per_sec']:>12,.0f} tokens/sec, "
+          f"peak memory {fast['peak_gb']:.2f} GB", flush=True)
+    seed = run_child("seed", args)
+    print(f"train seed per-head fp32: {seed['tokens_per_sec']:>12,.0f} tokens/sec, "
+          f"peak memory {seed['peak_gb']:.2f} GB", flush=True)
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    if peak:
+        for label, r in (("babygpt", fast), ("seed", seed)):
+            mfu = r["tokens_per_sec"] * flops_per_token(args) / peak
+            print(f"MFU {label:<7}: {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s (bf16 dense peak)")
+    else:
+        print("MFU: n/a (peak FLOP/s of this device unknown)")
+    scaled = "" if args.eval_iters == 100 else f", timed with eval_iters={args.eval_iters} and scaled"
+    print(f"eval (eval_iters=100, batch {args.batch_size}{scaled}): babygpt "
+          f"{fast['eval_seconds']:.2f}s, seed {seed['eval_seconds']:.2f}s", flush=True)
+    gen = run_child("sample", args)
+    print(f"sample 2 prompts x {args.new_tokens} characters: seed recompute loop {gen['seed']:.2f}s, "
+          f"babygpt KV cache fp32 {gen['fp32']:.2f}s, {gen['half_dtype']} weights {gen['half']:.2f}s "
+          f"(`babygpt.py sample` uses {gen['sample_dtype']} here)")
+    print(f"ratio sample (seed time / babygpt): fp32 {gen['seed'] / gen['fp32']:.1f}x, "
+          f"{gen['half_dtype']} {gen['seed'] / gen['half']:.1f}x")
+    print(f"ratio eval (seed time / babygpt): {seed['eval_seconds'] / fast['eval_seconds']:.2f}x")
+    print(f"ratio train (babygpt / seed tokens/sec): {fast['tokens_per_sec'] / seed['tokens_per_sec']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
