@@ -431,6 +431,34 @@ def test_tiny_cli_run_end_to_end(corpus, tmp_path, monkeypatch):
     for key in (b"train_loss", b"val_loss", b"tokens_per_sec", b"iteration"):
         assert key in blob, key
     assert "wandb sync" in out
+    assert "ETA" not in out  # no progress line when the output is not a terminal
+
+
+def test_progress_line_on_a_terminal(corpus, tmp_path):
+    """On a terminal, a progress line (step, tokens/sec, ETA) is redrawn between evaluations."""
+    import pty
+    leader, follower = pty.openpty()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    args = TINY + ["--max_iters=400", "--eval_interval=400", f"--data_path={corpus.name}",
+                   "--prompts=", "--device=cpu"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "babygpt.py"), *args], cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, stdout=follower, stderr=subprocess.PIPE, env=env)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    out = b"".join(chunks).decode("utf-8", "replace")
+    assert re.search(r"\r\x1b\[K  step \d+/400, [\d,]+ tokens/sec, ETA \d+m \d+\.\ds", out), out[-500:]
+    assert re.search(r"step 400: train loss", out)
 
 
 def test_bad_prompt_fails_before_training(corpus, tmp_path):
