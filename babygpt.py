@@ -589,8 +589,10 @@ def get_batch(data, batch_size, block_size, generator=None):
 
 
 @torch.inference_mode()
-def estimate_loss(model, data, batch_size, block_size, eval_iters, generator=None, ctx=None):
-    """Mean loss over eval_iters random batches of each split, with dropout off."""
+def estimate_loss(model, data, batch_size, block_size, eval_iters, generator=None, ctx=None,
+                  stop=None):
+    """Mean loss over eval_iters random batches of each split, with dropout off.
+    `stop`, if given, is asked before each batch; when it says True, Interrupted is raised."""
     was_training = model.training
     model.eval()
     out = {}
@@ -598,7 +600,7 @@ def estimate_loss(model, data, batch_size, block_size, eval_iters, generator=Non
         first = data[split]
         losses = torch.zeros(eval_iters, device=first.device)
         for k in range(eval_iters):
-            if STOP["requested"]:
+            if stop is not None and stop():
                 raise Interrupted
             x, y = get_batch(first, batch_size, block_size, generator)
             with ctx or nullcontext():
@@ -928,7 +930,9 @@ def train(cfg):
     def evaluate(it):
         eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + rank)  # same batches on resume
         batch = cfg.batch_size // world
-        losses = estimate_loss(fast_model, data, batch, cfg.block_size, cfg.eval_iters, eval_gen, ctx)
+        # one process alone may stop mid-evaluation; several must reach the all-reduce together
+        stop = (lambda: STOP["requested"]) if world == 1 else None
+        losses = estimate_loss(fast_model, data, batch, cfg.block_size, cfg.eval_iters, eval_gen, ctx, stop)
         return all_mean([losses["train"], losses["val"]], dev, world)
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
