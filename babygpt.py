@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -153,6 +154,46 @@ def save_atomic(obj, path):
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def cpu_copy(obj):
+    """obj with every tensor copied to the CPU: a snapshot that training cannot change."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundSaver:
+    """save_atomic in a thread, one file at a time, so training does not wait for the disk.
+    A failed write is raised by the next save() or by wait()."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def save(self, obj, path):
+        self.wait()
+        snapshot = cpu_copy(obj)
+
+        def write():
+            try:
+                save_atomic(snapshot, path)
+            except BaseException as e:  # handed to the training thread
+                self.error = e
+
+        self.thread = threading.Thread(target=write, name="checkpoint-writer")
+        self.thread.start()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def format_time(seconds):
@@ -906,10 +947,12 @@ def train(cfg):
     tty = sys.stdout.isatty() and rank == 0
     check_every_step = dev.type == "cpu" and world == 1  # .item() is free on the CPU
 
+    saver = BackgroundSaver()
+
     def checkpoint(iter_num, done_eval):
         if rank != 0:
             return
-        save_atomic({
+        saver.save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "iter_num": iter_num, "evaluated": done_eval,
             "best_val_loss": best_val, "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},
@@ -948,6 +991,7 @@ def train(cfg):
                     torch.cuda.synchronize(dev)
                 now = time.time()
                 speed = tokens_since / (now - t_mark) if tokens_since else 0.0
+                saver.wait()  # the previous checkpoint is on disk (or its failure is raised)
                 train_loss, val_loss = evaluate(it)
                 if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                     raise_nonfinite(it, cfg)
@@ -985,13 +1029,17 @@ def train(cfg):
         if tty:
             print("\r\033[K", end="")
         checkpoint(done, False)
+        saver.wait()
         say(f"interrupted at step {done}; checkpoint saved to {cfg.ckpt_path}. "
             f"Resume with: python babygpt.py {resume_command(cfg)}")
         finish(run, world)
         return model
     finally:
+        if saver.thread is not None:
+            saver.thread.join()  # a checkpoint being written is finished even when training failed
         for s, h in old_handlers.items():
             signal.signal(s, h)
+    saver.wait()  # raises if the last checkpoint could not be written
 
     if rank == 0:
         model.eval()

@@ -361,6 +361,30 @@ def test_save_atomic_keeps_old_file_when_disk_is_full(tmp_path, monkeypatch):
 # -----------------------------------------------------------------------------
 # the sample command
 
+def test_background_saver_writes_a_snapshot_and_reports_failures(tmp_path, monkeypatch):
+    """Checkpoints are written in a thread: the file holds the state at save() time even if
+    training changes the tensors meanwhile, and a failed write is raised by the next call."""
+    saver = babygpt.BackgroundSaver()
+    weights = torch.zeros(1000)
+    saver.save({"w": weights, "nested": [weights]}, tmp_path / "a.pt")
+    weights += 1  # training goes on while the file is written
+    saver.wait()
+    saved = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert torch.equal(saved["w"], torch.zeros(1000)) and torch.equal(saved["nested"][0], torch.zeros(1000))
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    saver.save({"w": weights}, tmp_path / "a.pt")
+    with pytest.raises(babygpt.UserError, match="No space left"):
+        saver.save({"w": weights}, tmp_path / "b.pt")  # the earlier failure surfaces here
+    saver.wait()
+    monkeypatch.undo()
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["w"], torch.zeros(1000))
+    assert sorted(os.listdir(tmp_path)) == ["a.pt"]  # no temporary files, b.pt never started
+
+
 def test_sample_from_checkpoint_without_corpus(work):
     (work / "poems.txt").unlink()  # the vocabulary comes from ckpt.pt
     before = snapshot(work)
