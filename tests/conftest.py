@@ -1,13 +1,23 @@
-"""Shared helpers: a tiny corpus the tests write themselves, tiny model settings, and a CLI runner."""
+"""Shared helpers: a tiny corpus the tests write themselves, tiny model settings, CLI runners
+(in the foreground and in the background), and one thread per test and per subprocess."""
 
+import hashlib
 import os
+import queue
+import re
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import babygpt  # noqa: E402  (from ROOT)
+import reference  # noqa: E402
 
 # A few real ci lines; repeated with numbered titles they make a corpus with a small vocabulary.
 POEM_LINES = [
@@ -40,9 +50,139 @@ def corpus(tmp_path):
     return path
 
 
+# One OpenMP thread per process: on 2 shared cores the threads of tiny ops otherwise wait on each
+# other (a 2 s run takes 7 s). It changes no result: every comparison runs under it.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+# torchrun's variables: a subprocess that inherited them would think it is one rank of a job
+DDP_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+BABYGPT = os.path.join(ROOT, "babygpt.py")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    """Every test runs as the main process (say() prints only on rank 0) with one torch thread:
+    tiny models gain nothing from threads, and results do not depend on it."""
+    monkeypatch.delenv("RANK", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli_env(env=None):
+    """The environment of a babygpt subprocess: os.environ, unbuffered, quiet wandb, one OpenMP
+    thread, then env (which wins), without torchrun's variables."""
+    full = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **ONE_THREAD, **(env or {})}
+    for var in DDP_VARS:
+        full.pop(var, None)
+    return full
+
+
+def babygpt_cmd(*args):
+    """The command line `python babygpt.py ARGS`."""
+    return [sys.executable, BABYGPT, *args]
+
+
+def torchrun_cmd(*args, nproc=2):
+    """The command line `torchrun --standalone --nproc_per_node=NPROC babygpt.py ARGS`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            BABYGPT, *args]
+
+
 def run_cli(args, cwd, timeout=120, env=None, **kwargs):
-    """Run `python babygpt.py ARGS` in cwd; returns the CompletedProcess (text mode)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
-    full_env.pop("RANK", None)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "babygpt.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env=full_env, **kwargs)
+    """Run `python babygpt.py ARGS` in cwd with cli_env(env); returns the CompletedProcess (text mode)."""
+    return subprocess.run(babygpt_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=cli_env(env), **kwargs)
+
+
+class Running:
+    """A subprocess (environment cli_env(env)) whose output is collected line by line in the
+    background."""
+
+    def __init__(self, cmd, cwd, env=None):
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env(env), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines = queue.Queue()
+        self.out, self.err = [], []
+        self.threads = [threading.Thread(target=self._pump, args=(s, b), daemon=True)
+                        for s, b in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for t in self.threads:
+            t.start()
+
+    @classmethod
+    def babygpt(cls, args, cwd, **kw):
+        """`python babygpt.py ARGS` in the background."""
+        return cls(babygpt_cmd(*args), cwd, **kw)
+
+    def _pump(self, stream, buf):
+        for line in stream:
+            buf.append(line)
+            self.lines.put(line)
+
+    def wait_for(self, pattern, timeout=60):
+        """The first line of output matching pattern, or fail (after killing the run)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                line = self.lines.get(timeout=0.1)
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    break
+                continue
+            if re.search(pattern, line):
+                return line
+        self.kill()
+        pytest.fail(f"no line matching {pattern!r} within {timeout}s; output:\n{self.output}")
+
+    def signal(self, sig):
+        try:
+            self.proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout):
+        """Exit code, or fail (after killing it) when it does not exit within timeout seconds."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"did not exit within {timeout}s; output:\n{self.output}")
+        for t in self.threads:
+            t.join(timeout=5)
+        return rc
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def output(self):
+        return "".join(self.out) + "".join(self.err)
+
+
+def snapshot(folder):
+    """Every file under folder with its sha256 and mtime: to prove nothing was changed or added."""
+    snap = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            with open(p, "rb") as f:
+                snap[os.path.relpath(p, folder)] = (hashlib.sha256(f.read()).hexdigest(),
+                                                    os.stat(p).st_mtime_ns)
+    return snap
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def seed_and_baby(vocab_size, block_size, n_embed, n_head, n_layer, seed=0, device="cpu"):
+    """A reference.SeedGPT with default init and a BabyGPT holding the same weights (eval mode)."""
+    torch.manual_seed(seed)
+    ref = reference.SeedGPT(vocab_size, block_size=block_size, n_embed=n_embed, n_head=n_head,
+                            n_layer=n_layer, dropout=0.0)
+    baby = babygpt.BabyGPT(vocab_size, block_size=block_size, n_embed=n_embed, n_head=n_head,
+                           n_layer=n_layer, dropout=0.0)
+    baby.load_state_dict(ref.state_dict())
+    return ref.to(device).eval(), baby.to(device).eval()

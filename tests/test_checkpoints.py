@@ -6,13 +6,11 @@ Every CLI run uses the tiny settings of conftest.TINY in a temporary directory.
 
 import errno
 import os
-import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -22,30 +20,13 @@ import torch
 
 import babygpt
 import reference
-from conftest import ROOT, TINY, make_corpus, run_cli as _run_cli
-
-# One thread per process: on 2 shared cores, OpenMP threads of tiny ops otherwise wait on each
-# other and a 2 s run takes 7 s. It changes no result (every comparison runs under it).
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-def run_cli(args, cwd, **kwargs):
-    return _run_cli(args, cwd, env=ONE_THREAD, **kwargs)
+from conftest import TINY, Running, babygpt_cmd, cli_env, load_ckpt, make_corpus, run_cli, snapshot
 
 
 def run_many(*jobs):
     """Independent CLI runs [(args, cwd), ...], two at a time (one per core); results in order."""
     with ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(lambda job: run_cli(*job), jobs))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 STEP_RE = re.compile(r"^step (\d+): train loss ([0-9.]+), val loss ([0-9.]+)", re.M)
@@ -79,27 +60,12 @@ def parse_samples(stdout, prompts, num_samples=1):
     return [samples[i:i + num_samples] for i in range(0, len(samples), num_samples)]
 
 
-def snapshot(folder):
-    """Every file under folder with its bytes and mtime: to prove nothing was modified."""
-    snap = {}
-    for dirpath, _, files in os.walk(folder):
-        for name in files:
-            p = os.path.join(dirpath, name)
-            with open(p, "rb") as f:
-                snap[os.path.relpath(p, folder)] = (f.read(), os.stat(p).st_mtime_ns)
-    return snap
-
-
 def assert_one_line_error(proc):
     assert proc.returncode == 1, f"exit code {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
     return lines[0]
-
-
-def load_ckpt(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def tiny_model(vocab_size, seed=0, cls=babygpt.BabyGPT):
@@ -208,74 +174,13 @@ def test_resume_with_other_shape_is_an_error(work):
 # -----------------------------------------------------------------------------
 # interrupts
 
-class Running:
-    """A CLI run in the background whose output is collected line by line."""
-
-    def __init__(self, args, cwd):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **ONE_THREAD}
-        env.pop("RANK", None)
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "babygpt.py"), *args],
-                                     cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines = queue.Queue()
-        self.out, self.err = [], []
-        self.threads = [threading.Thread(target=self._pump, args=(s, b), daemon=True)
-                        for s, b in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
-        for t in self.threads:
-            t.start()
-
-    def _pump(self, stream, buf):
-        for line in stream:
-            buf.append(line)
-            self.lines.put(line)
-
-    def wait_for(self, pattern, timeout=60):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                line = self.lines.get(timeout=0.1)
-            except queue.Empty:
-                if self.proc.poll() is not None and self.lines.empty():
-                    break
-                continue
-            if re.search(pattern, line):
-                return line
-        self.kill()
-        pytest.fail(f"no line matching {pattern!r}; output:\n{''.join(self.out)}{''.join(self.err)}")
-
-    def signal(self, sig):
-        try:
-            self.proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
-    def wait(self, timeout):
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"the run did not exit within {timeout}s of the signal")
-        for t in self.threads:
-            t.join(timeout=5)
-        return rc
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    @property
-    def output(self):
-        return "".join(self.out) + "".join(self.err)
-
-
 LONG = ["--max_iters=1000000", "--eval_interval=100000"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_saves_and_resumes(corpus, sig):
     folder = corpus.parent
-    run = Running(tiny(corpus.name, *LONG), folder)
+    run = Running.babygpt(tiny(corpus.name, *LONG), folder)
     run.wait_for(r"^step 0: ")
     time.sleep(0.3)  # let it take some steps
     run.signal(sig)
@@ -301,7 +206,7 @@ def test_interrupt_saves_and_resumes(corpus, sig):
 
 def test_second_sigint_exits_at_once_without_damage(corpus):
     folder = corpus.parent
-    run = Running(tiny(corpus.name, *LONG), folder)
+    run = Running.babygpt(tiny(corpus.name, *LONG), folder)
     run.wait_for(r"^step 0: ")
     time.sleep(0.2)
     run.signal(signal.SIGINT)
@@ -443,12 +348,9 @@ def test_sample_asks_for_prompts_on_a_terminal(work):
     """With no prompts and a terminal on stdin, sample asks (请输入文字: ) until end of input."""
     import pty
     leader, follower = pty.openpty()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD}
-    env.pop("RANK", None)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "babygpt.py"), "sample",
-                             *tiny("poems.txt"), "--prompts=", "--max_new_token=5"],
+    proc = subprocess.Popen(babygpt_cmd("sample", *tiny("poems.txt"), "--prompts=", "--max_new_token=5"),
                             cwd=work, stdin=follower, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=cli_env())
     os.close(follower)
     os.write(leader, "明月\n雪\n春江\n".encode() + b"\x04")  # 雪 is not in the corpus
     try:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, TINY, make_corpus, run_cli
+from conftest import ROOT, TINY, babygpt_cmd, cli_env, make_corpus, run_cli, seed_and_baby
 
 import babygpt
 import reference
@@ -23,32 +23,6 @@ from babygpt import UserError
 STEP_RE = re.compile(r"step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4}), "
                      r"speed: (\d+\.\d{2}) tokens/sec, time: (\d+)m (\d+\.\d)s")
 DASHES = "-" * 10
-
-
-@pytest.fixture(autouse=True)
-def _main_process(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)  # say() prints only on rank 0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads
-    stall each other badly; results do not depend on it."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-def seed_and_baby(vocab_size, block_size, n_embed, n_head, n_layer, seed=0):
-    """A reference.SeedGPT with default init and a BabyGPT holding the same weights."""
-    torch.manual_seed(seed)
-    ref = reference.SeedGPT(vocab_size, block_size=block_size, n_embed=n_embed, n_head=n_head,
-                            n_layer=n_layer, dropout=0.0)
-    baby = babygpt.BabyGPT(vocab_size, block_size=block_size, n_embed=n_embed, n_head=n_head,
-                           n_layer=n_layer, dropout=0.0)
-    baby.load_state_dict(ref.state_dict())
-    return ref.eval(), baby.eval()
 
 
 def step_lines(stdout):
@@ -438,12 +412,10 @@ def test_progress_line_on_a_terminal(corpus, tmp_path):
     """On a terminal, a progress line (step, tokens/sec, ETA) is redrawn between evaluations."""
     import pty
     leader, follower = pty.openpty()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
     args = TINY + ["--max_iters=400", "--eval_interval=400", f"--data_path={corpus.name}",
                    "--prompts=", "--device=cpu"]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "babygpt.py"), *args], cwd=tmp_path,
-                            stdin=subprocess.DEVNULL, stdout=follower, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(babygpt_cmd(*args), cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=follower,
+                            stderr=subprocess.PIPE, env=cli_env())
     os.close(follower)
     chunks = []
     while True:

@@ -11,18 +11,15 @@ with monkeypatch); signals, wandb's service process and torchrun run as real sub
 
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import os
-import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import traceback
 import types
@@ -31,22 +28,13 @@ import pytest
 import torch
 
 import babygpt
-from conftest import ROOT, TINY, make_corpus, run_cli as _run_cli
+from conftest import (ROOT, TINY, Running, babygpt_cmd, cli_env, load_ckpt, make_corpus, run_cli, snapshot,
+                      torchrun_cmd)
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 shared cores: one thread per process is fastest
 STEP_RE = re.compile(r"^step (\d+): train loss", re.M)
 LONG = ["--max_iters=1000000", "--eval_interval=100000"]  # trains until interrupted
 # Characters that are not in make_corpus(): for prompts and for a corpus with another vocabulary.
 ALIEN = "火星"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -----------------------------------------------------------------------------
@@ -54,10 +42,6 @@ def _one_thread(monkeypatch):
 
 def tiny(*extra, data="poems.txt"):
     return [*TINY, f"--data_path={data}", *extra]
-
-
-def run_cli(args, cwd, env=None, **kwargs):
-    return _run_cli(args, cwd, env={**ONE_THREAD, **(env or {})}, **kwargs)
 
 
 def run_main(capsys, args):
@@ -97,18 +81,6 @@ def succeeded(res):
     assert "Traceback" not in res.stdout + res.stderr, show(res)
 
 
-def snapshot(folder):
-    """Every file under folder with its sha256 and mtime: to prove nothing was changed or added."""
-    snap = {}
-    for dirpath, _, files in os.walk(folder):
-        for name in files:
-            p = os.path.join(dirpath, name)
-            with open(p, "rb") as f:
-                snap[os.path.relpath(p, folder)] = (hashlib.sha256(f.read()).hexdigest(),
-                                                    os.stat(p).st_mtime_ns)
-    return snap
-
-
 def same_files(before, after, names=None):
     names = names if names is not None else sorted(set(before) | set(after))
     changed = [n for n in names if before.get(n) != after.get(n)]
@@ -118,10 +90,6 @@ def same_files(before, after, names=None):
 def temp_files(folder):
     return [os.path.relpath(os.path.join(d, n), folder) for d, _, files in os.walk(folder)
             for n in files if n.endswith(".tmp")]
-
-
-def load_ckpt(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def all_finite(state_dict):
@@ -163,73 +131,6 @@ def write_other_corpus(folder):
     path = folder / "other.txt"
     path.write_text(make_corpus() + ALIEN + "人\n", encoding="utf-8")
     return path
-
-
-class Running:
-    """A subprocess whose output is collected line by line in the background."""
-
-    def __init__(self, cmd, cwd, env=None):
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **ONE_THREAD,
-                    **(env or {})}
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            full_env.pop(var, None)
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines = queue.Queue()
-        self.out, self.err = [], []
-        self.threads = [threading.Thread(target=self._pump, args=(s, b), daemon=True)
-                        for s, b in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
-        for t in self.threads:
-            t.start()
-
-    @classmethod
-    def babygpt(cls, args, cwd, **kw):
-        return cls([sys.executable, os.path.join(ROOT, "babygpt.py"), *args], cwd, **kw)
-
-    def _pump(self, stream, buf):
-        for line in stream:
-            buf.append(line)
-            self.lines.put(line)
-
-    def wait_for(self, pattern, timeout=60):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                line = self.lines.get(timeout=0.1)
-            except queue.Empty:
-                if self.proc.poll() is not None and self.lines.empty():
-                    break
-                continue
-            if re.search(pattern, line):
-                return line
-        self.kill()
-        pytest.fail(f"no line matching {pattern!r} within {timeout}s; output:\n{self.output}")
-
-    def signal(self, sig):
-        try:
-            self.proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
-    def wait(self, timeout):
-        """Exit code, or fail (after killing it) when it does not exit within timeout seconds."""
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"did not exit within {timeout}s; output:\n{self.output}")
-        for t in self.threads:
-            t.join(timeout=5)
-        return rc
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    @property
-    def output(self):
-        return "".join(self.out) + "".join(self.err)
 
 
 # -----------------------------------------------------------------------------
@@ -706,9 +607,8 @@ def _wandb_env(tmp_path):
 
 
 def _clean_env(env):
-    """os.environ with env applied, where an empty value means 'unset'."""
-    full = {**os.environ, **env}
-    return {k: v for k, v in full.items() if v != ""}
+    """cli_env(env), where an empty value means 'unset'."""
+    return {k: v for k, v in cli_env(env).items() if v != ""}
 
 
 def _offline_runs(folder):
@@ -736,19 +636,11 @@ def test_wandb_not_installed(work, capsys, monkeypatch):
     assert not (work / "wandb").exists()
 
 
-def _subprocess_env(tmp_path, extra):
-    env = _clean_env({**_wandb_env(tmp_path), **extra})
-    env.update(ONE_THREAD)
-    env.pop("RANK", None)
-    return env
-
-
 def _run_wandb(folder, args, extra):
-    env = _subprocess_env(folder, extra)
+    env = _clean_env({**_wandb_env(folder), **extra})
     t0 = time.time()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "babygpt.py"), *args], cwd=folder,
-                          capture_output=True, text=True, timeout=120,
-                          env={**env, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(babygpt_cmd(*args), cwd=folder, capture_output=True, text=True, timeout=120,
+                          env=env)
     return proc, time.time() - t0
 
 
@@ -844,8 +736,7 @@ def test_custom_ci_txt_is_a_note(tmp_path, capsys, monkeypatch):
 # torchrun with 2 CPU processes: bad constant, NaN, SIGTERM. Every rank exits; none hangs.
 
 def _torchrun(args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            os.path.join(ROOT, "babygpt.py"), *args, "--device=cpu"]
+    return torchrun_cmd(*args, "--device=cpu")
 
 
 def _processes_mentioning(text):

@@ -14,35 +14,17 @@ import torch
 import torch.multiprocessing as mp
 
 import babygpt
-from conftest import ROOT, TINY, make_corpus, run_cli as _run_cli
+from conftest import TINY, cli_env, make_corpus, run_cli, torchrun_cmd
 
 STEP_RE = re.compile(r"^step (\d+): train loss ([0-9.]+), val loss ([0-9.]+)", re.M)
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 shared cores: avoid OpenMP threads waiting on each other
-
-
-def run_cli(args, cwd, **kwargs):
-    return _run_cli(args, cwd, env=ONE_THREAD, **kwargs)
 
 
 def run_torchrun(args, cwd, nproc=2, timeout=90):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **ONE_THREAD}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(ROOT, "babygpt.py"), *args]
     try:
-        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+        return subprocess.run(torchrun_cmd(*args, nproc=nproc), cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout, env=cli_env())
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"torchrun hung for {timeout}s; output so far:\n{e.stdout}\n{e.stderr}")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(vocab=30, seed=0):

@@ -5,34 +5,13 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from conftest import make_corpus
+from conftest import make_corpus, seed_and_baby
 
 import babygpt
 import reference
 from babygpt import UserError
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads
-    stall each other badly; results do not depend on it."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-def seed_and_baby(vocab_size, block_size, n_embed, n_head, n_layer, seed=0, device="cpu"):
-    """A reference.SeedGPT with default init and a BabyGPT holding the same weights (eval mode)."""
-    torch.manual_seed(seed)
-    ref = reference.SeedGPT(vocab_size, block_size=block_size, n_embed=n_embed, n_head=n_head,
-                            n_layer=n_layer, dropout=0.0)
-    baby = babygpt.BabyGPT(vocab_size, block_size=block_size, n_embed=n_embed, n_head=n_head,
-                           n_layer=n_layer, dropout=0.0)
-    baby.load_state_dict(ref.state_dict())
-    return ref.to(device).eval(), baby.to(device).eval()
 
 
 def corpus_data():
