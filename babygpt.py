@@ -1189,34 +1189,32 @@ def sample(cfg):
     if amp != torch.float32:
         model.to(amp)
     say(f"sampling from {source}")
-    interactive = not cfg.prompts
-    if interactive and not sys.stdin.isatty():
-        raise UserError("no prompts given; pass --prompts=春江,往事 or run in a terminal to type them")
-    queue = list(cfg.prompts)
-    while True:
-        if interactive:
-            try:
-                prompt = input("请输入文字: ").strip()
-            except EOFError:
-                return
-            if not prompt:
-                continue
-            bad = tokenizer.unknown(prompt)
-            if bad:
-                print(f"not in the vocabulary: {''.join(bad)}; try other characters")
-                continue
-        elif queue:
-            prompt = queue.pop(0)
-        else:
-            return
+
+    def show(prompts):
         t0 = time.time()
-        [texts] = generate_texts(model, tokenizer, [prompt], cfg, dev)
+        results = generate_texts(model, tokenizer, prompts, cfg, dev)
         seconds = time.time() - t0
-        for text in texts:
+        for text in (t for texts in results for t in texts):
             say(text)
             say("-" * 10)
-        n = cfg.max_new_token * cfg.num_samples
+        n = cfg.max_new_token * cfg.num_samples * len(prompts)
         say(f"({n} characters in {seconds:.2f}s: {n / max(seconds, 1e-9):.1f} tokens/sec)")
+
+    if cfg.prompts:
+        show(cfg.prompts)
+        return
+    if not sys.stdin.isatty():
+        raise UserError("no prompts given; pass --prompts=春江,往事 or run in a terminal to type them")
+    while True:  # like the seed's sample script: ask until end of input (Ctrl-D)
+        try:
+            prompt = input("请输入文字: ").strip()
+        except EOFError:
+            return
+        bad = tokenizer.unknown(prompt)
+        if bad:
+            print(f"not in the vocabulary: {''.join(bad)}; try other characters")
+        elif prompt:
+            show([prompt])
 
 
 # -----------------------------------------------------------------------------
