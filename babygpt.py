@@ -72,6 +72,7 @@ kv_cache = True
 device = "auto"               # auto = cuda, else mps, else cpu
 dtype = "auto"                # auto, float32, bfloat16, float16
 compile = "auto"              # auto = on for CUDA; true / false force it
+compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU, else default
 preset = ""                   # "cpu": a small configuration for laptops
 # files and logging
 save_path = "model.pth"
@@ -268,6 +269,10 @@ def usage():
     return "\n".join(lines)
 
 
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that use CUDA graphs
+
+
 def validate_config(cfg):
     """Reject values that cannot work before anything expensive happens."""
     def need(ok, msg):
@@ -297,6 +302,11 @@ def validate_config(cfg):
          f"dtype must be auto, float32, bfloat16 or float16 (got {cfg.dtype!r})")
     need(str(cfg.compile).lower() in ("auto", "true", "false"),
          f"compile must be auto, true or false (got {cfg.compile!r})")
+    need(cfg.compile_mode in COMPILE_MODES,
+         f"compile_mode must be one of {', '.join(COMPILE_MODES)} (got {cfg.compile_mode!r})")
+    need(not (cfg.compile_mode in GRAPH_MODES and cfg.grad_accum_steps > 1),
+         f"compile_mode={cfg.compile_mode} replays CUDA graphs, which cannot accumulate gradients; "
+         f"use grad_accum_steps=1 or compile_mode=default")
 
 
 # -----------------------------------------------------------------------------
@@ -619,6 +629,25 @@ def autocast(device, dt):
     return torch.autocast(device_type=device.type, dtype=dt)
 
 
+def compile_model(model, cfg, dev, world=1):
+    """The model the training loop calls: torch.compile'd where that helps (CUDA by default).
+    Returns (model, graphs); graphs is True when the compiled code replays CUDA graphs."""
+    on = str(cfg.compile).lower() == "true" or (cfg.compile == "auto" and dev.type == "cuda")
+    if not on:
+        return model, False
+    mode = cfg.compile_mode
+    if mode == "auto":  # CUDA graphs: one launch per pass (evaluation ~15% faster on an H200)
+        one_pass = world == 1 and cfg.grad_accum_steps == 1
+        mode = "reduce-overhead" if dev.type == "cuda" and one_pass else "default"
+    graphs = dev.type == "cuda" and mode in GRAPH_MODES
+    if graphs and world > 1:
+        raise UserError(f"compile_mode={mode} replays CUDA graphs, which do not mix with DDP's "
+                        f"gradient hooks; use compile_mode=default under torchrun")
+    import torch._dynamo as dynamo
+    dynamo.config.suppress_errors = True  # fall back to eager rather than crash
+    return torch.compile(model, mode=mode), graphs
+
+
 # -----------------------------------------------------------------------------
 # Batches and evaluation
 
@@ -629,25 +658,27 @@ def get_batch(data, batch_size, block_size, generator=None):
     return windows[:, :-1], windows[:, 1:]
 
 
-@torch.inference_mode()
 def estimate_loss(model, data, batch_size, block_size, eval_iters, generator=None, ctx=None,
-                  stop=None):
+                  stop=None, inference=True):
     """Mean loss over eval_iters random batches of each split, with dropout off.
-    `stop`, if given, is asked before each batch; when it says True, Interrupted is raised."""
+    `stop`, if given, is asked before each batch; when it says True, Interrupted is raised.
+    inference=False runs under no_grad instead of inference_mode: CUDA graphs recorded for
+    inference tensors break the training graphs recorded after them (pytorch#135892)."""
     was_training = model.training
     model.eval()
     out = {}
-    for split in ("train", "val"):
-        first = data[split]
-        losses = torch.zeros(eval_iters, device=first.device)
-        for k in range(eval_iters):
-            if stop is not None and stop():
-                raise Interrupted
-            x, y = get_batch(first, batch_size, block_size, generator)
-            with ctx or nullcontext():
-                _, loss = model(x, y)
-            losses[k] = loss
-        out[split] = losses.mean()
+    with torch.inference_mode() if inference else torch.no_grad():
+        for split in ("train", "val"):
+            first = data[split]
+            losses = torch.zeros(eval_iters, device=first.device)
+            for k in range(eval_iters):
+                if stop is not None and stop():
+                    raise Interrupted
+                x, y = get_batch(first, batch_size, block_size, generator)
+                with ctx or nullcontext():
+                    _, loss = model(x, y)
+                losses[k] = loss
+            out[split] = losses.mean()
     model.train(was_training)
     return {split: loss.item() for split, loss in out.items()}
 
@@ -930,12 +961,7 @@ def train(cfg):
         if start_iter >= cfg.max_iters:
             say(f"note: the checkpoint already has {start_iter} steps; raise --max_iters to train more")
 
-    use_compile = str(cfg.compile).lower() == "true" or (cfg.compile == "auto" and dev.type == "cuda")
-    fast_model = model
-    if use_compile:
-        import torch._dynamo as dynamo
-        dynamo.config.suppress_errors = True  # fall back to eager rather than crash
-        fast_model = torch.compile(model)
+    fast_model, graphs = compile_model(model, cfg, dev, world)
     train_model = fast_model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -975,7 +1001,8 @@ def train(cfg):
         batch = cfg.batch_size // world
         # one process alone may stop mid-evaluation; several must reach the all-reduce together
         stop = (lambda: STOP["requested"]) if world == 1 else None
-        losses = estimate_loss(fast_model, data, batch, cfg.block_size, cfg.eval_iters, eval_gen, ctx, stop)
+        losses = estimate_loss(fast_model, data, batch, cfg.block_size, cfg.eval_iters, eval_gen, ctx,
+                               stop, inference=not graphs)
         return all_mean([losses["train"], losses["val"]], dev, world)
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -3,6 +3,7 @@ Measure babygpt against the seed's code on this machine, side by side in one run
 
     python bench.py                      # sizes chosen for the device
     python bench.py --batch_size=16 --steps=10
+    python bench.py --only=fast --compile_mode=default --profile   # one mode, with a kernel profile
 
 Prints one line per measurement, the ratios last:
   train   tokens/sec of babygpt's fast path and of the seed's per-head fp32 model with its
@@ -88,7 +89,8 @@ def measure_train(kind, args, dev):
         ctx = babygpt.autocast(dev, amp)
         if dev.type == "cuda":
             torch.set_float32_matmul_precision("high")
-        fast = torch.compile(model) if dev.type == "cuda" else model
+        cfg = SimpleNamespace(compile="auto", compile_mode=args.compile_mode, grad_accum_steps=1)
+        fast, graphs = babygpt.compile_model(model, cfg, dev)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=dev.type == "cuda")
         scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
 
@@ -96,8 +98,10 @@ def measure_train(kind, args, dev):
             babygpt.train_step(fast, optimizer, [babygpt.get_batch(data, B, T)], ctx, scaler)
 
         def evaluate(iters):
-            babygpt.estimate_loss(fast, {"train": data, "val": data}, B, T, iters, ctx=ctx)
+            babygpt.estimate_loss(fast, {"train": data, "val": data}, B, T, iters, ctx=ctx,
+                                  inference=not graphs)
 
+    evaluate(1)  # training starts with an evaluation, so its graphs are compiled first there too
     for _ in range(args.warmup):
         step()
     sync(dev)
@@ -106,14 +110,33 @@ def measure_train(kind, args, dev):
         step()
     sync(dev)
     seconds = time.time() - t0
-    evaluate(1)  # warm the evaluation graph
-    sync(dev)
+    if args.profile and kind == "fast":
+        profile(step, dev)
     t1 = time.time()
     evaluate(args.eval_iters)
     sync(dev)
     eval_seconds = (time.time() - t1) * 100 / args.eval_iters  # scaled to the default eval_iters=100
     return {"tokens_per_sec": args.steps * B * T / seconds, "eval_seconds": eval_seconds,
             "peak_gb": peak_memory_gb(dev)}
+
+
+def profile(step, dev, steps=5):
+    """Print where the time of a few training steps goes, kernel by kernel (stderr)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    sync(dev)
+    t0 = time.time()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(dev)
+    wall = (time.time() - t0) / steps
+    events = prof.key_averages()
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    busy = sum(getattr(e, key) for e in events if e.device_type.name == dev.type.upper()) / steps / 1e6
+    print(events.table(sort_by=key, row_limit=25, max_name_column_width=70), file=sys.stderr)
+    print(f"profile: {1e3 * wall:.2f} ms per step (profiled), {dev.type} kernels busy "
+          f"{1e3 * busy:.2f} ms of it", file=sys.stderr)
 
 
 def measure_sample(args, dev):
@@ -153,10 +176,12 @@ def measure_sample(args, dev):
 def run_child(what, args):
     """Run one measurement in a fresh process and return its JSON result."""
     cmd = [sys.executable, os.path.abspath(__file__), f"--child={what}"] + [
-        f"--{k}={v}" for k, v in vars(args).items() if k != "child" and v is not None]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+        f"--{k}" if v is True else f"--{k}={v}" for k, v in vars(args).items()
+        if k not in ("child", "only") and v not in (None, False)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.profile else subprocess.PIPE,
+                          text=True)
     if proc.returncode != 0:
-        sys.exit(f"bench: the {what} measurement failed:\n{proc.stderr[-2000:]}")
+        sys.exit(f"bench: the {what} measurement failed:\n{(proc.stderr or '')[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -172,6 +197,9 @@ def main():
     p.add_argument("--warmup", type=int)
     p.add_argument("--eval_iters", type=int)
     p.add_argument("--new_tokens", type=int, default=babygpt.max_new_token)
+    p.add_argument("--compile_mode", default=babygpt.compile_mode, choices=babygpt.COMPILE_MODES)
+    p.add_argument("--only", choices=("fast", "seed", "sample"), help="run one measurement")
+    p.add_argument("--profile", action="store_true", help="print a kernel profile of a few steps")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     try:
@@ -180,7 +208,7 @@ def main():
         sys.exit(f"error: {e}")
     gpu = dev.type == "cuda"
     # Full defaults on a GPU; on a CPU the seed's architecture with a small batch (~2 minutes).
-    for name, on_gpu, on_cpu in (("batch_size", 64, 8), ("steps", 50, 5), ("warmup", 10, 2),
+    for name, on_gpu, on_cpu in (("batch_size", 64, 8), ("steps", 50, 10), ("warmup", 10, 2),
                                  ("eval_iters", 100, 4)):
         if getattr(args, name) is None:
             setattr(args, name, on_gpu if gpu else on_cpu)
@@ -195,36 +223,39 @@ def main():
 
     name = torch.cuda.get_device_name(dev) if gpu else f"CPU, {torch.get_num_threads()} threads"
     amp = babygpt.resolve_dtype("auto", dev)
+    mode = babygpt.compile_mode
+    if gpu:
+        _, graphs = babygpt.compile_model(torch.nn.Identity(), SimpleNamespace(
+            compile="auto", compile_mode=args.compile_mode, grad_accum_steps=1), dev)
+        mode = args.compile_mode if args.compile_mode != "auto" else ("reduce-overhead" if graphs else "default")
     print(f"device: {dev} ({name}), torch {torch.__version__}, fast path: "
-          f"{str(amp).replace('torch.', '')} autocast, compile {'on' if gpu else 'off'}")
+          f"{str(amp).replace('torch.', '')} autocast, compile {'mode ' + mode if gpu else 'off'}")
     print(f"config: n_layer={args.n_layer} n_head={args.n_head} n_embed={args.n_embed} "
           f"block_size={args.block_size} batch_size={args.batch_size} vocab={VOCAB}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
-    fast = run_child("fast", args)
-    print(f"train babygpt fast path : {fast['tokens_per_sec']:>12,.0f} tokens/sec, "
-          f"peak memory {fast['peak_gb']:.2f} GB", flush=True)
-    seed = run_child("seed", args)
-    print(f"train seed per-head fp32: {seed['tokens_per_sec']:>12,.0f} tokens/sec, "
-          f"peak memory {seed['peak_gb']:.2f} GB", flush=True)
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    if peak:
-        for label, r in (("babygpt", fast), ("seed", seed)):
-            mfu = r["tokens_per_sec"] * flops_per_token(args) / peak
-            print(f"MFU {label:<7}: {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s (bf16 dense peak)")
-    else:
-        print("MFU: n/a (peak FLOP/s of this device unknown)")
-    scaled = "" if args.eval_iters == 100 else f", timed with eval_iters={args.eval_iters} and scaled"
-    print(f"eval (eval_iters=100, batch {args.batch_size}{scaled}): babygpt "
-          f"{fast['eval_seconds']:.2f}s, seed {seed['eval_seconds']:.2f}s", flush=True)
-    gen = run_child("sample", args)
-    print(f"sample 2 prompts x {args.new_tokens} characters: seed recompute loop {gen['seed']:.2f}s, "
-          f"babygpt KV cache fp32 {gen['fp32']:.2f}s, {gen['half_dtype']} weights {gen['half']:.2f}s "
-          f"(`babygpt.py sample` uses {gen['sample_dtype']} here)")
-    print(f"ratio sample (seed time / babygpt): fp32 {gen['seed'] / gen['fp32']:.1f}x, "
-          f"{gen['half_dtype']} {gen['seed'] / gen['half']:.1f}x")
-    print(f"ratio eval (seed time / babygpt): {seed['eval_seconds'] / fast['eval_seconds']:.2f}x")
-    print(f"ratio train (babygpt / seed tokens/sec): {fast['tokens_per_sec'] / seed['tokens_per_sec']:.2f}x")
-
+    results = {}
+    for kind, label in (("fast", "babygpt fast path"), ("seed", "seed per-head fp32")):
+        if args.only in (None, kind):
+            r = results[kind] = run_child(kind, args)
+            mfu = f", MFU {100 * r['tokens_per_sec'] * flops_per_token(args) / peak:.1f}%" if peak else ""
+            print(f"train {label:<18}: {r['tokens_per_sec']:>12,.0f} tokens/sec, peak memory "
+                  f"{r['peak_gb']:.2f} GB{mfu}, one evaluation {r['eval_seconds']:.2f}s", flush=True)
+    scaled = "" if args.eval_iters == 100 else f" (timed with eval_iters={args.eval_iters} and scaled)"
+    print(f"MFU: of the {peak / 1e12:.0f} TFLOP/s bf16 dense peak" if peak else
+          "MFU: n/a (peak FLOP/s of this device unknown)")
+    print(f"one evaluation = 2 x 100 batches of {args.batch_size}{scaled}")
+    if args.only in (None, "sample"):
+        gen = run_child("sample", args)
+        print(f"sample 2 prompts x {args.new_tokens} characters: seed recompute loop {gen['seed']:.2f}s, "
+              f"babygpt KV cache fp32 {gen['fp32']:.2f}s, {gen['half_dtype']} weights {gen['half']:.2f}s "
+              f"(`babygpt.py sample` uses {gen['sample_dtype']} here)")
+        print(f"ratio sample (seed time / babygpt): fp32 {gen['seed'] / gen['fp32']:.1f}x, "
+              f"{gen['half_dtype']} {gen['seed'] / gen['half']:.1f}x")
+    if len(results) == 2:
+        fast, seed = results["fast"], results["seed"]
+        print(f"ratio eval (seed time / babygpt): {seed['eval_seconds'] / fast['eval_seconds']:.2f}x")
+        print(f"ratio train (babygpt / seed tokens/sec): {fast['tokens_per_sec'] / seed['tokens_per_sec']:.2f}x")
 
 if __name__ == "__main__":
     main()

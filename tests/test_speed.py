@@ -1,6 +1,8 @@
 """Faithfulness under speed (issue 3): the fast path (fused QKV + SDPA, autocast, gathered
 batches, compile on CUDA) computes the seed's function. No timing assertions here."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -177,6 +179,57 @@ def test_known_dtypes_pass_validate_config():
 
 
 # -----------------------------------------------------------------------------
+# torch.compile and its modes
+
+@pytest.mark.parametrize("bad", ["fast", "Default", "reduce_overhead", ""])
+def test_unknown_compile_mode_rejected(bad):
+    _, cfg = babygpt.parse_args([f"--compile_mode={bad}"])
+    with pytest.raises(UserError, match="compile_mode must be one of"):
+        babygpt.validate_config(cfg)
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graph_modes_refuse_gradient_accumulation(mode):
+    _, cfg = babygpt.parse_args([f"--compile_mode={mode}", "--grad_accum_steps=2"])
+    with pytest.raises(UserError, match="grad_accum_steps=1 or compile_mode=default"):
+        babygpt.validate_config(cfg)
+    _, cfg = babygpt.parse_args([f"--compile_mode={mode}"])
+    babygpt.validate_config(cfg)
+
+
+def _cfg(compile="auto", mode="auto", accum=1):
+    return SimpleNamespace(compile=compile, compile_mode=mode, grad_accum_steps=accum)
+
+
+def test_compile_model_choices():
+    """Which model the loop calls and whether it replays CUDA graphs, per device and setting.
+    torch.compile is lazy, so this needs no GPU: nothing is compiled until the first call."""
+    model = torch.nn.Linear(2, 2)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert babygpt.compile_model(model, _cfg(), cpu) == (model, False)  # auto: off on CPU
+    assert babygpt.compile_model(model, _cfg(compile="false"), gpu) == (model, False)
+    fast, graphs = babygpt.compile_model(model, _cfg(compile="true"), cpu)
+    assert fast is not model and graphs is False  # forced on: compiled, no graphs on a CPU
+    fast, graphs = babygpt.compile_model(model, _cfg(), gpu)
+    assert fast is not model and graphs is True  # auto on one GPU: CUDA graphs
+    assert babygpt.compile_model(model, _cfg(accum=2), gpu)[1] is False  # graphs cannot accumulate
+    assert babygpt.compile_model(model, _cfg(), gpu, world=2)[1] is False  # nor run under DDP
+    assert babygpt.compile_model(model, _cfg(mode="default"), gpu)[1] is False
+    assert babygpt.compile_model(model, _cfg(mode="max-autotune"), gpu)[1] is True
+    with pytest.raises(UserError, match="compile_mode=default under torchrun"):
+        babygpt.compile_model(model, _cfg(mode="reduce-overhead"), gpu, world=2)
+
+
+def test_estimate_loss_under_no_grad_matches_inference_mode():
+    vocab, data = corpus_data()
+    torch.manual_seed(0)
+    model = babygpt.BabyGPT(vocab, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.2)
+    a = babygpt.estimate_loss(model, data, 8, 16, 3, torch.Generator().manual_seed(4))
+    b = babygpt.estimate_loss(model, data, 8, 16, 3, torch.Generator().manual_seed(4), inference=False)
+    assert a == b and model.training
+
+
+# -----------------------------------------------------------------------------
 # Batches gathered with one indexing op, same windows as the seed's loop
 
 def test_get_batch_draws_the_seeds_windows_from_the_same_seed():
@@ -273,6 +326,41 @@ def test_cuda_resolve_dtype_and_fast_training_matches_fp32(no_tf32):
     assert after["val"] < before["val"] - 0.5
     for split in ("train", "val"):
         assert abs(after[split] - after32[split]) < 0.05, (split, after, after32)
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_cuda_compiled_training_loop_matches_eager(mode):
+    """The loop as train() runs it (evaluate, train, evaluate ...) through compile_model, against
+    the same loop on the eager model: CUDA graphs replay the same function."""
+    from torch._dynamo.utils import counters
+    dev = torch.device("cuda")
+    vocab, data = corpus_data()
+    data = {k: v.to(dev) for k, v in data.items()}
+    ctx = babygpt.autocast(dev, torch.bfloat16)
+
+    def run(compiled):
+        torch.manual_seed(0)
+        model = babygpt.BabyGPT(vocab, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
+        fast, graphs = babygpt.compile_model(model, _cfg("true" if compiled else "false", mode), dev)
+        assert graphs == (compiled and mode == "reduce-overhead")
+        gen = torch.Generator(device=dev).manual_seed(1)
+        evals = []
+        for _ in range(3):
+            evals.append(babygpt.estimate_loss(fast, data, 8, 16, 10, torch.Generator(device=dev).manual_seed(2),
+                                               ctx, inference=not graphs))
+            for _ in range(20):
+                babygpt.train_step(fast, opt, [babygpt.get_batch(data["train"], 8, 16, gen)], ctx)
+        return evals
+
+    skips = counters["inductor"]["cudagraph_skips"]
+    eager, comp = run(False), run(True)
+    assert counters["inductor"]["cudagraph_skips"] == skips  # the graphs really ran
+    assert comp[-1]["val"] < comp[0]["val"] - 0.5
+    for e, c in zip(eager, comp):
+        for split in ("train", "val"):
+            assert abs(e[split] - c[split]) < 0.05, (split, eager, comp)
 
 
 @cuda
