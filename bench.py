@@ -207,7 +207,7 @@ def main():
     except babygpt.UserError as e:
         sys.exit(f"error: {e}")
     gpu = dev.type == "cuda"
-    # Full defaults on a GPU; on a CPU the seed's architecture with a small batch (~2 minutes).
+    # Full defaults on a GPU; on a CPU the seed's architecture with a small batch (~1 minute).
     for name, on_gpu, on_cpu in (("batch_size", 64, 8), ("steps", 50, 10), ("warmup", 10, 2),
                                  ("eval_iters", 100, 4)):
         if getattr(args, name) is None:
@@ -223,13 +223,10 @@ def main():
 
     name = torch.cuda.get_device_name(dev) if gpu else f"CPU, {torch.get_num_threads()} threads"
     amp = babygpt.resolve_dtype("auto", dev)
-    mode = babygpt.compile_mode
-    if gpu:
-        _, graphs = babygpt.compile_model(torch.nn.Identity(), SimpleNamespace(
-            compile="auto", compile_mode=args.compile_mode, grad_accum_steps=1), dev)
-        mode = args.compile_mode if args.compile_mode != "auto" else ("reduce-overhead" if graphs else "default")
+    mode = babygpt.compile_mode_for(SimpleNamespace(compile="auto", compile_mode=args.compile_mode,
+                                                    grad_accum_steps=1), dev)
     print(f"device: {dev} ({name}), torch {torch.__version__}, fast path: "
-          f"{str(amp).replace('torch.', '')} autocast, compile {'mode ' + mode if gpu else 'off'}")
+          f"{str(amp).replace('torch.', '')} autocast, compile {'mode ' + mode if mode else 'off'}")
     print(f"config: n_layer={args.n_layer} n_head={args.n_head} n_embed={args.n_embed} "
           f"block_size={args.block_size} batch_size={args.batch_size} vocab={VOCAB}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")

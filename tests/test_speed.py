@@ -218,6 +218,10 @@ def test_compile_model_choices():
     assert babygpt.compile_model(model, _cfg(mode="max-autotune"), gpu)[1] is True
     with pytest.raises(UserError, match="compile_mode=default under torchrun"):
         babygpt.compile_model(model, _cfg(mode="reduce-overhead"), gpu, world=2)
+    # the mode bench.py reports is the one train() compiles with
+    assert babygpt.compile_mode_for(_cfg(), gpu) == "reduce-overhead"
+    assert babygpt.compile_mode_for(_cfg(accum=2), gpu) == "default"
+    assert babygpt.compile_mode_for(_cfg(), cpu) is None
 
 
 def test_estimate_loss_under_no_grad_matches_inference_mode():
