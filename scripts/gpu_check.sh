@@ -1,63 +1,81 @@
 #!/usr/bin/env bash
-# The GPU measurements quoted in the closing notes, as one script for a short GPU lease.
-# Needs ci.txt in the repo root. Usage:
+# The GPU measurements quoted in README and the closing notes, as one script for a short GPU
+# lease. Needs ci.txt in the repo root (or .gpu/ci.txt) and wandb importable (or wheels in .whl/).
 #   bash scripts/gpu_check.sh [OUTDIR] [SECTION ...]
-# Sections (all by default): tests bench modes full autotune compare
-#   tests     the CUDA-only tests
-#   bench     python bench.py (the default compile mode, with a kernel profile of the fast path)
-#   modes     the fast path with compile_mode=default, for comparison, with its profile
-#   full      the full default run `python babygpt.py` with an empty compile cache
-#   autotune  the fast path with compile_mode=max-autotune (CUDA graphs + autotuned kernels)
-#   compare   300 steps on the real corpus: fp32 eager vs the fast path, 1-process DDP vs plain
+# Sections (all by default, in this order): full sample bench scopes tests
+#   full     the cold default run `python babygpt.py` (wandb offline, empty compile caches);
+#            its last line splits the wall time into phases
+#   sample   `python babygpt.py sample` on the model just trained, then 3 timed calls in one process
+#   bench    python bench.py: babygpt against the seed's per-head fp32 code
+#   scopes   the other compile choices, cold, 1000 steps each, for their phase lines
+#   tests    the CUDA-only tests
 set -u
 out=${1:-${OUT:-/tmp/gpu_check}}
 shift || true
-sections=${*:-tests bench modes full autotune compare}
+sections=${*:-full sample bench scopes tests}
 want() { [[ " $sections " == *" $1 "* ]]; }
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true
 py=${PYTHON:-python3}
-short="--max_iters=300 --eval_interval=100 --prompts= --wandb_mode=disabled"
-last_line() { grep '^step 300:' "$1" || echo "(no step 300 line in $1)"; }
+log="$out/gpu_check.txt"
+# each output line stamped with the seconds since its command started
+stamp='import sys, time; t = time.time(); [print(f"{time.time() - t:7.2f} {l}", end="", flush=True) for l in sys.stdin]'
 
+if [ -d .whl ] && ! $py -c "import wandb" 2>/dev/null; then  # the GPU machine has no wandb
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+[ -f ci.txt ] || cp .gpu/ci.txt ci.txt
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  $py -c "import sys, torch; print(sys.version.split()[0], torch.__version__)"; } 2>&1 | tee "$out/env.txt"
+  $py -c "import sys, torch, wandb; print(sys.version.split()[0], 'torch', torch.__version__, 'wandb', wandb.__version__)"
+  # a normal pip install leaves bytecode; a bare image may not (6 s of Python compiling torch)
+  TIMEFORMAT='bytecode for torch and wandb: %R s'
+  time timeout 120 $py -m compileall -q -j 16 "$($py -c 'import os, torch; print(os.path.dirname(torch.__file__))')" \
+      "$($py -c 'import os, wandb; print(os.path.dirname(wandb.__file__))')" > /dev/null 2>&1
+} 2>&1 | tee "$log"
 
-if want tests; then
-  echo "== GPU tests"
-  timeout 200 $py -m pytest -q -rs tests -k "cuda or gpu" 2>&1 | tail -15 | tee "$out/pytest.txt"
+cold_run() {  # cold_run NAME ARGS...: python babygpt.py ARGS with empty compile caches, stamped
+  local name=$1; shift
+  local cold; cold=$(mktemp -d)
+  echo "== $name: python babygpt.py $*" | tee -a "$log"
+  TIMEFORMAT="$name wall time: %R s"
+  { time TORCHINDUCTOR_CACHE_DIR=$cold/inductor TRITON_CACHE_DIR=$cold/triton timeout 280 $py babygpt.py "$@" 2>&1 \
+      | $py -c "$stamp" > "$out/$name.txt"; } 2>> "$out/$name.txt"
+  grep -E " step (0|50|1000|2500|5000):|dtype|error|Error|Traceback|模型|^ *[0-9.]+ total |wall time" "$out/$name.txt" | tee -a "$log"
+}
+
+if want full; then
+  cold_run full
+fi
+if want sample; then
+  echo "== python babygpt.py sample (first call in a new process)" | tee -a "$log"
+  timeout 120 $py babygpt.py sample --num_samples=1 2>&1 | tail -2 | tee -a "$log"
+  echo "== 3 calls of generate_texts in one process (2 prompts x 100 characters, bf16 weights)" | tee -a "$log"
+  timeout 120 $py - <<'EOF' 2>&1 | tee -a "$log"
+import time, torch, babygpt
+from types import SimpleNamespace
+dev = torch.device("cuda")
+cfg = SimpleNamespace(num_samples=1, max_new_token=100, temperature=1.0, top_k=0, kv_cache=True)
+chars = "".join(chr(0x4E00 + i) for i in range(6104))
+tok = babygpt.Tokenizer(chars)
+model = babygpt.BabyGPT(6104).to(dev).eval().to(torch.bfloat16)
+for call in range(3):
+    torch.cuda.synchronize(); t0 = time.time()
+    babygpt.generate_texts(model, tok, [chars[10:12], chars[20:22]], cfg, dev)
+    torch.cuda.synchronize(); print(f"generate call {call + 1}: {time.time() - t0:.3f}s")
+EOF
 fi
 if want bench; then
-  echo "== bench.py"
-  TORCH_LOGS=perf_hints timeout 200 $py bench.py --profile 2> "$out/bench_profile.txt" | tee "$out/bench.txt"
-  grep -E "^profile:|skipping cudagraphs" "$out/bench_profile.txt"
+  echo "== bench.py" | tee -a "$log"
+  timeout 200 $py bench.py 2>&1 | tee -a "$log"
 fi
-if want modes; then
-  echo "== bench.py --only=fast --compile_mode=default"
-  timeout 120 $py bench.py --only=fast --compile_mode=default --profile 2> "$out/default_profile.txt" | tee "$out/default.txt"
-  grep "^profile:" "$out/default_profile.txt"
+if want scopes; then
+  short=(--max_iters=1000 --prompts= --save_path=/tmp/s.pth --ckpt_path=/tmp/s.pt)
+  cold_run model_default "${short[@]}" --compile_scope=model --compile_mode=default
+  cold_run model_graphs "${short[@]}" --compile_scope=model --compile_mode=reduce-overhead
+  cold_run blocks_default "${short[@]}" --compile_scope=blocks --compile_mode=default
 fi
-if want full; then
-  echo "== full default run: python babygpt.py (empty compile cache)"
-  cold=$(mktemp -d)
-  TIMEFORMAT='wall time: %R s'
-  # each output line stamped with the seconds since the command started
-  stamp='import sys, time; t = time.time(); [print(f"{time.time() - t:7.2f} {l}", end="", flush=True) for l in sys.stdin]'
-  { time TORCHINDUCTOR_CACHE_DIR=$cold/inductor TRITON_CACHE_DIR=$cold/triton timeout 300 $py babygpt.py 2>&1 \
-      | $py -c "$stamp" | tee "$out/full.txt" | grep -E " step (0|50|100|2500|4950|5000):|error|Error|模型"; } 2>> "$out/full.txt"
-  tail -1 "$out/full.txt"
-fi
-if want autotune; then
-  echo "== bench.py --only=fast --compile_mode=max-autotune"
-  TIMEFORMAT='bench wall time (compile and autotuning included): %R s'
-  { time timeout 180 $py bench.py --only=fast --compile_mode=max-autotune 2>&1 | tail -4; } 2>&1 | tee "$out/autotune.txt"
-fi
-if want compare; then
-  echo "== fp32 eager vs fast path, 300 steps"
-  timeout 150 $py babygpt.py $short --dtype=float32 --compile=false --save_path=/tmp/a.pth --ckpt_path=/tmp/a.pt > "$out/fp32.txt" 2>&1
-  timeout 150 $py babygpt.py $short --save_path=/tmp/b.pth --ckpt_path=/tmp/b.pt > "$out/fast.txt" 2>&1
-  echo "fp32: $(last_line "$out/fp32.txt")"; echo "fast: $(last_line "$out/fast.txt")"
-  echo "== DDP, 1 process (NCCL) vs plain (the fast run above)"
-  timeout 150 torchrun --standalone --nproc_per_node=1 babygpt.py $short --save_path=/tmp/c.pth --ckpt_path=/tmp/c.pt > "$out/ddp1.txt" 2>&1
-  echo "ddp1: $(last_line "$out/ddp1.txt")"
+if want tests; then
+  echo "== GPU tests" | tee -a "$log"
+  timeout 200 $py -m pytest -q -rs tests -k "cuda or gpu" -p no:cacheprovider 2>&1 | tail -15 | tee -a "$log"
 fi

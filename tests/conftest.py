@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 import torch
@@ -186,3 +187,34 @@ def seed_and_baby(vocab_size, block_size, n_embed, n_head, n_layer, seed=0, devi
                            n_layer=n_layer, dropout=0.0)
     baby.load_state_dict(ref.state_dict())
     return ref.to(device).eval(), baby.to(device).eval()
+
+
+class FakeWandb(types.ModuleType):
+    """A stand-in for the wandb module (no network): records init arguments and logged rows."""
+
+    def __init__(self, folder):
+        super().__init__("wandb")
+        self.folder = folder
+        self.inits, self.logged, self.log_kwargs, self.summaries = [], [], [], []
+
+    def Settings(self, **kwargs):
+        return kwargs
+
+    def Table(self, columns, data):
+        return types.SimpleNamespace(columns=columns, data=data)
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        fake = self
+        run_id = kwargs.get("id") or f"run{len(self.inits):04d}"
+        run_dir = os.path.join(self.folder, "wandb", f"offline-run-{run_id}", "files")
+        os.makedirs(run_dir, exist_ok=True)
+        summary = {}
+        self.summaries.append(summary)
+
+        def log(metrics, **kw):
+            fake.logged.append(dict(metrics))
+            fake.log_kwargs.append(kw)
+
+        return types.SimpleNamespace(id=run_id, dir=run_dir, url="http://x", log=log, summary=summary,
+                                     define_metric=lambda *a, **k: None, finish=lambda: None)

@@ -412,7 +412,7 @@ def test_progress_line_on_a_terminal(corpus, tmp_path):
     """On a terminal, a progress line (step, tokens/sec, ETA) is redrawn between evaluations."""
     import pty
     leader, follower = pty.openpty()
-    args = TINY + ["--max_iters=400", "--eval_interval=400", f"--data_path={corpus.name}",
+    args = TINY + ["--max_iters=3000", "--eval_interval=3000", f"--data_path={corpus.name}",
                    "--prompts=", "--device=cpu"]
     proc = subprocess.Popen(babygpt_cmd(*args), cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=follower,
                             stderr=subprocess.PIPE, env=cli_env())
@@ -429,8 +429,8 @@ def test_progress_line_on_a_terminal(corpus, tmp_path):
     os.close(leader)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()
     out = b"".join(chunks).decode("utf-8", "replace")
-    assert re.search(r"\r\x1b\[K  step \d+/400, [\d,]+ tokens/sec, ETA \d+m \d+\.\ds", out), out[-500:]
-    assert re.search(r"step 400: train loss", out)
+    assert re.search(r"\r\x1b\[K  step \d+/3000, [\d,]+ tokens/sec, ETA \d+m \d+\.\ds", out), out[-500:]
+    assert re.search(r"step 3000: train loss", out)
 
 
 def test_bad_prompt_fails_before_training(corpus, tmp_path):

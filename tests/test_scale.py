@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 import babygpt
-from conftest import TINY, cli_env, make_corpus, run_cli, torchrun_cmd
+from conftest import TINY, FakeWandb, cli_env, make_corpus, run_cli, torchrun_cmd
 
 STEP_RE = re.compile(r"^step (\d+): train loss ([0-9.]+), val loss ([0-9.]+)", re.M)
 
@@ -147,19 +147,8 @@ def test_cosine_schedule():
 def test_training_uses_the_schedule(corpus, monkeypatch):
     """The optimizer's lr follows get_lr, and the current lr is logged to wandb as 'lr'."""
     folder = corpus.parent
-    logged = []
-
-    class FakeWandb(types.ModuleType):
-        def Settings(self, **kw):
-            return kw
-
-        def init(self, **kw):
-            run_dir = os.path.join(str(folder), "wandb", "offline-run-x", "files")
-            os.makedirs(run_dir, exist_ok=True)
-            return types.SimpleNamespace(id="run1", dir=run_dir, url="http://x", finish=lambda: None,
-                                         log=lambda m: logged.append(dict(m)))
-
-    monkeypatch.setitem(sys.modules, "wandb", FakeWandb("wandb"))  # offline: no network
+    fake = FakeWandb(str(folder))
+    monkeypatch.setitem(sys.modules, "wandb", fake)  # offline: no network
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.chdir(folder)
     args = [a for a in TINY if not a.startswith("--wandb_mode")]
@@ -173,7 +162,7 @@ def test_training_uses_the_schedule(corpus, monkeypatch):
     group = ckpt["optimizer"]["param_groups"][0]
     assert group["lr"] == pytest.approx(babygpt.get_lr(9, cfg))  # the last step's lr
     assert group["weight_decay"] == pytest.approx(0.01)
-    with_lr = [m for m in logged if "lr" in m]
+    with_lr = [m for m in fake.logged if "lr" in m]
     assert len(with_lr) >= 3, f"'lr' is not logged to wandb: {logged}"
     values = [m["lr"] for m in with_lr]
     assert all(min(2e-4, 2e-3) - 1e-12 <= v <= 2e-3 + 1e-12 for v in values)

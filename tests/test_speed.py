@@ -145,23 +145,13 @@ def test_estimate_loss_under_autocast_matches_fp32():
 # dtype selection and its errors
 
 def test_resolve_dtype_on_cpu():
+    """Without a measurement, auto is float32 on a CPU (training measures: see choose_dtype)."""
     cpu = torch.device("cpu")
-    expected_auto = torch.bfloat16 if babygpt.cpu_has_bf16() else torch.float32
-    assert babygpt.resolve_dtype("auto", cpu) == expected_auto
+    assert babygpt.resolve_dtype("auto", cpu) == torch.float32
     assert babygpt.resolve_dtype("float32", cpu) == torch.float32
     assert babygpt.resolve_dtype("bfloat16", cpu) == torch.bfloat16
     with pytest.raises(UserError, match="float16"):
         babygpt.resolve_dtype("float16", cpu)
-
-
-def test_cpu_has_bf16_follows_torch_cpu_capabilities(monkeypatch):
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
-    assert babygpt.cpu_has_bf16() is False
-    assert babygpt.resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    assert babygpt.cpu_has_bf16() is True
-    assert babygpt.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
 
 
 @pytest.mark.parametrize("bad", ["float64", "fp16", "half", "bf16", "int8", ""])
@@ -197,40 +187,66 @@ def test_cuda_graph_modes_refuse_gradient_accumulation(mode):
     babygpt.validate_config(cfg)
 
 
-def _cfg(compile="auto", mode="auto", accum=1):
-    return SimpleNamespace(compile=compile, compile_mode=mode, grad_accum_steps=accum)
+def _cfg(compile="auto", mode="auto", accum=1, scope="auto"):
+    return SimpleNamespace(compile=compile, compile_mode=mode, grad_accum_steps=accum, compile_scope=scope)
 
 
-def test_compile_model_choices():
-    """Which model the loop calls and whether it replays CUDA graphs, per device and setting.
-    torch.compile is lazy, so this needs no GPU: nothing is compiled until the first call."""
-    model = torch.nn.Linear(2, 2)
+def test_compile_plan_choices():
+    """compile_plan is the one place that decides: off on a CPU unless forced, the measured
+    scope and mode on CUDA by default, graph modes refused under DDP."""
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert babygpt.compile_model(model, _cfg(), cpu) == (model, False)  # auto: off on CPU
-    assert babygpt.compile_model(model, _cfg(compile="false"), gpu) == (model, False)
-    fast, graphs = babygpt.compile_model(model, _cfg(compile="true"), cpu)
-    assert fast is not model and graphs is False  # forced on: compiled, no graphs on a CPU
-    fast, graphs = babygpt.compile_model(model, _cfg(), gpu)
-    assert fast is not model and graphs is True  # auto on one GPU: CUDA graphs
-    assert babygpt.compile_model(model, _cfg(accum=2), gpu)[1] is False  # graphs cannot accumulate
-    assert babygpt.compile_model(model, _cfg(), gpu, world=2)[1] is False  # nor run under DDP
-    assert babygpt.compile_model(model, _cfg(mode="default"), gpu)[1] is False
-    assert babygpt.compile_model(model, _cfg(mode="max-autotune"), gpu)[1] is True
+    assert babygpt.compile_plan(_cfg(), cpu) is None  # auto: off on a CPU
+    assert babygpt.compile_plan(_cfg(compile="false"), gpu) is None
+    assert babygpt.compile_plan(_cfg(compile="true"), cpu) == SimpleNamespace(scope="blocks", mode="default")
+    assert babygpt.compile_plan(_cfg(), gpu) == SimpleNamespace(scope="blocks", mode="default")
+    assert babygpt.compile_plan(_cfg(scope="model", mode="reduce-overhead"), gpu) == \
+        SimpleNamespace(scope="model", mode="reduce-overhead")
+    assert babygpt.compile_plan(_cfg(), gpu, world=2).mode == "default"
     with pytest.raises(UserError, match="compile_mode=default under torchrun"):
-        babygpt.compile_model(model, _cfg(mode="reduce-overhead"), gpu, world=2)
-    # the mode bench.py reports is the one train() compiles with
-    assert babygpt.compile_mode_for(_cfg(), gpu) == "reduce-overhead"
-    assert babygpt.compile_mode_for(_cfg(accum=2), gpu) == "default"
-    assert babygpt.compile_mode_for(_cfg(), cpu) is None
+        babygpt.compile_plan(_cfg(mode="reduce-overhead"), gpu, world=2)
 
 
-def test_estimate_loss_under_no_grad_matches_inference_mode():
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_compile_model_in_place_keeps_names_and_eager_generation(scope):
+    """Compiling changes neither the state_dict's names nor what generate() runs: it calls
+    forward() directly. torch.compile is lazy, so nothing is compiled here."""
+    torch.manual_seed(0)
+    model = babygpt.BabyGPT(20, block_size=8, n_embed=16, n_head=2, n_layer=2, dropout=0.0)
+    keys = list(model.state_dict())
+    plan = babygpt.compile_model(model, _cfg(compile="true", scope=scope), torch.device("cpu"))
+    assert plan.scope == scope
+    assert list(model.state_dict()) == keys
+    compiled = [b for b in model.blocks if b._compiled_call_impl is not None]
+    assert len(compiled) == (2 if scope == "blocks" else 0)
+    assert (model._compiled_call_impl is not None) == (scope == "model")
+    assert babygpt.compile_model(model, _cfg(), torch.device("cpu")) is None  # auto on a CPU: eager
+
+
+def test_evaluation_in_larger_passes_gives_the_same_losses():
+    """batches_per_pass changes how many batches go through the model at once, not which
+    batches or their mean."""
     vocab, data = corpus_data()
     torch.manual_seed(0)
     model = babygpt.BabyGPT(vocab, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.2)
-    a = babygpt.estimate_loss(model, data, 8, 16, 3, torch.Generator().manual_seed(4))
-    b = babygpt.estimate_loss(model, data, 8, 16, 3, torch.Generator().manual_seed(4), inference=False)
-    assert a == b and model.training
+    one = babygpt.estimate_loss(model, data, 8, 16, 6, torch.Generator().manual_seed(4))
+    for n in (2, 3, 4):  # 4 does not divide 6: the last pass is smaller
+        got = babygpt.estimate_loss(model, data, 8, 16, 6, torch.Generator().manual_seed(4), batches_per_pass=n)
+        for split in ("train", "val"):
+            assert got[split] == pytest.approx(one[split], abs=1e-5), (n, split)
+    assert model.training
+
+
+def test_eval_batches_per_pass_is_one_off_cuda_and_divides_eval_iters(monkeypatch):
+    cfg = SimpleNamespace(eval_iters=100, block_size=256)
+    assert babygpt.eval_batches_per_pass(cfg, 64, 6104, torch.device("cpu")) == 1
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (70 * 2**30, 80 * 2**30))
+    n = babygpt.eval_batches_per_pass(cfg, 64, 6104, torch.device("cuda"))
+    assert n == 20 and 100 % n == 0
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (2 * 2**30, 8 * 2**30))
+    small = babygpt.eval_batches_per_pass(cfg, 64, 6104, torch.device("cuda"))
+    assert 1 <= small < n and 100 % small == 0  # a small GPU gets smaller passes
+    odd = SimpleNamespace(eval_iters=7, block_size=256)
+    assert babygpt.eval_batches_per_pass(odd, 64, 6104, torch.device("cuda")) in (1, 7)
 
 
 # -----------------------------------------------------------------------------
@@ -333,8 +349,8 @@ def test_cuda_resolve_dtype_and_fast_training_matches_fp32(no_tf32):
 
 
 @cuda
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_cuda_compiled_training_loop_matches_eager(mode):
+@pytest.mark.parametrize("scope,mode", [("blocks", "default"), ("model", "default"), ("model", "reduce-overhead")])
+def test_cuda_compiled_training_loop_matches_eager(scope, mode):
     """The loop as train() runs it (evaluate, train, evaluate ...) through compile_model, against
     the same loop on the eager model: CUDA graphs replay the same function."""
     from torch._dynamo.utils import counters
@@ -347,15 +363,14 @@ def test_cuda_compiled_training_loop_matches_eager(mode):
         torch.manual_seed(0)
         model = babygpt.BabyGPT(vocab, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
-        fast, graphs = babygpt.compile_model(model, _cfg("true" if compiled else "false", mode), dev)
-        assert graphs == (compiled and mode == "reduce-overhead")
+        babygpt.compile_model(model, _cfg("true" if compiled else "false", mode, scope=scope), dev)
         gen = torch.Generator(device=dev).manual_seed(1)
         evals = []
         for _ in range(3):
-            evals.append(babygpt.estimate_loss(fast, data, 8, 16, 10, torch.Generator(device=dev).manual_seed(2),
-                                               ctx, inference=not graphs))
+            evals.append(babygpt.estimate_loss(model, data, 8, 16, 10, torch.Generator(device=dev).manual_seed(2),
+                                               ctx, batches_per_pass=5))
             for _ in range(20):
-                babygpt.train_step(fast, opt, [babygpt.get_batch(data["train"], 8, 16, gen)], ctx)
+                babygpt.train_step(model, opt, [babygpt.get_batch(data["train"], 8, 16, gen)], ctx)
         return evals
 
     skips = counters["inductor"]["cudagraph_skips"]
