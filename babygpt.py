@@ -312,22 +312,23 @@ def estimate_loss(model, data, batch_size, block_size, eval_iters, generator=Non
     was_training = model.training
     model.eval()
     splits = ("train", "val")
-    total = len(splits) * eval_iters
     losses = []
-    for s, split in enumerate(splits):
-        done = 0
-        while done < eval_iters:
-            n = min(batches_per_pass, eval_iters - done)
-            if on_batch is not None:
-                on_batch(s * eval_iters + done, total)
-            pairs = [get_batch(data[split], batch_size, block_size, generator) for _ in range(n)]
-            x, y = (torch.cat(t) for t in zip(*pairs)) if n > 1 else pairs[0]  # (n * B, T)
-            with ctx or nullcontext():
-                _, loss = model(x, y)
-            losses.append(loss.float() * n)  # the sum of n batch means
-            done += n
-    means = torch.stack(losses).view(len(splits), -1).sum(1) / eval_iters
-    model.train(was_training)
+    try:
+        for s, split in enumerate(splits):
+            done = 0
+            while done < eval_iters:
+                n = min(batches_per_pass, eval_iters - done)
+                if on_batch is not None:
+                    on_batch(s * eval_iters + done, len(splits) * eval_iters)
+                pairs = [get_batch(data[split], batch_size, block_size, generator) for _ in range(n)]
+                x, y = (torch.cat(t) for t in zip(*pairs)) if n > 1 else pairs[0]  # (n * B, T)
+                with ctx or nullcontext():
+                    _, loss = model(x, y)
+                losses.append(loss.float() * n)  # the sum of n batch means
+                done += n
+    finally:
+        model.train(was_training)
+    means = torch.stack(losses).view(len(splits), -1).sum(1) / eval_iters  # (2,): train, val
     train_loss, val_loss = means.tolist()  # the one host sync
     return {"train": train_loss, "val": val_loss}
 
@@ -993,7 +994,7 @@ def choose_dtype(cfg, model, data, micro_batch, dev, world, start_iter=0):
         steps, forward = dict(zip(dtypes, means[:-1])), means[-1]
     chosen = forced or pick_dtype(steps)
     if len(steps) > 1:
-        timing = (f"{steps[torch.bfloat16]:.3f}s against {steps[torch.float32]:.3f}s a step "
+        timing = (f"float32 {steps[torch.float32]:.3f}s, bfloat16 {steps[torch.bfloat16]:.3f}s a step "
                   f"of {rows} x {cfg.block_size} tokens")
         if forced is None:
             say(f"dtype auto: {dtype_name(chosen)}, measured faster on this {dev.type} ({timing})")
@@ -1290,9 +1291,10 @@ class PhaseClock:
 
     def figures(self):
         """{phase: seconds} up to now, and the total."""
+        now = time.time()
         seconds = dict(self.seconds)
-        seconds[self.current] += time.time() - self.since
-        return seconds, time.time() - self.start
+        seconds[self.current] += now - self.since
+        return seconds, now - self.start
 
     def summary(self):
         seconds, total = self.figures()
@@ -1791,4 +1793,7 @@ def all_mean(values, device, world):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip tearing down torch's thousands of modules: seconds, and nothing left to do

@@ -218,3 +218,11 @@ class FakeWandb(types.ModuleType):
 
         return types.SimpleNamespace(id=run_id, dir=run_dir, url="http://x", log=log, summary=summary,
                                      define_metric=lambda *a, **k: None, finish=lambda: None)
+
+
+def corpus_data_for(text):
+    """(vocab_size, {"train", "val"} token tensors) of `text`, split 90/10 as training does."""
+    tok = babygpt.Tokenizer(text)
+    ids = torch.tensor(tok.encode(text))
+    n = int(0.9 * len(ids))
+    return tok.vocab_size, {"train": ids[:n], "val": ids[n:]}

