@@ -195,7 +195,7 @@ class FakeWandb(types.ModuleType):
     def __init__(self, folder):
         super().__init__("wandb")
         self.folder = folder
-        self.inits, self.logged, self.log_kwargs, self.summaries = [], [], [], []
+        self.inits, self.logged, self.log_kwargs, self.summaries, self.metrics = [], [], [], [], []
 
     def Settings(self, **kwargs):
         return kwargs
@@ -217,7 +217,8 @@ class FakeWandb(types.ModuleType):
             fake.log_kwargs.append(kw)
 
         return types.SimpleNamespace(id=run_id, dir=run_dir, url="http://x", log=log, summary=summary,
-                                     define_metric=lambda *a, **k: None, finish=lambda: None)
+                                     define_metric=lambda *a, **k: fake.metrics.append((a, k)),
+                                     finish=lambda: None)
 
 
 def corpus_data_for(text):

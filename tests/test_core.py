@@ -389,7 +389,9 @@ def test_tiny_cli_run_end_to_end(corpus, tmp_path, monkeypatch):
         rest = rest[len(text):]
         assert rest.startswith("\n" + DASHES + "\n"), rest
         rest = rest[len(DASHES) + 2:]
-    assert rest == "模型已保存到model.pth\n"
+    saved, summary = rest.split("\n", 1)
+    assert saved == "模型已保存到model.pth"
+    assert re.fullmatch(r"total [\d.]+s: start-up [\d.]+s, .*, generation and saving [\d.]+s\n", summary), summary
 
     # model.pth: a plain state_dict that loads safely into BabyGPT
     sd = torch.load(tmp_path / "model.pth", weights_only=True)

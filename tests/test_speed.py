@@ -197,11 +197,13 @@ def test_compile_plan_choices():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert babygpt.compile_plan(_cfg(), cpu) is None  # auto: off on a CPU
     assert babygpt.compile_plan(_cfg(compile="false"), gpu) is None
-    assert babygpt.compile_plan(_cfg(compile="true"), cpu) == SimpleNamespace(scope="blocks", mode="default")
-    assert babygpt.compile_plan(_cfg(), gpu) == SimpleNamespace(scope="blocks", mode="default")
-    assert babygpt.compile_plan(_cfg(scope="model", mode="reduce-overhead"), gpu) == \
-        SimpleNamespace(scope="model", mode="reduce-overhead")
-    assert babygpt.compile_plan(_cfg(), gpu, world=2).mode == "default"
+    assert babygpt.compile_plan(_cfg(compile="true"), cpu) == SimpleNamespace(scope="model", mode="default")
+    # one GPU: the whole model, replayed as CUDA graphs (measured fastest end to end)
+    assert babygpt.compile_plan(_cfg(), gpu) == SimpleNamespace(scope="model", mode="reduce-overhead")
+    assert babygpt.compile_plan(_cfg(accum=2), gpu).mode == "default"  # graphs cannot accumulate
+    assert babygpt.compile_plan(_cfg(), gpu, world=2).mode == "default"  # nor run under DDP
+    assert babygpt.compile_plan(_cfg(scope="blocks", mode="default"), gpu) == \
+        SimpleNamespace(scope="blocks", mode="default")
     with pytest.raises(UserError, match="compile_mode=default under torchrun"):
         babygpt.compile_plan(_cfg(mode="reduce-overhead"), gpu, world=2)
 
