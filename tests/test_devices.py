@@ -211,3 +211,14 @@ def test_greedy_generation_is_the_same_with_every_attention_backend():
                 outs[name, cache] = model.generate(idx, 25, temperature=0, kv_cache=cache)  # past block_size
     first = next(iter(outs.values()))
     assert all(torch.equal(first, o) for o in outs.values()), outs
+
+
+def test_training_on_a_cpu_turns_on_huge_pages_unless_told_not_to(corpus, monkeypatch):
+    monkeypatch.chdir(corpus.parent)
+    args = TINY + [f"--data_path={corpus.name}", "--max_iters=1", "--prompts="]
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert babygpt.main(args) == 0
+    assert babygpt.os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")  # the user's choice wins
+    assert babygpt.main(args) == 0
+    assert babygpt.os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
