@@ -60,7 +60,7 @@ def shape_of(name, args):
     """The model and batch of one measurement: the seed's (the command line may change it) or
     --preset=cpu's, with the dtype the fast path asks for."""
     if name == "preset":
-        return SimpleNamespace(**{k: babygpt.PRESETS["cpu"][k] for k in SHAPE_KEYS})
+        return SimpleNamespace(**{k: babygpt.PRESETS["cpu"].get(k, getattr(babygpt, k)) for k in SHAPE_KEYS})
     return SimpleNamespace(**{k: getattr(args, k) for k in SHAPE_KEYS[:5]}, dropout=0.2, dtype="auto")
 
 

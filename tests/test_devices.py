@@ -222,3 +222,20 @@ def test_training_on_a_cpu_turns_on_huge_pages_unless_told_not_to(corpus, monkey
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")  # the user's choice wins
     assert babygpt.main(args) == 0
     assert babygpt.os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+
+
+def test_probe_drops_a_dtype_the_device_cannot_autocast(monkeypatch, capsys):
+    """An MPS without bfloat16 autocast raises: the probe keeps float32 and training goes on."""
+    real = babygpt.time_pass
+
+    def time_pass(model, x, y, dt, dev, backward):
+        if dt == BF16:
+            raise RuntimeError("bfloat16 autocast is not supported here")
+        return real(model, x, y, dt, dev, backward)
+    monkeypatch.setattr(babygpt, "time_pass", time_pass)
+    vocab, data = corpus_data_for(make_corpus())
+    model = tiny_model(vocab)
+    rows, steps, forward = babygpt.probe_dtypes(model, data["train"], 8, 16, torch.device("cpu"), [F32, BF16],
+                                                budget=0.3)
+    assert set(steps) == {F32} and all(p.grad is None for p in model.parameters())
+    assert babygpt.choose_dtype(cfg_for(dtype="auto"), model, data["train"], 8, torch.device("cpu"), 1) == F32

@@ -1,7 +1,6 @@
 """Issue 5: gradient accumulation, clipping, the learning-rate schedule, and DDP under torchrun."""
 
 import copy
-import os
 import re
 import subprocess
 import sys
@@ -163,7 +162,7 @@ def test_training_uses_the_schedule(corpus, monkeypatch):
     assert group["lr"] == pytest.approx(babygpt.get_lr(9, cfg))  # the last step's lr
     assert group["weight_decay"] == pytest.approx(0.01)
     with_lr = [m for m in fake.logged if "lr" in m]
-    assert len(with_lr) >= 3, f"'lr' is not logged to wandb: {logged}"
+    assert len(with_lr) >= 3, f"'lr' is not logged to wandb: {fake.logged}"
     values = [m["lr"] for m in with_lr]
     assert all(min(2e-4, 2e-3) - 1e-12 <= v <= 2e-3 + 1e-12 for v in values)
     assert len(set(values)) > 1  # the schedule moves
