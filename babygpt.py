@@ -1767,10 +1767,12 @@ def start_wandb(cfg, dev, amp, previous=None, start_iter=0):
     timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", 30))  # then fall back to offline
     settings = wandb.Settings(silent=True, console="off", init_timeout=timeout)
     name = f"{cfg.n_layer}L-{cfg.n_embed} {os.path.basename(cfg.data_path)} {dev.type}"
+    last_id = previous.get("id")
+    last_was_online = last_id and not any(d.endswith("-" + last_id) for d in previous.get("dirs") or [])
     for attempt in [mode] + (["offline"] if mode == "online" else []):
-        run_id = previous.get("id") if attempt == "online" and previous.get("id") else secrets.token_hex(4)
+        run_id = last_id if attempt == "online" and last_was_online else secrets.token_hex(4)
         group = previous.get("group") or previous.get("id") or run_id
-        resumed = start_iter > 0 and run_id != previous.get("id")
+        resumed = start_iter > 0 and run_id != last_id
         try:
             run = wandb.init(project=cfg.wandb_project, config={k: getattr(cfg, k) for k in CONFIG_KEYS},
                              mode=attempt, id=run_id, resume="allow" if attempt == "online" else None,

@@ -598,3 +598,18 @@ def test_resume_and_wandb_runs(corpus, monkeypatch, mode):
         assert second["name"].endswith("resumed at step 5")
     assert [m["iteration"] for m in fake.logged if "iteration" in m] == [0, 5, 10]
     assert all("step" not in kw for kw in fake.log_kwargs)  # never step=: it drops rows on resume
+
+
+def test_an_offline_piece_is_never_continued_online(corpus, monkeypatch):
+    """Its id exists only on this disk: continuing it online would collide when it is synced."""
+    folder = corpus.parent
+    fake = FakeWandb(str(folder))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.chdir(folder)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    args = [a for a in tiny(corpus.name) if not a.startswith("--wandb_mode")]
+    assert babygpt.main([*args, "--max_iters=5", "--wandb_mode=offline"]) == 0
+    assert babygpt.main([*args, "--max_iters=10", "--resume=True", "--wandb_mode=online"]) == 0
+    first, second = fake.inits
+    assert second["id"] != first["id"] and second["group"] == first["id"]
+    assert second["name"].endswith("resumed at step 5")
