@@ -256,6 +256,7 @@ def _ddp_worker(rank, world, init_file, start_path, out_path):
             micro = [(xs[i * m:(i + 1) * m], ys[i * m:(i + 1) * m]) for i in range(accum)]
             babygpt.train_step(ddp, optimizer, micro)
             torch.save(model.state_dict(), f"{out_path}.{accum}.{rank}")
+        dist.barrier()  # both are done before either tears down (gloo could abort otherwise)
     finally:
         dist.destroy_process_group()
 
