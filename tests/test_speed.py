@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from conftest import make_corpus, seed_and_baby
+from conftest import corpus_data_for, make_corpus, seed_and_baby
 
 import babygpt
 import reference
@@ -17,11 +17,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 def corpus_data():
-    text = make_corpus()
-    tok = babygpt.Tokenizer(text)
-    ids = torch.tensor(tok.encode(text))
-    n = int(0.9 * len(ids))
-    return tok.vocab_size, {"train": ids[:n], "val": ids[n:]}
+    return corpus_data_for(make_corpus())
 
 
 def mean_kl(logits_p, logits_q):
@@ -392,3 +388,24 @@ def test_cuda_get_batch_gathers_on_the_device():
     offsets = x[:, 0]
     want = offsets[:, None] + torch.arange(16, device="cuda")
     assert torch.equal(x, want) and torch.equal(y, want + 1)
+
+
+def test_warm_up_puts_back_random_state_weights_and_gradients():
+    """The compile warm-up runs the passes training will run, and leaves no trace: the run after
+    it is the run without it."""
+    vocab, data = corpus_data()
+    torch.manual_seed(0)
+    model = babygpt.BabyGPT(vocab, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.2)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    real_forward = model.forward
+    model.forward = lambda *a, **k: calls.append(a[0].shape) or real_forward(*a, **k)
+    s = SimpleNamespace(cfg=SimpleNamespace(block_size=16), dev=torch.device("cpu"), model=model, data=data,
+                        eval_batch=8, eval_batches_per_pass=3, micro_batch=4, world=1, ctx=torch.autocast("cpu", enabled=False),
+                        scaler=torch.amp.GradScaler(enabled=False))
+    rng = torch.get_rng_state()
+    babygpt.warm_up(s)
+    assert calls == [(24, 16), (24, 16), (4, 16)]  # one evaluation pass per split, one training step
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and model.training
