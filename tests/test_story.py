@@ -60,7 +60,60 @@ def test_phase_clock_gives_every_second_to_one_phase(monkeypatch):
                                "checkpoints 0.5s, generation and saving 1.0s")
 
 
-def test_time_figures_go_to_the_wandb_summary(corpus, monkeypatch):
+def test_wandb_starts_while_the_model_compiles(corpus, monkeypatch):
+    """wandb.init runs in a thread during the compile warm-up: here the fake init waits until
+    the warm-up has begun, which would never happen if they ran one after the other. Its run is
+    the one training logs to, and the wait for it counts as start-up, not compile."""
+    warm_up_began, inits = __import__("threading").Event(), []
+    real_start = babygpt.start_wandb
+
+    def start_wandb(*args):
+        assert warm_up_began.wait(timeout=30), "wandb.init did not start before the compile ended"
+        inits.append(__import__("threading").current_thread().name)
+        time.sleep(0.3)  # a slow init: the loop must wait for it
+        return real_start(*args)
+
+    def warm_up(s):
+        warm_up_began.set()
+
+    monkeypatch.setattr(babygpt, "start_wandb", start_wandb)
+    monkeypatch.setattr(babygpt, "warm_up", warm_up)
+    monkeypatch.setattr(babygpt, "compile_model", lambda *a: "compiled")  # as if (without the wait)
+    fake = FakeWandb(str(corpus.parent))
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    monkeypatch.chdir(corpus.parent)
+    args = [a for a in TINY if not a.startswith("--wandb_mode")] + [
+        f"--data_path={corpus.name}", "--wandb_mode=offline"]
+    clock = babygpt.PhaseClock(time.time())
+    _, cfg = babygpt.parse_args(args)
+    babygpt.train(cfg, clock)
+    assert inits and inits[0].startswith("wandb-start")
+    assert len(fake.inits) == 1 and any("val_loss" in row for row in fake.logged)
+    seconds, _ = clock.figures()
+    assert seconds["start-up"] >= 0.3 and seconds["compile"] < 0.3
+    assert list(clock.notes) == ["python and imports", "data and device", "model, dtype, optimizer", "wandb.init"]
+    assert clock.notes["wandb.init"] >= 0.3
+
+
+def test_phase_clock_notes_start_up_steps(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(babygpt.time, "time", lambda: now[0])
+    clock = babygpt.PhaseClock(start=97.0)
+    clock.note("python and imports")
+    now[0] += 0.5
+    clock.note("data and device")
+
+    def slow(x):
+        now[0] += 1.25
+        return x * 2
+
+    assert clock.timed("wandb.init", slow, 21) == 42
+    assert clock.detail(0.75) == ("detail: python and imports 3.0s, data and device 0.5s, wandb.init 1.2s, "
+                                  "samples 0.8s (in evaluation)")
+
+
+def test_time_figures_go_to_the_wandb_summary(corpus, monkeypatch, capsys):
+    monkeypatch.setenv("BABYGPT_DETAIL", "1")  # and the detail line after the phase line
     fake = FakeWandb(str(corpus.parent))
     monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
     monkeypatch.chdir(corpus.parent)
@@ -71,6 +124,9 @@ def test_time_figures_go_to_the_wandb_summary(corpus, monkeypatch):
     phases = [k for k in summary if k.startswith("time/") and k not in ("time/total", "time/samples")]
     assert {p[5:] for p in phases} == set(babygpt.PhaseClock.PHASES)
     assert sum(summary[p] for p in phases) == pytest.approx(summary["time/total"], abs=1e-6)
+    last = capsys.readouterr().out.rstrip("\n").split("\n")[-2:]
+    assert PHASE_LINE.match(last[0]) and last[1].startswith("detail: python and imports ")
+    assert last[1].endswith(f"samples {summary['time/samples']:.1f}s (in evaluation)")
 
 
 def test_help_shows_settings_as_typed_with_their_meaning(capsys):
