@@ -29,7 +29,6 @@ import tarfile
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -1181,16 +1180,37 @@ def setup_training(cfg, clock=None):
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         s.train_model = DistributedDataParallel(model, device_ids=[local_rank] if dev.type == "cuda" else None)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wandb-start") as pool:
-        wandb_started = pool.submit(clock.timed, "wandb.init", start_wandb, cfg, dev, amp,
-                                    s.wandb_previous, s.start_iter) if rank == 0 else None
-        if plan is not None:
-            clock.phase("compile")
-            warm_up(s)
-            clock.phase("start-up")  # any wait for wandb below is start-up
-        s.run = wandb_started.result() if wandb_started else DummyWandb()
+    wandb_run = in_background("wandb-start", clock.timed, "wandb.init", start_wandb, cfg, dev, amp,
+                              s.wandb_previous, s.start_iter) if rank == 0 else DummyWandb  # only rank 0 logs
+    if plan is not None:
+        clock.phase("compile")
+        warm_up(s)
+        clock.phase("start-up")  # any wait for wandb below is start-up
+    s.run = wandb_run()
     clock.start_loop()
     return s
+
+
+def in_background(name, fn, *args):
+    """Start fn(*args) in a thread; returns a function that waits for its result (or raises its
+    error). A daemon thread: a run stopped meanwhile exits without waiting for it."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = fn(*args)
+        except BaseException as e:  # handed to the thread that waits
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+    return result
 
 
 def restore_training_state(s, state):

@@ -95,6 +95,32 @@ def test_wandb_starts_while_the_model_compiles(corpus, monkeypatch):
     assert clock.notes["wandb.init"] >= 0.3
 
 
+def test_a_run_stopped_while_compiling_does_not_wait_for_wandb(corpus, monkeypatch, capsys):
+    """Ctrl-C during the compile warm-up ends the run at once, even while wandb.init is still
+    waiting for its server (up to WANDB_INIT_TIMEOUT): the thread it runs in is not waited for."""
+    import threading
+    release, still_waiting = threading.Event(), []
+
+    def start_wandb(*args):
+        release.wait(timeout=60)
+        still_waiting.append(not release.is_set())
+        return babygpt.DummyWandb()
+
+    def warm_up(s):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(babygpt, "start_wandb", start_wandb)
+    monkeypatch.setattr(babygpt, "warm_up", warm_up)
+    monkeypatch.setattr(babygpt, "compile_model", lambda *a: "compiled")
+    monkeypatch.chdir(corpus.parent)
+    try:
+        assert babygpt.main(TINY + [f"--data_path={corpus.name}"]) == 130
+        assert not still_waiting  # main returned while wandb.init was still running
+    finally:
+        release.set()
+    assert "interrupted; files on disk are intact" in capsys.readouterr().err
+
+
 def test_phase_clock_notes_start_up_steps(monkeypatch):
     now = [100.0]
     monkeypatch.setattr(babygpt.time, "time", lambda: now[0])
