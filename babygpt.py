@@ -74,7 +74,7 @@ kv_cache = True               # reuse keys and values while generating (same out
 device = "auto"               # auto = cuda, else mps, else cpu
 dtype = "auto"                # auto (measured on this machine), float32, bfloat16, float16
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
-compile_scope = "auto"        # auto = model: one graph; nested: a Block traced once; blocks: each alone
+compile_scope = "auto"        # what is compiled: auto = model (one graph); blocks = each block, head
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU, else default
 preset = ""                   # cpu: a small configuration that trains in minutes on a laptop
 # files and logging
@@ -572,7 +572,7 @@ def format_duration(seconds):
 
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that use CUDA graphs
-COMPILE_SCOPES = ("auto", "model", "nested", "blocks")
+COMPILE_SCOPES = ("auto", "blocks", "model")
 
 
 def format_setting(value):
@@ -1031,10 +1031,8 @@ def compile_plan(cfg, dev, world=1):
     scope model: one graph for the whole model. blocks: each Block, and the head with its loss,
     on their own; the blocks share one graph, so it compiles in about half the time (14.6 s
     against 25.5 s on an H200) but trains slower (1.0 against 1.4M tokens/sec without graphs).
-    nested: one graph for the whole model in which the Block is traced once and reused for every
-    layer. On this project's 2-core CPU the default model's evaluation and training graphs
-    compiled in 23.1 s against 36.4 s for model, at the same step time; it has not been timed
-    on a GPU yet, so auto stays model.
+    (torch.compiler.nested_compile_region, which would compile one Block for all layers inside
+    the one graph, compiled 1.6x faster on a CPU but gave wrong gradients in torch 2.13.)
     mode reduce-overhead replays each pass as a CUDA graph: on the H200 that trained at 2.4M
     tokens/sec against 1.4M, and the cold 1,000-step run took 50.6 s against 54.8 s. Graphs
     cannot accumulate gradients or run under DDP, so those runs use the default mode.
@@ -1061,28 +1059,13 @@ def compile_model(model, cfg, dev, world=1):
     import torch._dynamo as dynamo
     dynamo.config.suppress_errors = True  # fall back to eager rather than crash
     options = dict(mode=plan.mode, dynamic=False)  # evaluation's larger batches get graphs of their own
-    if plan.scope == "nested":
-        trace_blocks_once(model)
-    if plan.scope in ("model", "nested"):
+    if plan.scope == "model":
         model.compile(**options)
     else:
         for block in model.blocks:
             block.compile(**options)
         model.head = torch.compile(model.head, **options)  # an instance attribute shadows the method
     return plan
-
-
-def trace_blocks_once(model):
-    """Mark the model's blocks as one nested compile region: torch.compile traces and compiles a
-    Block once and reuses the code for every layer. Eager runs are unchanged. The mark must sit
-    on the class, not on each instance (marked instances got the first block's weights in torch
-    2.13), so the blocks become a subclass of Block with the same weights and state_dict."""
-    if not hasattr(torch.compiler, "nested_compile_region"):
-        raise UserError(f"compile_scope=nested needs torch 2.8 or newer (this is {torch.__version__}); "
-                        f"use compile_scope=model")
-    nested = type("NestedBlock", (Block,), {"forward": torch.compiler.nested_compile_region(Block.forward)})
-    for block in model.blocks:
-        block.__class__ = nested
 
 
 def warm_up(s):

@@ -2,20 +2,20 @@
 # The GPU measurements quoted in README and the closing notes, as one script for a short GPU
 # lease. Needs ci.txt in the repo root (or .gpu/ci.txt) and wandb importable (or wheels in .whl/).
 #   bash scripts/gpu_check.sh [OUTDIR] [SECTION ...]
-# Sections (all by default, in this order): full nested sample bench scopes tests
+# Sections (all by default, in this order): full sample bench scopes tests
 #   full     the cold default run `python babygpt.py` (wandb offline, empty compile caches);
 #            its last lines split the wall time into phases and start-up into its steps
-#   nested   the same run with --compile_scope=nested (the candidate for the GPU default)
 #   sample   `python babygpt.py sample` on the model just trained, then 3 timed calls in one process
 #   bench    python bench.py: babygpt against the seed's per-head fp32 code
 #   scopes   the other compile choices, cold, 1000 steps each, for their phase lines
 #   tests    the CUDA-only tests
-# On the 15-minute lease: `full nested sample bench` fit one call (about 6 min on an H200);
+#   profile  (only when named) where a compiled training step's time goes, kernel by kernel
+# On the 15-minute lease: `full sample bench` fit one call (184 s on an H200 in session 3);
 # `scopes tests` a second one.
 set -u
 out=${1:-${OUT:-/tmp/gpu_check}}
 shift || true
-sections=${*:-full nested sample bench scopes tests}
+sections=${*:-full sample bench scopes tests}
 want() { [[ " $sections " == *" $1 "* ]]; }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true BABYGPT_DETAIL=1
@@ -29,16 +29,16 @@ if [ -d .whl ] && ! $py -c "import wandb" 2>/dev/null; then  # the GPU machine h
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 [ -f ci.txt ] || cp .gpu/ci.txt ci.txt
+package_dir() { $py -c "import importlib.util; print(importlib.util.find_spec('$1').submodule_search_locations[0])"; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  $py -c "import sys, torch, wandb; print(sys.version.split()[0], 'torch', torch.__version__, 'wandb', wandb.__version__)"
   # a normal pip install leaves bytecode; a bare image may not (6 s of Python compiling torch)
   TIMEFORMAT='bytecode for torch and wandb: %R s'
-  time timeout 120 $py -m compileall -q -j 16 "$($py -c 'import os, torch; print(os.path.dirname(torch.__file__))')" \
-      "$($py -c 'import os, wandb; print(os.path.dirname(wandb.__file__))')" > /dev/null 2>&1
+  time timeout 120 $py -m compileall -q -j 16 "$(package_dir torch)" "$(package_dir wandb)" > /dev/null 2>&1
   # the first import on a fresh machine reads torch's libraries from disk; every run below then
   # starts as a user's second run does (compile caches stay empty)
   TIMEFORMAT='first import of torch and wandb, and CUDA start: %R s'
-  time $py -c "import torch, wandb; torch.zeros(1, device='cuda')"
+  time $py -c "import sys, torch, wandb; torch.zeros(1, device='cuda')
+print(sys.version.split()[0], 'torch', torch.__version__, 'wandb', wandb.__version__)"
 } 2>&1 | tee "$log"
 
 cold_run() {  # cold_run NAME ARGS...: python babygpt.py ARGS with empty compile caches, stamped
@@ -54,9 +54,6 @@ cold_run() {  # cold_run NAME ARGS...: python babygpt.py ARGS with empty compile
 
 if want full; then
   cold_run full
-fi
-if want nested; then
-  cold_run nested --compile_scope=nested --save_path=/tmp/n.pth --ckpt_path=/tmp/n.pt
 fi
 if want sample; then
   echo "== python babygpt.py sample (first call in a new process)" | tee -a "$log"
@@ -85,8 +82,10 @@ if want scopes; then
   cold_run model_default "${short[@]}" --compile_scope=model --compile_mode=default
   cold_run model_graphs "${short[@]}" --compile_scope=model --compile_mode=reduce-overhead
   cold_run blocks_default "${short[@]}" --compile_scope=blocks --compile_mode=default
-  cold_run nested_default "${short[@]}" --compile_scope=nested --compile_mode=default
-  cold_run nested_graphs "${short[@]}" --compile_scope=nested --compile_mode=reduce-overhead
+fi
+if want profile; then
+  echo "== bench.py --only=fast --profile" | tee -a "$log"
+  timeout 200 $py bench.py --only=fast --profile 2>&1 | tail -40 | tee -a "$log"
 fi
 if want tests; then
   echo "== GPU tests" | tee -a "$log"

@@ -174,10 +174,10 @@ def test_unknown_compile_mode_rejected(bad):
         babygpt.validate_config(cfg)
 
 
-@pytest.mark.parametrize("bad", ["all", "Nested", "block", ""])
+@pytest.mark.parametrize("bad", ["all", "nested", "Model", ""])
 def test_unknown_compile_scope_rejected(bad):
     _, cfg = babygpt.parse_args([f"--compile_scope={bad}"])
-    with pytest.raises(UserError, match="compile_scope must be one of auto, model, nested, blocks"):
+    with pytest.raises(UserError, match="compile_scope must be one of auto, blocks, model"):
         babygpt.validate_config(cfg)
     for good in babygpt.COMPILE_SCOPES:
         babygpt.validate_config(babygpt.parse_args([f"--compile_scope={good}"])[1])
@@ -213,7 +213,7 @@ def test_compile_plan_choices():
         babygpt.compile_plan(_cfg(mode="reduce-overhead"), gpu, world=2)
 
 
-@pytest.mark.parametrize("scope", ["blocks", "model", "nested"])
+@pytest.mark.parametrize("scope", ["blocks", "model"])
 def test_compile_model_in_place_keeps_names_and_eager_generation(scope):
     """Compiling changes neither the state_dict's names nor what generate() runs: it calls
     forward() directly. torch.compile is lazy, so nothing is compiled here."""
@@ -225,48 +225,8 @@ def test_compile_model_in_place_keeps_names_and_eager_generation(scope):
     assert list(model.state_dict()) == keys
     compiled = [b for b in model.blocks if b._compiled_call_impl is not None]
     assert len(compiled) == (2 if scope == "blocks" else 0)
-    assert (model._compiled_call_impl is not None) == (scope in ("model", "nested"))
-    assert all(isinstance(b, babygpt.Block) for b in model.blocks)
-    assert all((type(b) is not babygpt.Block) == (scope == "nested") for b in model.blocks)
+    assert (model._compiled_call_impl is not None) == (scope == "model")
     assert babygpt.compile_model(model, _cfg(), torch.device("cpu")) is None  # auto on a CPU: eager
-
-
-def test_nested_scope_compiles_the_same_training_as_eager():
-    """compile_scope=nested reuses one Block's compiled code for every layer: each layer must
-    still use its own weights. Three compiled training steps (forward, backward, AdamW) and a
-    no_grad evaluation give eager's losses; generation, which calls forward() of each block
-    directly, is unchanged. Compiles on the CPU: about 10 s cold, less with a warm cache."""
-    vocab, data = corpus_data()
-    x, y = babygpt.get_batch(data["train"], 4, 8, torch.Generator().manual_seed(1))
-
-    def run(scope):
-        torch.manual_seed(0)
-        model = babygpt.BabyGPT(vocab, block_size=8, n_embed=16, n_head=2, n_layer=3, dropout=0.0)
-        if scope:
-            babygpt.compile_model(model, _cfg(compile="true", scope=scope), torch.device("cpu"))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        losses = [babygpt.train_step(model, opt, [(x, y)]).item() for _ in range(3)]
-        with torch.no_grad():
-            losses.append(model(x, y)[1].item())
-        text = model.generate(x[:1, :2], 6, temperature=0)
-        return losses, text, model.state_dict()
-
-    (eager, eager_text, eager_sd), (nested, nested_text, nested_sd) = run(None), run("nested")
-    assert eager[0] > eager[2]  # it learned, so the steps really differ
-    assert nested[0] == pytest.approx(eager[0], abs=1e-5)  # the same weights, the same function
-    # then fused kernels round differently; a layer run with another layer's weights moved the
-    # first loss by 0.02 (what the instance-level mark did)
-    assert nested == pytest.approx(eager, abs=2e-3)
-    assert torch.equal(eager_text, nested_text)
-    assert list(eager_sd) == list(nested_sd)
-
-
-def test_nested_scope_needs_a_torch_that_has_it(monkeypatch):
-    monkeypatch.delattr(torch.compiler, "nested_compile_region")
-    model = babygpt.BabyGPT(20, block_size=8, n_embed=16, n_head=2, n_layer=2, dropout=0.0)
-    with pytest.raises(UserError, match="compile_scope=nested needs torch 2.8 or newer"):
-        babygpt.compile_model(model, _cfg(compile="true", scope="nested"), torch.device("cpu"))
-    assert all(type(b) is babygpt.Block for b in model.blocks)  # left as it was
 
 
 def test_evaluation_in_larger_passes_gives_the_same_losses():
@@ -396,8 +356,7 @@ def test_cuda_resolve_dtype_and_fast_training_matches_fp32(no_tf32):
 
 
 @cuda
-@pytest.mark.parametrize("scope,mode", [("blocks", "default"), ("model", "default"), ("model", "reduce-overhead"),
-                                        ("nested", "default"), ("nested", "reduce-overhead")])
+@pytest.mark.parametrize("scope,mode", [("blocks", "default"), ("model", "default"), ("model", "reduce-overhead")])
 def test_cuda_compiled_training_loop_matches_eager(scope, mode):
     """The loop as train() runs it (evaluate, train, evaluate ...) through compile_model, against
     the same loop on the eager model: CUDA graphs replay the same function."""

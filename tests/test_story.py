@@ -99,9 +99,10 @@ def test_a_run_stopped_while_compiling_does_not_wait_for_wandb(corpus, monkeypat
     """Ctrl-C during the compile warm-up ends the run at once, even while wandb.init is still
     waiting for its server (up to WANDB_INIT_TIMEOUT): the thread it runs in is not waited for."""
     import threading
-    release, still_waiting = threading.Event(), []
+    release, still_waiting, daemon = threading.Event(), [], []
 
     def start_wandb(*args):
+        daemon.append(threading.current_thread().daemon)  # exit does not wait for a daemon thread
         release.wait(timeout=60)
         still_waiting.append(not release.is_set())
         return babygpt.DummyWandb()
@@ -116,6 +117,7 @@ def test_a_run_stopped_while_compiling_does_not_wait_for_wandb(corpus, monkeypat
     try:
         assert babygpt.main(TINY + [f"--data_path={corpus.name}"]) == 130
         assert not still_waiting  # main returned while wandb.init was still running
+        assert daemon == [True]
     finally:
         release.set()
     assert "interrupted; files on disk are intact" in capsys.readouterr().err
