@@ -790,7 +790,6 @@ def load_corpus(path):
     return text
 
 
-
 def prepare_corpus(path, local_rank=None, world=1):
     """load_corpus; under torchrun the default ci.txt is built by one process per machine
     while the others wait, so no two processes write it at once."""
@@ -1163,37 +1162,16 @@ def setup_training(cfg, clock=None):
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         s.train_model = DistributedDataParallel(model, device_ids=[local_rank] if dev.type == "cuda" else None)
-    wandb_run = in_background("wandb-start", clock.timed, "wandb.init", start_wandb, cfg, dev, amp,
-                              s.wandb_previous, s.start_iter) if rank == 0 else DummyWandb  # only rank 0 logs
+    # a daemon thread: a run stopped meanwhile exits without waiting for it (only rank 0 logs)
+    wandb_start = InBackground("wandb-start", clock.timed, "wandb.init", start_wandb, cfg, dev, amp,
+                               s.wandb_previous, s.start_iter, daemon=True) if rank == 0 else None
     if plan is not None:
         clock.phase("compile")
         warm_up(s)
         clock.phase("start-up")  # any wait for wandb below is start-up
-    s.run = wandb_run()
+    s.run = wandb_start.result() if wandb_start else DummyWandb()
     clock.start_loop()
     return s
-
-
-def in_background(name, fn, *args):
-    """Start fn(*args) in a thread; returns a function that waits for its result (or raises its
-    error). A daemon thread: a run stopped meanwhile exits without waiting for it."""
-    outcome = {}
-
-    def run():
-        try:
-            outcome["result"] = fn(*args)
-        except BaseException as e:  # handed to the thread that waits
-            outcome["error"] = e
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-
-    def result():
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["result"]
-    return result
 
 
 def restore_training_state(s, state):
@@ -1633,38 +1611,53 @@ def cpu_copy(obj):
     return obj
 
 
+class InBackground:
+    """fn(*args) in a thread of its own. result() waits for it and returns its value or raises
+    its error; join() only waits. The process waits for the thread at exit unless daemon."""
+
+    def __init__(self, name, fn, *args, daemon=False):
+        self.value = self.error = None
+
+        def run():
+            try:
+                self.value = fn(*args)
+            except BaseException as e:  # handed to the thread that asks for the result
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name=name, daemon=daemon)
+        self.thread.start()
+
+    def join(self):
+        self.thread.join()
+
+    def result(self):
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 class BackgroundSaver:
     """save_atomic in a thread, one file at a time, so training does not wait for the disk.
     A failed write is raised by the next save() or by wait()."""
 
     def __init__(self):
-        self.thread, self.error = None, None
+        self.pending = None
 
     def save(self, obj, path):
         self.wait()
-        snapshot = cpu_copy(obj)
-
-        def write():
-            try:
-                save_atomic(snapshot, path)
-            except BaseException as e:  # handed to the training thread
-                self.error = e
-
-        self.thread = threading.Thread(target=write, name="checkpoint-writer")
-        self.thread.start()
+        self.pending = InBackground("checkpoint-writer", save_atomic, cpu_copy(obj), path)
 
     def join(self):
         """Wait for the write in progress, if any, without raising its failure."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
+        if self.pending is not None:
+            self.pending.join()
 
     def wait(self):
         """Wait for the write in progress; raise its failure, if any."""
-        self.join()
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
 
 
 def load_file(path, what):
