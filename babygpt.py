@@ -15,10 +15,14 @@ sampling, main), then the plumbing that makes it fast, safe to interrupt and mul
 Importing this file only defines things; nothing runs until main().
 """
 
+import os
+
+if __name__ == "__main__":  # PyTorch reads this at its first CPU allocation, so before importing it
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # large CPU tensors on transparent huge pages
+
 import hashlib
 import json
 import math
-import os
 import re
 import secrets
 import shutil
@@ -27,7 +31,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -74,7 +77,6 @@ kv_cache = True               # reuse keys and values while generating (same out
 device = "auto"               # auto = cuda, else mps, else cpu
 dtype = "auto"                # auto (measured on this machine), float32, bfloat16, float16
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
-compile_scope = "auto"        # what is compiled: auto = model (one graph); blocks = each block, head
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU, else default
 preset = ""                   # cpu: a small configuration that trains in minutes on a laptop
 # files and logging
@@ -92,7 +94,7 @@ CONFIG_KEYS = [k for k, v in list(globals().items())
 
 # Overrides applied by --preset=NAME before the explicit --name=value ones.
 PRESETS = {
-    # 5 to 10 minutes on 2 cores (dtype stays auto: bfloat16 was 1.36x faster on an AMD EPYC)
+    # a small model that a 2-core CPU trains in minutes
     "cpu": dict(n_layer=4, n_head=4, n_embed=128, block_size=64, batch_size=32, dropout=0.0,
                 learning_rate=2e-3, max_iters=2500, eval_interval=250, eval_iters=20,
                 lr_schedule="cosine", warmup_iters=100, min_lr=2e-4),
@@ -243,8 +245,8 @@ class BabyGPT(nn.Module):
         """Logits (B, vocab) for the token after idx; with caches, idx holds only new tokens."""
         start = caches[0].length if caches else 0
         x = self.embed(idx, start)
-        for i, block in enumerate(self.blocks):  # forward(), not block(): eager even when compiled
-            x = block.forward(x, caches[i] if caches else None)
+        for i, block in enumerate(self.blocks):
+            x = block(x, caches[i] if caches else None)
         return self.lm_head(self.ln_final(x[:, -1, :]))  # only the last position is needed
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
@@ -367,82 +369,148 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
 
 
+
+
 # -----------------------------------------------------------------------------
 # TRAINING SECTION BEGIN
 
 def train(cfg, clock=None):
-    """The seed's loop: evaluate every eval_interval steps, train, then generate and save."""
-    s = setup_training(cfg, clock)  # devices, data, model, optimizer, resume, wandb: one object
-    with StopRequests() as stop:    # the first Ctrl-C stops after this step, saving a checkpoint
+    """The seed's script: read the text, tokenize and split it, build the model and AdamW, train
+    with an evaluation every eval_interval steps, then generate and save model.pth."""
+    clock = clock or PhaseClock()
+    rank, world, dev = setup_distributed(cfg)  # one process, unless started by torchrun
+    clock.dev = dev
+    torch.manual_seed(cfg.seed + rank)  # each process draws batches of its own
+    if rank == 0:
+        check_output_paths(cfg)
+
+    # ---- the text, its tokenizer, and the train/validation split
+    text = read_text(cfg.data_path, world)
+    tokenizer = Tokenizer(text)
+    check_prompts(cfg, tokenizer, cfg.data_path)
+    ids = encode_corpus(tokenizer, text)
+    n = int(cfg.train_data_ratio * len(ids))
+    data = {"train": ids[:n], "val": ids[n:]}
+    check_split(data, cfg)
+    data = {split: part.to(dev) for split, part in data.items()}
+
+    # ---- the model and its optimizer (with --resume, as the checkpoint left them)
+    model = BabyGPT(tokenizer.vocab_size, cfg.block_size, cfg.n_embed, cfg.n_head, cfg.n_layer, cfg.dropout)
+    state = load_start(cfg, model, tokenizer)  # ckpt.pt with --resume, weights with --init_from
+    model.to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=dev.type == "cuda")
+
+    # ---- set-up helpers: the dtype measured here, the resumed state, compilation, DDP, wandb
+    start_iter = state["iter_num"] if state else 0
+    micro_batch = cfg.batch_size // (world * cfg.grad_accum_steps)  # sequences per forward pass
+    amp = plan_run(cfg, model, data["train"], micro_batch, dev, world, start_iter)
+    ctx = autocast(dev, amp)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+    best_val, evaluated, pieces = resume_training(state, optimizer, scaler, cfg, dev, rank, world) if state \
+        else (math.inf, False, {})
+    eval_batch, passes = cfg.batch_size // world, choose_eval_passes(cfg, world, tokenizer.vocab_size, dev)
+    train_model = compile_model(model, cfg, dev, world, clock, lambda m: warm_up(
+        m, data, cfg, micro_batch, eval_batch, passes, ctx, scaler, dev))
+    train_model = wrap_ddp(train_model, dev, world)
+    run, pieces = start_wandb(cfg, dev, amp, pieces, start_iter) if rank == 0 else (DummyWandb(), pieces)
+
+    def save_checkpoint(step, evaluated):  # all that --resume needs; the first process writes it
+        clock.phase("checkpoints")
+        if rank == 0:
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "iter_num": step, "evaluated": evaluated,
+                         "best_val_loss": best_val, "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},
+                         "argv": list(cfg._argv), "chars": "".join(tokenizer.chars), "rng": rng_state(dev),
+                         "wandb_id": pieces.get("id"), "wandb_group": pieces.get("group"),
+                         "wandb_offline_dirs": pieces.get("dirs", [])}, cfg.ckpt_path)
+
+    eval_gen = torch.Generator(device=generator_device(dev))  # evaluation's own random batches
+    progress = Progress(rank == 0)
+    samples = []  # the generated texts logged to wandb so far, as (iteration, prompt, text)
+    tokens, mark, last_saved, it = 0, time.time(), -math.inf, start_iter
+    check_each_step = dev.type == "cpu" and world == 1  # loss.item() costs a GPU sync, but no CPU time
+    clock.start_loop()
+    with StopRequests() as stop:  # the first Ctrl-C stops after this step and saves a checkpoint
         try:
-            for it in range(s.start_iter, cfg.max_iters + 1):
+            for it in range(start_iter, cfg.max_iters + 1):
                 last_step = it == cfg.max_iters
 
-                # ---- evaluate and log (at step 0, every eval_interval steps, at the last step)
-                if (it % cfg.eval_interval == 0 or last_step) and not (it == s.start_iter and s.evaluated):
-                    train_loss, val_loss = evaluate(s, it, stop)
-                    log_evaluation(s, it, train_loss, val_loss)
+                # ---- evaluate and log (at step 0, every eval_interval steps, and at the last step)
+                if (it % cfg.eval_interval == 0 or last_step) and not (it == start_iter and evaluated):
+                    speed = tokens / (time.time() - mark)  # training tokens/sec since the last evaluation
+                    clock.phase("evaluation")
+                    eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + rank)  # the same batches on resume
+                    losses = estimate_loss(train_model, data, eval_batch, cfg.block_size, cfg.eval_iters, eval_gen,
+                                           ctx, stop.evaluation_callback(world, progress), passes)
+                    train_loss, val_loss = all_mean([losses["train"], losses["val"]], dev, world)
+                    if not math.isfinite(train_loss + val_loss):
+                        raise_nonfinite(it, cfg)
+                    progress.clear()
+                    say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                        f"speed: {speed:.2f} tokens/sec, time: {format_time(clock.loop_seconds())}")
+                    best_val = min(best_val, val_loss)
+                    metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
+                               "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
+                    samples = add_samples(metrics, samples, run, model, tokenizer, cfg, dev, ctx, it)
+                    run = wandb_log(run, metrics)
 
-                    # ---- checkpoint (the first, then every checkpoint_interval seconds, the last)
-                    if last_step or s.clock.since_checkpoint() >= cfg.checkpoint_interval:
-                        save_checkpoint(s, it, evaluated=True)
-                    s.clock.restart_speed()
+                    # ---- checkpoint (the first, then every checkpoint_interval seconds, and the last)
+                    if last_step or time.time() - last_saved >= cfg.checkpoint_interval:
+                        save_checkpoint(it, evaluated=True)
+                        last_saved = time.time()
+                    tokens, mark = 0, time.time()
                 if last_step:
                     break
 
-                # ---- stop? (Ctrl-C or SIGTERM; all processes agree under torchrun)
-                if stop.agreed(it, s.world, s.dev):
+                # ---- stop? (Ctrl-C or SIGTERM; under torchrun every process agrees)
+                if stop.agreed(it, world, dev):
                     raise Interrupted
 
                 # ---- one training step
-                s.clock.phase("training")
-                for group in s.optimizer.param_groups:
+                clock.phase("training")
+                for group in optimizer.param_groups:
                     group["lr"] = get_lr(it, cfg)
-                batches = [get_batch(s.data["train"], s.micro_batch, cfg.block_size)
-                           for _ in range(cfg.grad_accum_steps)]
-                loss = train_step(s.train_model, s.optimizer, batches, s.ctx, s.scaler, cfg.grad_clip)
-                s.steps_done = it + 1
-                s.clock.tokens += s.tokens_per_step
-                if s.check_every_step and not math.isfinite(loss.item()):  # free on a CPU
+                batches = [get_batch(data["train"], micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
+                loss = train_step(train_model, optimizer, batches, ctx, scaler, cfg.grad_clip)
+                tokens += cfg.batch_size * cfg.block_size
+                if check_each_step and not math.isfinite(loss.item()):
                     raise_nonfinite(it, cfg)
-
-                # ---- progress (a refreshed line on a terminal)
-                show_progress(s, f"step {it + 1}/{cfg.max_iters}", eta_steps=cfg.max_iters - it - 1)
+                progress.show_step(it + 1, cfg, tokens / (time.time() - mark))
         except Interrupted:
-            clear_progress(s)
-            save_checkpoint(s, s.steps_done, evaluated=False)
-            s.saver.wait()
-            say(f"interrupted at step {s.steps_done}; checkpoint saved to {cfg.ckpt_path}. "
-                f"Resume with: python babygpt.py {resume_command(cfg)}")
-            finish(s)
-            return s.model
-        finally:
-            s.saver.join()  # a checkpoint being written is finished even when training failed
-    s.saver.wait()  # raises if the last checkpoint could not be written
+            progress.clear()
+            save_checkpoint(it, evaluated=False)
+            say(f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}. "
+                f"Resume with: {resume_command(cfg, world)}")
+            finish(run, clock, world)
+            return model
 
-    # ---- generate and save, as the seed did
-    s.clock.phase("generation and saving")
-    if s.rank == 0:
-        with s.ctx:
-            for texts in generate_texts(s.model, s.tokenizer, cfg.prompts, cfg, s.dev):
-                for text in texts:
-                    say(text)
-                    say("-" * 10)
-        save_atomic(seed_state_dict(s.model.state_dict(), cfg.n_head, cfg.block_size), cfg.save_path)
+    # ---- generate from the prompts, as the seed did, and save model.pth in the seed's layout
+    clock.phase("generation and saving")
+    if rank == 0:
+        try:
+            with ctx:
+                for texts in generate_texts(model, tokenizer, cfg.prompts, cfg, dev):
+                    for text in texts:
+                        say(text)
+                        say("-" * 10)
+            save_atomic(seed_state_dict(model.state_dict(), cfg.n_head, cfg.block_size), cfg.save_path)
+        except KeyboardInterrupt:  # training is done and in ckpt.pt: resuming only generates and saves
+            say(f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps. "
+                f"Resume with: {resume_command(cfg, world)}")
+            finish(run, clock, world)
+            return model
         say(f"模型已保存到{cfg.save_path}")
-    finish(s)
-    return s.model
+    finish(run, clock, world)
+    return model
 
 # TRAINING SECTION END
 # -----------------------------------------------------------------------------
 # Sampling
 
 def generate_texts(model, tokenizer, prompts, cfg, dev, generator=None):
-    """For each prompt, num_samples continuations that start with the prompt.
-
-    Prompts of the same length share one batch: a single-token step costs about the same
-    for one row as for several, since it is bound by reading the weights.
-    """
+    """For each prompt, num_samples continuations that start with the prompt. Prompts of one
+    length share a batch: a one-token step costs about the same for several rows as for one."""
     results = [None] * len(prompts)
     by_length = {}
     for i, p in enumerate(prompts):
@@ -460,13 +528,12 @@ def generate_texts(model, tokenizer, prompts, cfg, dev, generator=None):
 
 def sample(cfg):
     """python babygpt.py sample: continue the prompts (or typed ones) with a trained model."""
-    dev = resolve_device(cfg.device)
-    amp = sampling_dtype(cfg.dtype, dev)
+    dev = choose_device(cfg.device)
+    amp = choose_dtype(cfg.dtype, dev)  # auto: float32 off CUDA
     torch.manual_seed(cfg.seed)
     model, tokenizer, source = load_for_sampling(cfg, dev)
-    check_generation(cfg, tokenizer, source)
-    if amp != torch.float32:
-        model.to(amp)
+    check_prompts(cfg, tokenizer, source)
+    model.to(amp)
     say(f"sampling from {source}")
 
     def show(prompts):
@@ -480,8 +547,7 @@ def sample(cfg):
         say(f"({n} characters in {seconds:.2f}s: {n / max(seconds, 1e-9):.1f} tokens/sec)")
 
     if cfg.prompts:
-        show(cfg.prompts)
-        return
+        return show(cfg.prompts)
     if not sys.stdin.isatty():
         raise UserError("no prompts given; pass --prompts=春江,往事 or run in a terminal to type them")
     while True:  # like the seed's sample script: ask until end of input (Ctrl-D)
@@ -498,16 +564,16 @@ def sample(cfg):
 
 def main(argv=None):
     """The command line: parse, validate, then train or sample. Returns the exit code."""
-    clock = PhaseClock(process_start_time() if argv is None else time.time())
+    clock = PhaseClock(None if argv is None else time.time())
     argv = sys.argv[1:] if argv is None else argv
-    old_term = signal.signal(signal.SIGTERM, on_terminate)
     try:
-        command, cfg = parse_args(argv)
-        validate_config(cfg)
-        if command == "sample":
-            sample(cfg)
-        else:
-            train(cfg, clock)
+        with StopRequests(graceful=False):  # outside the loop, SIGTERM unwinds like Ctrl-C
+            command, cfg = parse_args(argv)
+            validate_config(cfg)
+            if command == "sample":
+                sample(cfg)
+            else:
+                train(cfg, clock)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -519,16 +585,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted; files on disk are intact", file=sys.stderr, flush=True)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
 
 
 # =============================================================================
 # ---- plumbing: nothing below is needed to understand the model ----
 # =============================================================================
-
-# -----------------------------------------------------------------------------
-# Errors and printing
 
 class UserError(Exception):
     """A problem with the user's input or files: printed as one line, exit code 1."""
@@ -553,18 +614,14 @@ def warn(msg):
         print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
+def first_line(e):
+    """An exception as a short one-line reason."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+
+
 def format_time(seconds):
     tenths = int(round(seconds * 10))  # round once, so 59.96 s reads 1m 0.0s, not 0m 60.0s
     return f"{tenths // 600}m {tenths % 600 / 10:.1f}s"
-
-
-def format_duration(seconds):
-    """A rough human duration for notes: '45 minutes', '19 hours', '2.5 days'."""
-    if seconds < 5400:
-        return f"{max(1, round(seconds / 60))} minutes"
-    if seconds < 2 * 86400:
-        return f"{round(seconds / 3600)} hours"
-    return f"{seconds / 86400:.1f} days"
 
 
 # -----------------------------------------------------------------------------
@@ -572,7 +629,7 @@ def format_duration(seconds):
 
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that use CUDA graphs
-COMPILE_SCOPES = ("auto", "blocks", "model")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def format_setting(value):
@@ -592,19 +649,14 @@ def display_width(text):
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
-def constant_comments():
-    """{name: its one-line comment} from the constants at the top of this file."""
+def usage():
+    """--help: every constant as it is typed, with its default and its one-line comment."""
     try:
         with open(os.path.abspath(__file__), encoding="utf-8") as f:
-            source = f.read()
+            found = re.findall(r"^([a-z_]+) = [^\n#]*#\s*([^\n]+)$", f.read(), re.M)
     except OSError:
-        return {}
-    found = re.findall(r"^([a-z_]+) = [^\n#]*#\s*([^\n]+)$", source, re.M)
-    return {name: comment.strip() for name, comment in reversed(found)}  # the first one wins
-
-
-def usage():
-    comments = constant_comments()
+        found = []
+    comments = {name: comment.strip() for name, comment in reversed(found)}  # the first one wins
     settings = [(f"--{k}={format_setting(globals()[k])}", comments.get(k, "")) for k in CONFIG_KEYS]
     width = max(display_width(s) for s, _ in settings) + 2
     lines = ["usage: python babygpt.py [train|sample] [--name=value ...]", "",
@@ -621,10 +673,8 @@ def parse_value(name, text, default):
     kind = type(default)
     if kind is bool:
         low = text.strip().lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
+        if low in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return low in ("true", "1", "yes", "on")
         raise UserError(f"--{name} expects true or false, got {text!r}")
     if kind is list:
         return [p for p in text.split(",") if p]
@@ -655,8 +705,7 @@ def parse_args(argv):
         if not m:
             raise UserError(f"cannot read {arg!r}: write overrides as --name=value (see --help)")
         name, text = m.groups()
-        if name == "tain_data_ratio":  # the seed's spelling
-            name = "train_data_ratio"
+        name = "train_data_ratio" if name == "tain_data_ratio" else name  # the seed's spelling
         if name not in cfg:
             raise UserError(f"unknown setting --{name}; valid: {', '.join(CONFIG_KEYS)}")
         overrides[name] = parse_value(name, text, cfg[name])
@@ -670,54 +719,46 @@ def parse_args(argv):
     for name, value in overrides.items():
         say(f"override: {name} = {value!r}")
     cfg["_argv"] = list(argv)
+    cfg["_explicit"] = set(overrides)
     return command, SimpleNamespace(**cfg)
+
+
+AT_LEAST_1 = ("batch_size", "block_size", "n_embed", "n_head", "n_layer", "max_iters", "eval_interval",
+              "eval_iters", "grad_accum_steps", "num_samples", "sample_interval")
+AT_LEAST_0 = ("learning_rate", "min_lr", "weight_decay", "grad_clip", "max_new_token", "temperature", "top_k",
+              "checkpoint_interval")
+CHOICES = {"lr_schedule": ("constant", "cosine"), "wandb_mode": ("auto", "online", "offline", "disabled"),
+           "dtype": ("auto", *DTYPES), "compile": ("auto", "true", "false"), "compile_mode": COMPILE_MODES}
 
 
 def validate_config(cfg):
     """Reject values that cannot work before anything expensive happens."""
-    def need(ok, msg):
+    def need(ok, name, rule):
         if not ok:
-            raise UserError(msg)
-    for name in ("batch_size", "block_size", "n_embed", "n_head", "n_layer", "max_iters",
-                 "eval_interval", "eval_iters", "grad_accum_steps", "num_samples"):
-        need(getattr(cfg, name) >= 1, f"{name} must be at least 1 (got {getattr(cfg, name)})")
-    need(cfg.n_embed % cfg.n_head == 0,
-         f"n_embed ({cfg.n_embed}) must be divisible by n_head ({cfg.n_head})")
-    need(0 < cfg.train_data_ratio < 1, f"train_data_ratio must be between 0 and 1 (got {cfg.train_data_ratio})")
-    need(0 <= cfg.dropout < 1, f"dropout must be in [0, 1) (got {cfg.dropout})")
-    need(cfg.learning_rate > 0, f"learning_rate must be positive (got {cfg.learning_rate})")
-    need(cfg.min_lr >= 0, f"min_lr must be 0 or more (got {cfg.min_lr})")
-    need(cfg.weight_decay >= 0, f"weight_decay must be 0 or more (got {cfg.weight_decay})")
-    need(cfg.grad_clip >= 0, f"grad_clip must be 0 (off) or positive (got {cfg.grad_clip})")
-    need(cfg.lr_schedule in ("constant", "cosine"),
-         f"lr_schedule must be 'constant' or 'cosine' (got {cfg.lr_schedule!r})")
-    need(0 <= cfg.warmup_iters <= cfg.max_iters,
-         f"warmup_iters must be between 0 and max_iters={cfg.max_iters} (got {cfg.warmup_iters})")
-    need(cfg.max_new_token >= 0, f"max_new_token must be 0 or more (got {cfg.max_new_token})")
-    need(cfg.temperature >= 0, f"temperature must be 0 (greedy) or positive (got {cfg.temperature})")
-    need(cfg.top_k >= 0, f"top_k must be 0 (off) or positive (got {cfg.top_k})")
-    need(cfg.wandb_mode in ("auto", "online", "offline", "disabled"),
-         f"wandb_mode must be auto, online, offline or disabled (got {cfg.wandb_mode!r})")
-    need(cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
-         f"dtype must be auto, float32, bfloat16 or float16 (got {cfg.dtype!r})")
-    need(str(cfg.compile).lower() in ("auto", "true", "false"),
-         f"compile must be auto, true or false (got {cfg.compile!r})")
-    need(cfg.compile_scope in COMPILE_SCOPES,
-         f"compile_scope must be one of {', '.join(COMPILE_SCOPES)} (got {cfg.compile_scope!r})")
-    need(cfg.checkpoint_interval >= 0,
-         f"checkpoint_interval must be 0 (every evaluation) or more seconds (got {cfg.checkpoint_interval})")
-    need(cfg.sample_interval >= 1, f"sample_interval must be at least 1 (got {cfg.sample_interval})")
-    need(cfg.compile_mode in COMPILE_MODES,
-         f"compile_mode must be one of {', '.join(COMPILE_MODES)} (got {cfg.compile_mode!r})")
-    need(not (cfg.compile_mode in GRAPH_MODES and cfg.grad_accum_steps > 1),
-         f"compile_mode={cfg.compile_mode} replays CUDA graphs, which cannot accumulate gradients; "
-         f"use grad_accum_steps=1 or compile_mode=default")
+            raise UserError(f"{name} must be {rule} (got {getattr(cfg, name)!r})")
+    for name in AT_LEAST_1:
+        need(getattr(cfg, name) >= 1, name, "at least 1")
+    for name in AT_LEAST_0:
+        need(getattr(cfg, name) >= 0, name, "0 or more")
+    for name, choices in CHOICES.items():
+        value = getattr(cfg, name)
+        need((value.lower() if name == "compile" else value) in choices, name, "one of " + ", ".join(choices))
+    need(cfg.learning_rate > 0, "learning_rate", "positive")
+    need(0 < cfg.train_data_ratio < 1, "train_data_ratio", "between 0 and 1")
+    need(0 <= cfg.dropout < 1, "dropout", "in [0, 1)")
+    need(cfg.warmup_iters <= cfg.max_iters, "warmup_iters", f"between 0 and max_iters={cfg.max_iters}")
+    need(cfg.warmup_iters >= 0, "warmup_iters", f"between 0 and max_iters={cfg.max_iters}")
+    if cfg.n_embed % cfg.n_head:
+        raise UserError(f"n_embed ({cfg.n_embed}) must be divisible by n_head ({cfg.n_head})")
+    if cfg.compile_mode in GRAPH_MODES and cfg.grad_accum_steps > 1:
+        raise UserError(f"compile_mode={cfg.compile_mode} replays CUDA graphs, which cannot accumulate "
+                        f"gradients; use grad_accum_steps=1 or compile_mode=default")
 
 
 # -----------------------------------------------------------------------------
 # Data: the corpus file
 
-# The corpus the seed trained on, rebuilt from a pinned package (see build_corpus).
+# The corpus, built to the seed's recipe from a pinned package (see build_corpus).
 CORPUS_PACKAGE = "chinese-poetry@2.0.1"
 CORPUS_FILES = ([f"package/dist/songci/ci.song.{n}.json" for n in range(0, 22000, 1000)]
                 + ["package/dist/wudaishici/nantang/poetrys.json"])
@@ -784,19 +825,18 @@ def load_corpus(path):
         raise UserError(f"cannot read data file {path}: {e.strerror}") from None
     if not text:
         raise UserError(f"data file {path} is empty")
-    if os.path.basename(path) == "ci.txt":
-        if hashlib.sha256(text.encode("utf-8")).hexdigest() != CORPUS_SHA256:
-            say(f"note: {path} differs from the pinned corpus; training on it as a custom corpus")
+    if os.path.basename(path) == "ci.txt" and hashlib.sha256(text.encode("utf-8")).hexdigest() != CORPUS_SHA256:
+        say(f"note: {path} differs from the pinned corpus; training on it as a custom corpus")
     return text
 
 
-def prepare_corpus(path, local_rank=None, world=1):
-    """load_corpus; under torchrun the default ci.txt is built by one process per machine
-    while the others wait, so no two processes write it at once."""
+def read_text(path, world=1):
+    """load_corpus; under torchrun one process per machine builds a missing ci.txt while the
+    others wait, so that no two processes write it at once."""
     if world > 1 and path == "ci.txt" and not os.path.exists(path):
         import torch.distributed as dist
         error = None
-        if not local_rank:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             try:
                 build_corpus(path)
             except UserError as e:
@@ -816,21 +856,19 @@ def encode_corpus(tokenizer, text):
     return torch.from_numpy(np.searchsorted(table, codes).astype(np.int64))
 
 
-def split_data(data, ratio, block_size, device):
-    """Train/validation tensors; each must hold more than block_size tokens."""
-    n = int(ratio * len(data))
-    splits = {"train": data[:n], "val": data[n:]}
-    for name, part in splits.items():
-        if len(part) <= block_size:
-            raise UserError(f"the {name} split has {len(part)} characters but block_size={block_size} "
-                            f"needs at least {block_size + 1}; use a longer corpus (at least "
-                            f"{math.ceil((block_size + 1) / min(ratio, 1 - ratio))} characters), "
+def check_split(data, cfg):
+    """Each split must hold more than block_size tokens."""
+    for name, part in data.items():
+        if len(part) <= cfg.block_size:
+            ratio = cfg.train_data_ratio
+            raise UserError(f"the {name} split has {len(part)} characters but block_size={cfg.block_size} "
+                            f"needs at least {cfg.block_size + 1}; use a longer corpus (at least "
+                            f"{math.ceil((cfg.block_size + 1) / min(ratio, 1 - ratio))} characters), "
                             f"a smaller block_size or another train_data_ratio")
-    return {name: part.to(device) for name, part in splits.items()}
 
 
 # -----------------------------------------------------------------------------
-# Devices, number formats and compilation
+# Devices, processes, number formats and compilation
 
 def sync(dev):
     """Wait for the device's queued work, so wall-clock timings mean something."""
@@ -840,13 +878,12 @@ def sync(dev):
         torch.mps.synchronize()
 
 
-def resolve_device(name, local_rank=None):
+def choose_device(name, local_rank=None):
+    """auto: cuda (this process's GPU under torchrun), else mps, else cpu; or the named device."""
     available = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (
         ["mps"] if torch.backends.mps.is_available() else [])
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank or 0)
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        name = "cuda" if "cuda" in available else "mps" if "mps" in available else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -856,69 +893,85 @@ def resolve_device(name, local_rank=None):
     if dev.type == "cuda":
         index = local_rank if local_rank is not None else (dev.index or 0)
         if index >= torch.cuda.device_count():
-            raise UserError(f"cuda:{index} requested but this machine has "
-                            f"{torch.cuda.device_count()} GPU(s)")
+            raise UserError(f"cuda:{index} is wanted but this machine has {torch.cuda.device_count()} GPU(s); "
+                            f"use fewer processes (--nproc_per_node) or another --device")
         dev = torch.device("cuda", index)
     return dev
 
 
-def use_huge_pages():
-    """Let PyTorch's CPU allocator back large tensors with transparent huge pages. On the 2-core
-    AMD EPYC the cpu preset then trained 1.2x and evaluated 1.45x as fast (bench.py, same run
-    with and without). THP_MEM_ALLOC_ENABLE=0 in the environment keeps it off."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+def setup_distributed(cfg):
+    """(rank, world size, device) of this process; (0, 1, device) without torchrun."""
+    distributed = "RANK" in os.environ  # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    if cfg.batch_size % (world * cfg.grad_accum_steps):
+        raise UserError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes "
+                        f"({world}) x grad_accum_steps ({cfg.grad_accum_steps})")
+    dev = choose_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)) if distributed else None)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmuls left
+    if distributed:
+        import torch.distributed as dist
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
 
 
-def resolve_dtype(name, device):
-    """The autocast dtype for `name` on `device` (torch.float32 means no autocast). For auto this
-    is the choice without a measurement: bfloat16 (or float16) on CUDA, float32 elsewhere;
-    training measures instead where that matters (choose_dtype)."""
+def wrap_ddp(model, dev, world):
+    """The model wrapped for DistributedDataParallel, which averages gradients over processes."""
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def all_mean(values, dev, world):
+    """Average a list of floats over all processes."""
+    if world == 1:
+        return values
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return (t / world).tolist()
+
+
+def choose_dtype(name, dev, step_seconds=None):
+    """The autocast dtype (float32 means none): the one named, or for auto bfloat16 on CUDA
+    (float16 without it), the fastest of `step_seconds` {dtype: seconds} where measured, else float32."""
     if name == "auto":
-        if device.type == "cuda":
+        if dev.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name == "float16" and device.type == "cpu":
+        if not step_seconds:
+            return torch.float32
+        return min(step_seconds, key=lambda dt: (step_seconds[dt], dt != torch.float32))  # float32 wins ties
+    if name == "float16" and dev.type == "cpu":
         raise UserError("dtype float16 is not supported on the CPU; use float32 or bfloat16")
-    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if name == "bfloat16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU has no bfloat16 support; use --dtype=float16 or --dtype=float32")
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return DTYPES[name]
 
 
 def dtype_name(dt):
     return str(dt).replace("torch.", "")
 
 
-def autocast(device, dt):
-    if dt == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dt)
+def autocast(dev, dt):
+    return nullcontext() if dt == torch.float32 else torch.autocast(device_type=dev.type, dtype=dt)
 
 
-def sampling_dtype(name, device):
-    """The dtype `sample` casts the weights to. Single-token steps are bound by reading the
-    weights, so half-size weights help on GPUs; on the CPUs measured (AVX512-BF16, no AMX)
-    bfloat16 matrix-vector products were slower than float32, so auto keeps float32 there."""
-    if name == "auto" and device.type != "cuda":
-        return torch.float32
-    return resolve_dtype(name, device)
+def draws_on_cpu(dev):
+    """True where random draws are made on the CPU: torch.multinomial has open bugs on MPS."""
+    return dev.type == "mps"
 
 
-def draws_on_cpu(device):
-    """True where random draws are made on the CPU: torch.multinomial on MPS has open bugs
-    (pytorch#92752, #99802, #136623), and a 6,104-way draw costs nothing on the CPU."""
-    return device.type == "mps"
-
-
-def generator_device(device):
+def generator_device(dev):
     """Where the private generators of evaluation and samples live (see draws_on_cpu)."""
-    return torch.device("cpu") if draws_on_cpu(device) else device
+    return torch.device("cpu") if draws_on_cpu(dev) else dev
 
 
-def generation_attention(device):
-    """The attention kernels generation may use. On CUDA, cuDNN's attention is left out: it
-    prepares itself anew for every new key length, and the first 100-character sample on an
-    H100 took 8 s instead of under 1 s with the memory-efficient kernel."""
-    if device.type != "cuda":
+def generation_attention(dev):
+    """The attention kernels generation may use: on CUDA not cuDNN's, which prepares itself anew
+    for every key length and so makes the first sample slow."""
+    if dev.type != "cuda":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
@@ -931,167 +984,139 @@ def fork_rng(dev):
     return torch.random.fork_rng(devices=[dev.index or 0], device_type=dev.type)
 
 
-def time_pass(model, x, y, dt, dev, backward):
-    """Seconds of one forward pass (and backward when asked) under autocast to dt."""
+def time_step(model, x, y, dt, dev):
+    """Seconds of one forward and backward pass under autocast to dt."""
     sync(dev)
     t0 = time.perf_counter()
     with autocast(dev, dt):
-        if backward:
-            model(x, y)[1].backward()
-        else:
-            with torch.no_grad():
-                model(x, y)
+        model(x, y)[1].backward()
     sync(dev)
     return time.perf_counter() - t0
 
 
 def probe_dtypes(model, data, micro_batch, block_size, dev, dtypes, budget=3.0):
-    """Time training steps (forward and backward) in each of `dtypes` on this machine, and one
-    evaluation pass in the first. Returns (rows, {dtype: seconds a step}, seconds a pass),
-    measured on `rows` <= micro_batch sequences sized to stay within about `budget` seconds.
-    Random states, gradients and the model's mode are put back: the run stays reproducible."""
+    """Seconds of a training step (forward and backward) of micro_batch sequences in each of
+    `dtypes`, measured here within about `budget` seconds; a dtype over 1.5x slower than the best
+    is timed on a few tokens only. Random states, gradients and the model's mode are put back.
+    Returns ({dtype: seconds a step}, seconds of one evaluation batch of micro_batch sequences)."""
     was_training = model.training
     gen = torch.Generator(device=generator_device(dev)).manual_seed(0)
-    with fork_rng(dev):
-        model.train()
-        rows = min(micro_batch, max(1, 1024 // block_size))
-        x, y = get_batch(data, rows, block_size, gen)
-        time_pass(model, x, y, torch.float32, dev, True)  # the first pass also allocates: not timed
-        second = time_pass(model, x, y, torch.float32, dev, True)
-        rows = max(1, min(micro_batch, int(rows * budget / (8 * max(second, 1e-6)))))
-        x, y = get_batch(data, rows, block_size, gen)
-        steps = {dt: [] for dt in dtypes}
-        for round_ in range(3):  # the first round warms up each dtype; the best of the others counts
-            for dt in list(steps):
+    try:
+        with fork_rng(dev):
+            model.train()
+            # a scout on one short sequence: each dtype's first pass prepares its kernels
+            x, y = get_batch(data, 1, min(block_size, 64), gen)
+            scout = {}
+            for dt in dtypes:
                 try:
-                    steps[dt].append(time_pass(model, x, y, dt, dev, True))
+                    scout[dt] = min(time_step(model, x, y, dt, dev) for _ in range(2))
                 except RuntimeError:  # a device without this autocast dtype (older MPS)
                     if dt == torch.float32:
                         raise
-                    del steps[dt]
-                    model.zero_grad(set_to_none=True)
-        model.eval()
-        forward = time_pass(model, x, y, dtypes[0], dev, False)
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    return rows, {dt: min(t[1:]) for dt, t in steps.items()}, forward
+            best = min(scout.values())
+            dtypes = [dt for dt in scout if scout[dt] <= 1.5 * best]
+            # then rows sized so that every dtype left gets two passes within the budget
+            x, y = get_batch(data, 1, block_size, gen)
+            one = time_step(model, x, y, dtypes[0], dev)
+            rows = max(1, min(micro_batch, int(budget / (2 * len(dtypes) + 1) / max(one, 1e-6))))
+            x, y = get_batch(data, rows, block_size, gen)
+            steps = {dt: min(time_step(model, x, y, dt, dev) for _ in range(2)) for dt in dtypes}
+            model.eval()
+            fastest = min(steps, key=steps.get)
+            sync(dev)
+            t0 = time.perf_counter()
+            with torch.no_grad(), autocast(dev, fastest):
+                model(x, y)
+            sync(dev)
+            forward = time.perf_counter() - t0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    scale = micro_batch / rows
+    steps.update({dt: scout[dt] / scout[fastest] * steps[fastest] for dt in scout if dt not in steps})
+    return {dt: s * scale for dt, s in steps.items()}, forward * scale
 
 
-def pick_dtype(step_seconds):
-    """The dtype with the fastest measured step (float32 wins ties)."""
-    return min(step_seconds, key=lambda dt: (step_seconds[dt], dt != torch.float32))
-
-
-def choose_dtype(cfg, model, data, micro_batch, dev, world, start_iter=0):
-    """The autocast dtype of this run, chosen by measurement where the hardware decides.
-
-    On CUDA, auto is bfloat16 (float16 without it): bench.py measured it 7x the seed's code.
-    Elsewhere auto times float32 and bfloat16 here and keeps the faster: CPUs with the same
-    flags disagreed (1.6x faster on an AMD EPYC, 0.74x on an Intel Xeon). On a CPU the timing
-    also says how long the run will take, and a long run is announced before it starts."""
+def plan_run(cfg, model, data, micro_batch, dev, world, start_iter):
+    """The autocast dtype of this run. Off CUDA, auto is measured: CPUs with the same features
+    disagree on whether bfloat16 is faster. The timing also tells a long CPU run how long it takes."""
+    forced = None if cfg.dtype == "auto" else choose_dtype(cfg.dtype, dev)
     if dev.type == "cuda":
-        return resolve_dtype(cfg.dtype, dev)
-    forced = None if cfg.dtype == "auto" else resolve_dtype(cfg.dtype, dev)
+        return forced or choose_dtype("auto", dev)
     dtypes = [torch.float32] if forced == torch.float32 else [torch.float32, torch.bfloat16]
-    rows, steps, forward = probe_dtypes(model, data, micro_batch, cfg.block_size, dev, dtypes)
+    steps, forward = probe_dtypes(model, data, micro_batch, cfg.block_size, dev, dtypes)
     if world > 1:  # every process must train in the same dtype: decide on the mean timings
         means = all_mean([steps[dt] for dt in dtypes] + [forward], dev, world)
         steps, forward = dict(zip(dtypes, means[:-1])), means[-1]
-    chosen = forced or pick_dtype(steps)
-    if torch.bfloat16 in steps:
-        timing = (f"float32 {steps[torch.float32]:.3f}s, bfloat16 {steps[torch.bfloat16]:.3f}s a step "
-                  f"of {rows} x {cfg.block_size} tokens")
+    chosen = forced or choose_dtype("auto", dev, steps)
+    if len(steps) > 1:
+        timing = (f"float32 {steps[torch.float32]:.3f}s, bfloat16 {steps[torch.bfloat16]:.3f}s a step of "
+                  f"{micro_batch} x {cfg.block_size} tokens")
         if forced is None:
             say(f"dtype auto: {dtype_name(chosen)}, measured faster on this {dev.type} ({timing})")
         elif steps[torch.bfloat16] > steps[torch.float32]:
             say(f"note: bfloat16 is slower than float32 on this {dev.type} "
                 f"({steps[torch.float32] / steps[torch.bfloat16]:.2f}x: {timing}); --dtype=auto picks the faster")
-    seconds = estimate_run_seconds(cfg, rows, steps.get(chosen, steps[torch.float32]), forward, micro_batch,
-                                   world, start_iter)
+    evals = len(range(start_iter, cfg.max_iters, cfg.eval_interval)) + 1
+    seconds = (max(0, cfg.max_iters - start_iter) * steps[chosen] * cfg.grad_accum_steps
+               + evals * 2 * cfg.eval_iters * forward * (cfg.batch_size // world) / micro_batch)
     if dev.type == "cpu" and seconds > 1800:
         hint = "" if cfg.preset == "cpu" else "; python babygpt.py --preset=cpu trains a small model in about 10 minutes"
-        say(f"note: on this CPU this run needs about {format_duration(seconds)}{hint}")
+        say(f"note: on this CPU this run needs about {seconds / 3600:.1f} hours{hint}")
     return chosen
 
 
-def estimate_run_seconds(cfg, rows, step_seconds, forward_seconds, micro_batch, world, start_iter=0):
-    """The training and evaluation time of the run, scaled from probe timings on `rows` sequences."""
-    steps = max(0, cfg.max_iters - start_iter)
-    evals = len(range(start_iter, cfg.max_iters, cfg.eval_interval)) + 1
-    per_step = step_seconds * micro_batch / rows * cfg.grad_accum_steps
-    per_eval = 2 * cfg.eval_iters * forward_seconds * (cfg.batch_size // world) / rows
-    return steps * per_step + evals * per_eval
-
-
-def compile_plan(cfg, dev, world=1):
-    """How train() compiles the model: (scope, mode), or None to run it eagerly. The one place
-    that decides compilation and CUDA graphs.
-
-    scope model: one graph for the whole model. blocks: each Block, and the head with its loss,
-    on their own; the blocks share one graph, so it compiles in about half the time (14.6 s
-    against 25.5 s on an H200) but trains slower (1.0 against 1.4M tokens/sec without graphs).
-    (torch.compiler.nested_compile_region, which would compile one Block for all layers inside
-    the one graph, compiled 1.6x faster on a CPU but gave wrong gradients in torch 2.13.)
-    mode reduce-overhead replays each pass as a CUDA graph: on the H200 that trained at 2.4M
-    tokens/sec against 1.4M, and the cold 1,000-step run took 50.6 s against 54.8 s. Graphs
-    cannot accumulate gradients or run under DDP, so those runs use the default mode.
-    """
+def choose_compile_mode(cfg, dev, world):
+    """The torch.compile mode of this run, or None to run eagerly. reduce-overhead replays CUDA
+    graphs, which cannot accumulate gradients or run under DDP."""
     if not (str(cfg.compile).lower() == "true" or (cfg.compile == "auto" and dev.type == "cuda")):
         return None
-    scope = "model" if cfg.compile_scope == "auto" else cfg.compile_scope
-    one_pass = world == 1 and cfg.grad_accum_steps == 1
     mode = cfg.compile_mode
     if mode == "auto":
-        mode = "reduce-overhead" if dev.type == "cuda" and one_pass else "default"
+        mode = "reduce-overhead" if dev.type == "cuda" and world == 1 and cfg.grad_accum_steps == 1 else "default"
     if mode in GRAPH_MODES and world > 1:
         raise UserError(f"compile_mode={mode} replays CUDA graphs, which do not mix with DDP's "
                         f"gradient hooks; use compile_mode=default under torchrun")
-    return SimpleNamespace(scope=scope, mode=mode)
+    return mode
 
 
-def compile_model(model, cfg, dev, world=1):
-    """Compile `model` in place as compile_plan says; returns the plan (None: left eager).
-    Its state_dict keeps its names, and generate() still runs eagerly (it calls forward())."""
-    plan = compile_plan(cfg, dev, world)
-    if plan is None:
-        return None
-    import torch._dynamo as dynamo
-    dynamo.config.suppress_errors = True  # fall back to eager rather than crash
-    options = dict(mode=plan.mode, dynamic=False)  # evaluation's larger batches get graphs of their own
-    if plan.scope == "model":
-        model.compile(**options)
-    else:
-        for block in model.blocks:
-            block.compile(**options)
-        model.head = torch.compile(model.head, **options)  # an instance attribute shadows the method
-    return plan
+def compile_model(model, cfg, dev, world, clock, warm_up):
+    """torch.compile(model), compiled now by warm_up(compiled) as the compile phase; the model
+    itself stays eager (generation, state_dict). If compiling fails, a warning and `model`."""
+    mode = choose_compile_mode(cfg, dev, world)
+    if mode is None:
+        return model
+    compiled = torch.compile(model, mode=mode, dynamic=False)  # evaluation's batch shape gets its own graph
+    clock.phase("compile")
+    try:
+        warm_up(compiled)
+    except Exception as e:  # no C++ compiler or Triton, for example
+        warn(f"torch.compile failed ({first_line(e)}); training without it")
+        compiled = model
+    clock.phase("start-up")
+    return compiled
 
 
-def warm_up(s):
-    """Compile before the loop, so that compile time is not counted as training: one evaluation
-    pass per split and one training forward and backward, on batches of their own, with every
-    random state and the gradients put back."""
-    cfg = s.cfg
-    gen = torch.Generator(device=generator_device(s.dev)).manual_seed(0)
-    with fork_rng(s.dev):
-        n = s.eval_batches_per_pass
-        estimate_loss(s.model, s.data, s.eval_batch, cfg.block_size, n, gen, s.ctx, batches_per_pass=n)
-        if s.world == 1:  # under DDP a backward pass here would all-reduce out of turn
-            x, y = get_batch(s.data["train"], s.micro_batch, cfg.block_size, gen)
-            with s.ctx:
-                _, loss = s.model(x, y)
-            s.scaler.scale(loss).backward()
-            s.model.zero_grad(set_to_none=True)
-    sync(s.dev)
+def warm_up(model, data, cfg, micro_batch, eval_batch, passes, ctx, scaler, dev):
+    """The passes training will run (one evaluation pass per split, one training forward and
+    backward), on batches of their own, leaving every random state and the gradients as they were."""
+    gen = torch.Generator(device=generator_device(dev)).manual_seed(0)
+    with fork_rng(dev):
+        estimate_loss(model, data, eval_batch, cfg.block_size, passes, gen, ctx, batches_per_pass=passes)
+        x, y = get_batch(data["train"], micro_batch, cfg.block_size, gen)
+        with ctx:
+            _, loss = model(x, y)
+        scaler.scale(loss).backward()
+        model.zero_grad(set_to_none=True)
+    sync(dev)
 
 
-def eval_batches_per_pass(cfg, batch, vocab_size, dev):
-    """Evaluation batches that go through the model together. On CUDA: the largest divisor of
-    eval_iters within ~330k tokens and half of the free memory (an H100 evaluated 2 x 100
-    batches of 64 in 0.51 s in passes of 1,280 sequences, 0.68 s one batch at a time).
-    Elsewhere one: larger passes do not help a CPU, and its losses stay as they were."""
+def choose_eval_passes(cfg, world, vocab_size, dev):
+    """Evaluation batches that go through the model together: on CUDA the largest divisor of
+    eval_iters within ~330k tokens and half the free memory; elsewhere one (no gain on a CPU)."""
     if dev.type != "cuda":
         return 1
+    batch = cfg.batch_size // world
     free, _ = torch.cuda.mem_get_info(dev)
     tokens = min(20 * 64 * 256, free // 2 // (12 * vocab_size))  # bf16 and fp32 logits per token
     most = max(1, min(cfg.eval_iters, tokens // (batch * cfg.block_size)))
@@ -1099,255 +1124,44 @@ def eval_batches_per_pass(cfg, batch, vocab_size, dev):
 
 
 # -----------------------------------------------------------------------------
-# The training loop's plumbing: setup, evaluation, logging, checkpoints, time and signals
+# The training loop's plumbing: resume, time, progress, signals
 
-def setup_training(cfg, clock=None):
-    """Everything train() needs, in one object: processes, device, data, model, dtype,
-    optimizer, resumed state, compilation, wandb, the checkpoint writer and the clock."""
-    clock = clock or PhaseClock(time.time())
-    world = int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1  # torchrun sets both
-    if cfg.batch_size % (world * cfg.grad_accum_steps):
-        raise UserError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes "
-                        f"({world}) x grad_accum_steps ({cfg.grad_accum_steps})")
-    clock.note("python and imports")
-    rank, world, local_rank = setup_distributed(cfg)
-    dev = resolve_device(cfg.device, local_rank)
-    clock.dev = dev
-    if dev.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmuls left
-    if dev.type == "cpu":
-        use_huge_pages()
-    torch.manual_seed(cfg.seed + rank)  # each process draws different batches
-
-    # ---- data and model
-    if rank == 0:
-        check_output_paths(cfg)
-    text = prepare_corpus(cfg.data_path, local_rank, world)
-    tokenizer = Tokenizer(text)
-    check_generation(cfg, tokenizer, cfg.data_path)
-    data = split_data(encode_corpus(tokenizer, text), cfg.train_data_ratio, cfg.block_size, dev)
-    clock.note("data and device")  # on CUDA the first copy to the GPU also creates its context
-    model = make_model(cfg, tokenizer.vocab_size)
-    state = load_checkpoint(cfg.ckpt_path, cfg, tokenizer) if cfg.resume else None
-    if state is not None:
+def load_start(cfg, model, tokenizer):
+    """The checkpoint to resume from, with its weights loaded into model (--resume); or None,
+    after loading the weights of --init_from, if given."""
+    if cfg.resume:
+        state = load_file(cfg.ckpt_path, "checkpoint")
+        if not isinstance(state, dict) or "model" not in state or "iter_num" not in state:
+            raise UserError(f"checkpoint {cfg.ckpt_path} is not a babygpt training checkpoint")
+        if state.get("chars") != "".join(tokenizer.chars):
+            raise UserError(f"cannot resume from {cfg.ckpt_path}: its vocabulary differs from {cfg.data_path}; "
+                            f"resume with the data it was trained on")
+        hint = " ".join(state.get("argv", [])) or "the defaults"
+        check_shape(checkpoint_shape(state), model, f"cannot resume from {cfg.ckpt_path}",
+                    f"resume with the same shape (that run used: {hint})")
         model.load_state_dict(state["model"])
-    elif cfg.init_from:
+        return state
+    if cfg.init_from:
         load_weights(model, load_file(cfg.init_from, "init_from"), cfg.init_from)
-    model.to(dev)
-    micro_batch = cfg.batch_size // (world * cfg.grad_accum_steps)
-    start_iter = state["iter_num"] if state is not None else 0
-    amp = choose_dtype(cfg, model, data["train"], micro_batch, dev, world, start_iter)
-    s = SimpleNamespace(
-        cfg=cfg, rank=rank, world=world, local_rank=local_rank, dev=dev, clock=clock,
-        tokenizer=tokenizer, data=data, model=model, train_model=model, amp=amp, ctx=autocast(dev, amp),
-        optimizer=torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
-                                    weight_decay=cfg.weight_decay, fused=dev.type == "cuda"),
-        scaler=torch.amp.GradScaler(dev.type, enabled=amp == torch.float16),
-        micro_batch=micro_batch, eval_batch=cfg.batch_size // world,
-        tokens_per_step=cfg.batch_size * cfg.block_size,
-        eval_gen=torch.Generator(device=generator_device(dev)),
-        check_every_step=dev.type == "cpu" and world == 1,  # .item() is free on the CPU
-        tty=sys.stdout.isatty() and rank == 0, progress_shown=False,
-        start_iter=0, steps_done=0, best_val=float("inf"), evaluated=False, wandb_previous=None,
-        saver=BackgroundSaver(), speed=0.0, sample_rows=[], sample_seconds=0.0, samples_failed=False)
-    s.eval_batches_per_pass = eval_batches_per_pass(cfg, s.eval_batch, tokenizer.vocab_size, dev)
-    clock.note("model, dtype, optimizer")
-
-    # ---- resume
-    if state is not None:
-        restore_training_state(s, state)
-
-    # ---- compile, and meanwhile wandb (wandb.init mostly waits for its service process to start)
-    plan = compile_model(model, cfg, dev, world)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        s.train_model = DistributedDataParallel(model, device_ids=[local_rank] if dev.type == "cuda" else None)
-    # a daemon thread: a run stopped meanwhile exits without waiting for it (only rank 0 logs)
-    wandb_start = InBackground("wandb-start", clock.timed, "wandb.init", start_wandb, cfg, dev, amp,
-                               s.wandb_previous, s.start_iter, daemon=True) if rank == 0 else None
-    if plan is not None:
-        clock.phase("compile")
-        warm_up(s)
-        clock.phase("start-up")  # any wait for wandb below is start-up
-    s.run = wandb_start.result() if wandb_start else DummyWandb()
-    clock.start_loop()
-    return s
+    return None
 
 
-def restore_training_state(s, state):
-    """Continue from a checkpoint: optimizer, step, random state, wandb identity."""
-    s.optimizer.load_state_dict(state["optimizer"])
-    if "scaler" in state and s.scaler.is_enabled():
-        s.scaler.load_state_dict(state["scaler"])
-    if s.world == 1:
-        set_rng_state(state["rng"], s.dev)
+def resume_training(state, optimizer, scaler, cfg, dev, rank, world):
+    """Continue from a checkpoint: the optimizer, the random state. Returns (best val loss,
+    whether its step was evaluated, the wandb pieces so far)."""
+    optimizer.load_state_dict(state["optimizer"])
+    if "scaler" in state and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    if world == 1:
+        set_rng_state(state["rng"], dev)
     else:  # one saved state for all processes would make them draw the same batches
-        torch.manual_seed(s.cfg.seed + s.rank + 1_000_003 * state["iter_num"])
-    s.start_iter = s.steps_done = state["iter_num"]
-    s.best_val, s.evaluated = state["best_val_loss"], state.get("evaluated", False)
-    s.wandb_previous = {"id": state.get("wandb_id"), "group": state.get("wandb_group"),
-                        "dirs": state.get("wandb_offline_dirs", [])}
-    say(f"resuming from {s.cfg.ckpt_path} at step {s.start_iter}")
-    if s.start_iter >= s.cfg.max_iters:
-        say(f"note: the checkpoint already has {s.start_iter} steps; raise --max_iters to train more")
-
-
-def evaluate(s, it, stop):
-    """(train loss, val loss) at step `it`: the same batches on every run and resume,
-    averaged over all processes."""
-    s.clock.phase("checkpoints")
-    s.saver.wait()  # the previous checkpoint is on disk (or its failure is raised)
-    s.clock.phase("evaluation")
-    s.speed = s.clock.speed()
-    s.eval_gen.manual_seed(s.cfg.seed + 1_000_003 * (it + 1) + s.rank)
-    started = time.time()
-
-    def on_batch(done, total):
-        if s.world == 1 and stop.requested:  # several processes must reach the all-reduce together
-            raise Interrupted
-        if time.time() - started > 2.0:
-            show_progress(s, f"evaluating {done}/{total}")
-
-    losses = estimate_loss(s.model, s.data, s.eval_batch, s.cfg.block_size, s.cfg.eval_iters, s.eval_gen,
-                           s.ctx, on_batch, s.eval_batches_per_pass)
-    return all_mean([losses["train"], losses["val"]], s.dev, s.world)
-
-
-def log_evaluation(s, it, train_loss, val_loss):
-    """The seed's log line, the wandb metrics and, every sample_interval steps, samples."""
-    cfg = s.cfg
-    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-        raise_nonfinite(it, cfg)
-    clear_progress(s)
-    say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-        f"speed: {s.speed:.2f} tokens/sec, time: {format_time(time.time() - s.clock.loop_start)}")
-    s.best_val = min(s.best_val, val_loss)
-    metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": s.speed,
-               "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
-    first = not s.sample_rows
-    due = first or it % cfg.sample_interval == 0 or it == cfg.max_iters
-    if s.run.enabled and cfg.prompts and due and not s.samples_failed:
-        try:
-            metrics["samples"] = samples_table(s, it)
-        except Exception as e:
-            s.samples_failed = True
-            warn(f"wandb samples failed ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__}); "
-                 f"logging the metrics without them")
-    s.run = wandb_log(s.run, metrics)
-
-
-def samples_table(s, it):
-    """A wandb.Table of every sample generated so far in this run, with this step's added.
-    A private generator keeps the training's random numbers untouched."""
-    import wandb
-    t0 = time.time()
-    gen = torch.Generator(device=generator_device(s.dev)).manual_seed(s.cfg.seed + it)
-    with s.ctx:
-        texts = generate_texts(s.model, s.tokenizer, s.cfg.prompts, s.cfg, s.dev, gen)
-    s.sample_rows += [[it, p, t] for p, ts in zip(s.cfg.prompts, texts) for t in ts]
-    s.sample_seconds += time.time() - t0
-    return wandb.Table(columns=["iteration", "prompt", "text"], data=[list(r) for r in s.sample_rows])
-
-
-def save_checkpoint(s, iter_num, evaluated):
-    """Write ckpt_path in the background (first process only): all a resume needs."""
-    s.clock.phase("checkpoints")
-    if s.rank == 0:
-        cfg = s.cfg
-        s.saver.save({
-            "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
-            "scaler": s.scaler.state_dict(), "iter_num": iter_num, "evaluated": evaluated,
-            "best_val_loss": s.best_val, "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},
-            "argv": list(cfg._argv), "chars": "".join(s.tokenizer.chars), "rng": rng_state(s.dev),
-            "wandb_id": s.run.id, "wandb_group": s.run.group, "wandb_offline_dirs": s.run.offline_dirs,
-        }, cfg.ckpt_path)
-    s.clock.last_checkpoint = time.time()
-
-
-def show_progress(s, text, eta_steps=None):
-    """Redraw one status line on a terminal, at most once a second."""
-    now = time.time()
-    if not s.tty or now - s.clock.last_progress <= 1.0:
-        return
-    s.clock.last_progress = now
-    if eta_steps is not None:
-        rate = s.clock.tokens / max(now - s.clock.mark, 1e-9)
-        eta = eta_steps * s.tokens_per_step / max(rate, 1e-9)
-        text += f", {rate:,.0f} tokens/sec, ETA {format_time(eta)}"
-    print(f"\r\033[K  {text}", end="", flush=True)
-    s.progress_shown = True
-
-
-def clear_progress(s):
-    if s.tty:
-        print("\r\033[K", end="")
-
-
-class PhaseClock:
-    """Splits the wall time since `start` into phases: every second belongs to exactly one.
-    Also the loop's clocks: the log's time, its speed, the progress line and checkpoints."""
-
-    PHASES = ("start-up", "compile", "training", "evaluation", "checkpoints", "generation and saving")
-
-    def __init__(self, start):
-        self.start, self.since, self.current = start, start, "start-up"
-        self.seconds = dict.fromkeys(self.PHASES, 0.0)
-        self.notes, self.noted = {}, start  # start-up's steps, for BABYGPT_DETAIL=1
-        self.dev = torch.device("cpu")
-        self.loop_start = self.mark = self.last_checkpoint = self.last_progress = time.time()
-        self.tokens = 0  # trained since the last evaluation
-
-    def phase(self, name):
-        """From now on, time counts as `name` (after the device has finished its queued work)."""
-        if name == self.current:
-            return
-        sync(self.dev)
-        now = time.time()
-        self.seconds[self.current] += now - self.since
-        self.current, self.since = name, now
-
-    def note(self, step):
-        """Start-up's `step` took the time since the previous note."""
-        now = time.time()
-        self.notes[step], self.noted = now - self.noted, now
-
-    def timed(self, step, fn, *args):
-        """fn(*args), noting how long it took as `step` (for work done alongside other work)."""
-        t0 = time.time()
-        try:
-            return fn(*args)
-        finally:
-            self.notes[step] = time.time() - t0
-
-    def start_loop(self):
-        self.loop_start = self.mark = self.last_progress = time.time()
-        self.last_checkpoint = -math.inf  # the first evaluation always writes one
-
-    def speed(self):
-        """Tokens per second trained since the last evaluation."""
-        return self.tokens / (time.time() - self.mark) if self.tokens else 0.0
-
-    def restart_speed(self):
-        self.mark, self.tokens = time.time(), 0
-
-    def since_checkpoint(self):
-        return time.time() - self.last_checkpoint
-
-    def figures(self):
-        """{phase: seconds} up to now, and the total."""
-        now = time.time()
-        seconds = dict(self.seconds)
-        seconds[self.current] += now - self.since
-        return seconds, now - self.start
-
-    def summary(self):
-        seconds, total = self.figures()
-        return f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
-
-    def detail(self, sample_seconds):
-        """The start-up's steps and the samples' share of evaluation, on one line."""
-        return "detail: " + ", ".join([f"{k} {v:.1f}s" for k, v in self.notes.items()]
-                                      + [f"samples {sample_seconds:.1f}s (in evaluation)"])
+        torch.manual_seed(cfg.seed + rank + 1_000_003 * state["iter_num"])
+    say(f"resuming from {cfg.ckpt_path} at step {state['iter_num']}")
+    if state["iter_num"] >= cfg.max_iters:
+        say(f"note: the checkpoint already has {state['iter_num']} steps; raise --max_iters to train more")
+    pieces = {"id": state.get("wandb_id"), "group": state.get("wandb_group"),
+              "dirs": state.get("wandb_offline_dirs") or []}
+    return state["best_val_loss"], state.get("evaluated", False), pieces
 
 
 def process_start_time():
@@ -1362,15 +1176,73 @@ def process_start_time():
         return time.time()
 
 
-class StopRequests:
-    """Within `with`: the first Ctrl-C or SIGTERM asks the loop to stop after the current step
-    (it saves a checkpoint); the second quits at once. The old handlers come back at the end."""
+class PhaseClock:
+    """Splits the wall time since `start` (the process's start) into phases: each second goes to
+    exactly one."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    PHASES = ("start-up", "compile", "training", "evaluation", "checkpoints", "generation and saving")
+
+    def __init__(self, start=None):
+        self.start = self.since = process_start_time() if start is None else start
+        self.current, self.seconds = "start-up", dict.fromkeys(self.PHASES, 0.0)
+        self.dev, self.loop_start = torch.device("cpu"), time.time()
+
+    def phase(self, name):
+        """From now on, time counts as `name` (once the device has finished its queued work)."""
+        if name != self.current:
+            sync(self.dev)
+            now = time.time()
+            self.seconds[self.current] += now - self.since
+            self.current, self.since = name, now
+
+    def start_loop(self):
+        self.loop_start = time.time()
+
+    def loop_seconds(self):
+        return time.time() - self.loop_start
+
+    def figures(self):
+        """({phase: seconds} up to now, the total)."""
+        now = time.time()
+        seconds = dict(self.seconds)
+        seconds[self.current] += now - self.since
+        return seconds, now - self.start
+
+    def summary(self):
+        seconds, total = self.figures()
+        return f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
+
+
+class Progress:
+    """One status line on a terminal, redrawn in place at most once a second."""
+
+    def __init__(self, main_process):
+        self.on, self.last = main_process and sys.stdout.isatty(), 0.0
+
+    def show(self, text):
+        if self.on and time.time() - self.last > 1.0:
+            self.last = time.time()
+            print(f"\r\033[K  {text}", end="", flush=True)
+
+    def show_step(self, done, cfg, rate):
+        eta = (cfg.max_iters - done) * cfg.batch_size * cfg.block_size / max(rate, 1e-9)
+        self.show(f"step {done}/{cfg.max_iters}, {rate:,.0f} tokens/sec, ETA {format_time(eta)}")
+
+    def clear(self):
+        if self.on:
+            print("\r\033[K", end="")
+
+
+class StopRequests:
+    """Ctrl-C and SIGTERM within `with`. When graceful, the first asks the training loop to stop
+    after the current step (it saves a checkpoint) and the second quits at once; otherwise each
+    one quits at once, as KeyboardInterrupt. The old handlers come back at the end."""
+
+    def __init__(self, graceful=True):
+        self.graceful, self.requested = graceful, False
 
     def __enter__(self):
-        self.requested = False
-        self.old = {sig: signal.signal(sig, self.on_signal) for sig in self.SIGNALS}
+        self.old = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
@@ -1378,7 +1250,7 @@ class StopRequests:
             signal.signal(sig, handler)
 
     def on_signal(self, signum, frame):
-        if self.requested:
+        if self.requested or not self.graceful:
             raise KeyboardInterrupt
         self.requested = True
         if is_main_process():
@@ -1386,8 +1258,7 @@ class StopRequests:
                   file=sys.stderr, flush=True)
 
     def agreed(self, it, world, dev):
-        """Whether to stop before step `it`; under torchrun every process must agree, so they
-        compare notes every 10 steps."""
+        """Whether to stop before step `it`; under torchrun the processes compare notes every 10 steps."""
         if world == 1:
             return self.requested
         if it % 10:
@@ -1397,35 +1268,46 @@ class StopRequests:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
+    def evaluation_callback(self, world, progress):
+        """estimate_loss's on_batch: stop mid-evaluation when asked (one process only: several must
+        reach the all-reduce together), and show progress when evaluation takes a while."""
+        started = time.time()
 
-def on_terminate(signum, frame):
-    """SIGTERM outside the training loop unwinds like Ctrl-C, so a file being saved is cleaned up."""
-    raise KeyboardInterrupt
+        def on_batch(done, total):
+            if world == 1 and self.requested:
+                raise Interrupted
+            if time.time() - started > 2.0:
+                progress.show(f"evaluating {done}/{total}")
+        return on_batch
 
 
-def finish(s):
-    """Close wandb (with the time figures in its summary) and the process group; then print
+def finish(run, clock, world):
+    """Close wandb (with the phase figures in its summary) and the process group; then print
     where the run's time went."""
-    seconds, total = s.clock.figures()
+    seconds, total = clock.figures()
     try:
-        s.run.summary.update({**{f"time/{k}": v for k, v in seconds.items()}, "time/total": total,
-                              "time/samples": s.sample_seconds})
-        s.run.finish()
+        run.summary.update({**{f"time/{k}": v for k, v in seconds.items()}, "time/total": total})
+        run.finish()
     except Exception as e:
-        warn(f"wandb could not finish the run ({e})")
-    if s.world > 1:
+        warn(f"wandb could not finish the run ({first_line(e)})")
+    if world > 1:
         import torch.distributed as dist
         try:
-            dist.barrier()  # let the first process finish generating and saving before teardown
+            dist.barrier()  # the first process finishes generating and saving before teardown
         finally:
             dist.destroy_process_group()
-    say(s.clock.summary())
-    if os.environ.get("BABYGPT_DETAIL") == "1":
-        say(s.clock.detail(s.sample_seconds))
+    say(clock.summary())
 
 
-def resume_command(cfg):
-    return " ".join([a for a in cfg._argv if not a.startswith("--resume=")] + ["--resume=True"])
+def resume_command(cfg, world):
+    """The command that continues this run, as a user types it."""
+    script = os.path.relpath(os.path.abspath(__file__))
+    script = os.path.abspath(script) if script.startswith("..") else script
+    if world == 1:
+        launcher = f"python {script}"
+    else:
+        launcher = f"torchrun --standalone --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)} {script}"
+    return " ".join([launcher] + [a for a in cfg._argv if not a.startswith("--resume=")] + ["--resume=true"])
 
 
 def raise_nonfinite(it, cfg):
@@ -1448,7 +1330,7 @@ def check_output_paths(cfg):
             raise UserError(f"cannot write --{name}={path}: it is a directory")
 
 
-def check_generation(cfg, tokenizer, source):
+def check_prompts(cfg, tokenizer, source):
     """Prompts and top_k must fit the vocabulary: checked before any training."""
     if cfg.top_k > tokenizer.vocab_size:
         raise UserError(f"top_k ({cfg.top_k}) is larger than the vocabulary of {source} "
@@ -1460,34 +1342,15 @@ def check_generation(cfg, tokenizer, source):
                             f"{''.join(bad)}; change the prompt (--prompts=春江,往事)")
 
 
-def load_checkpoint(path, cfg, tokenizer):
-    """The training state in ckpt_path, checked against the current data and shape."""
-    state = load_file(path, "checkpoint")
-    if not isinstance(state, dict) or "model" not in state or "iter_num" not in state:
-        raise UserError(f"checkpoint {path} is not a babygpt training checkpoint")
-    saved = state.get("config", {})
-    diffs = [f"{k}={saved[k]} (now {getattr(cfg, k)})" for k in SHAPE_KEYS
-             if k in saved and saved[k] != getattr(cfg, k)]
-    if diffs:
-        hint = " ".join(state.get("argv", [])) or "the defaults"
-        raise UserError(f"cannot resume from {path}: it was trained with {', '.join(diffs)}; "
-                        f"resume with the same shape (that run used: {hint})")
-    if state.get("chars") != "".join(tokenizer.chars):
-        raise UserError(f"cannot resume from {path}: its vocabulary differs from {cfg.data_path}; "
-                        f"resume with the data it was trained on")
-    return state
-
-
 def load_for_sampling(cfg, dev):
-    """(model, tokenizer, source) from ckpt_path if present, else save_path + data_path."""
+    """(model, tokenizer, source) from ckpt_path if present, else from save_path and the
+    vocabulary of data_path; the model takes its shape from the file."""
     if os.path.exists(cfg.ckpt_path):
         state = load_file(cfg.ckpt_path, "checkpoint")
         if not isinstance(state, dict) or "model" not in state or "chars" not in state:
             raise UserError(f"checkpoint {cfg.ckpt_path} is not a babygpt checkpoint")
-        saved = SimpleNamespace(**{**vars(cfg), **{k: state["config"][k] for k in SHAPE_KEYS}})
         tokenizer = Tokenizer(state["chars"])
-        model = make_model(saved, tokenizer.vocab_size)
-        load_weights(model, state["model"], cfg.ckpt_path)
+        shape, sd = checkpoint_shape(state), state["model"]
         source = f"{cfg.ckpt_path} (step {state['iter_num']})"
     elif os.path.exists(cfg.save_path):
         sd = load_file(cfg.save_path, "model file")
@@ -1495,24 +1358,23 @@ def load_for_sampling(cfg, dev):
             raise UserError(f"{cfg.save_path} needs the vocabulary of the text it was trained on, "
                             f"but {cfg.data_path} is missing; pass it with --data_path=FILE")
         tokenizer = Tokenizer(load_corpus(cfg.data_path))
-        model = make_model(cfg, tokenizer.vocab_size)
-        load_weights(model, sd, cfg.save_path)
-        source = cfg.save_path
+        shape, source = {"n_head": cfg.n_head, **state_dict_shape(sd, cfg.save_path)}, cfg.save_path
+        if shape["vocab_size"] != tokenizer.vocab_size:
+            raise UserError(f"{cfg.save_path} has a vocabulary of {shape['vocab_size']} characters, but "
+                            f"{cfg.data_path} has {tokenizer.vocab_size}; pass the text it was trained on "
+                            f"with --data_path=FILE")
     else:
         raise UserError(f"no model to sample from: neither {cfg.ckpt_path} nor {cfg.save_path} "
                         f"exists; train one first with: python babygpt.py")
+    model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
+    load_weights(model, sd, source.split(" ")[0])
     return model.to(dev).eval(), tokenizer, source
 
 
 # -----------------------------------------------------------------------------
-# Weights and checkpoints: atomic writes, a background writer, both state_dict layouts
+# Weights and checkpoints: atomic writes, both state_dict layouts, shape checks
 
-SHAPE_KEYS = ("block_size", "n_embed", "n_head", "n_layer")
-
-
-def make_model(cfg, vocab_size):
-    return BabyGPT(vocab_size, block_size=cfg.block_size, n_embed=cfg.n_embed, n_head=cfg.n_head,
-                   n_layer=cfg.n_layer, dropout=cfg.dropout)
+SHAPE_KEYS = ("vocab_size", "block_size", "n_embed", "n_head", "n_layer")
 
 
 def upgrade_state_dict(state_dict):
@@ -1535,9 +1397,8 @@ def upgrade_state_dict(state_dict):
 
 
 def seed_state_dict(state_dict, n_head, block_size):
-    """Our state_dict in the seed's layout, so that the seed's own classes load model.pth with a
-    strict load_state_dict: per-head key/query/value weights, each head's tril buffer, and the
-    seed's spelling `postion_embedding_table`."""
+    """Our state_dict in the seed's layout, which the seed's own classes load strictly: per-head
+    key/query/value weights, each head's tril buffer, and the spelling `postion_embedding_table`."""
     tril = torch.tril(torch.ones(block_size, block_size))  # one tensor shared by every head's key
     out = {}
     for key, value in state_dict.items():
@@ -1552,6 +1413,49 @@ def seed_state_dict(state_dict, n_head, block_size):
             out.update({prefix + "key.weight": k[h].clone(), prefix + "query.weight": q[h].clone(),
                         prefix + "value.weight": v[h].clone()})
     return out
+
+
+def state_dict_shape(sd, path):
+    """The shape settings a state_dict (either layout) was trained with; n_head only where the
+    seed's layout records it (as heads.N)."""
+    if not isinstance(sd, dict) or not any(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"{path} holds no model weights")
+    heads = {m[1] for k in sd for m in [re.match(r"(?:module\.|_orig_mod\.)*blocks\.0\.sa\.heads\.(\d+)\.", k)] if m}
+    ours = upgrade_state_dict(sd)
+    try:
+        vocab_size, n_embed = ours["token_embedding_table.weight"].shape
+        shape = {"vocab_size": vocab_size, "n_embed": n_embed,
+                 "block_size": ours["position_embedding_table.weight"].shape[0],
+                 "n_layer": len({k.split(".")[1] for k in ours if k.startswith("blocks.")})}
+    except (KeyError, ValueError, AttributeError):
+        raise UserError(f"{path} does not hold babygpt weights") from None
+    return {**shape, "n_head": len(heads)} if heads else shape
+
+
+def checkpoint_shape(state):
+    """The shape of a ckpt.pt: its weights, and n_head from its settings."""
+    shape = state_dict_shape(state["model"], "checkpoint")
+    return {**shape, "n_head": state.get("config", {}).get("n_head", shape.get("n_head"))}
+
+
+def check_shape(found, model, what, fix):
+    """A one-line error naming every shape setting in `found` that `model` does not have."""
+    here = {"vocab_size": model.token_embedding_table.num_embeddings, "block_size": model.block_size,
+            "n_embed": model.token_embedding_table.embedding_dim, "n_head": model.blocks[0].sa.n_head,
+            "n_layer": len(model.blocks)}
+    diffs = [f"{k}={found[k]} (here {here[k]})" for k in SHAPE_KEYS if found.get(k) not in (None, here[k])]
+    if diffs:
+        raise UserError(f"{what}: it was trained with {', '.join(diffs)}; {fix}")
+
+
+def load_weights(model, sd, path):
+    """Load a state_dict (ours or the seed's) into model, or say in one line why it does not fit."""
+    check_shape(state_dict_shape(sd, path), model, f"{path} does not fit this model",
+                "use the data and shape settings it was trained with")
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit this model: {first_line(e)}") from None
 
 
 def save_atomic(obj, path):
@@ -1585,12 +1489,7 @@ def write_atomic(path, write):
             raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}{full}); "
                             f"the previous file, if any, is unchanged") from None
         raise
-    fsync_folder(folder)
-
-
-def fsync_folder(folder):
-    """Make a rename in `folder` durable (where the system allows it)."""
-    try:
+    try:  # make the rename durable where the system allows it
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -1598,66 +1497,6 @@ def fsync_folder(folder):
             os.close(dir_fd)
     except OSError:
         pass
-
-
-def cpu_copy(obj):
-    """obj with every tensor copied to the CPU: a snapshot that training cannot change."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return obj
-
-
-class InBackground:
-    """fn(*args) in a thread of its own. result() waits for it and returns its value or raises
-    its error; join() only waits. The process waits for the thread at exit unless daemon."""
-
-    def __init__(self, name, fn, *args, daemon=False):
-        self.value = self.error = None
-
-        def run():
-            try:
-                self.value = fn(*args)
-            except BaseException as e:  # handed to the thread that asks for the result
-                self.error = e
-
-        self.thread = threading.Thread(target=run, name=name, daemon=daemon)
-        self.thread.start()
-
-    def join(self):
-        self.thread.join()
-
-    def result(self):
-        self.join()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
-class BackgroundSaver:
-    """save_atomic in a thread, one file at a time, so training does not wait for the disk.
-    A failed write is raised by the next save() or by wait()."""
-
-    def __init__(self):
-        self.pending = None
-
-    def save(self, obj, path):
-        self.wait()
-        self.pending = InBackground("checkpoint-writer", save_atomic, cpu_copy(obj), path)
-
-    def join(self):
-        """Wait for the write in progress, if any, without raising its failure."""
-        if self.pending is not None:
-            self.pending.join()
-
-    def wait(self):
-        """Wait for the write in progress; raise its failure, if any."""
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            pending.result()
 
 
 def load_file(path, what):
@@ -1669,51 +1508,18 @@ def load_file(path, what):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, another format, or pickled code we refuse to run
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise UserError(f"{what} {path} is not a readable babygpt checkpoint "
-                        f"(truncated or another format: {reason})") from None
+                        f"(truncated or another format: {first_line(e)})") from None
 
 
-def describe_state_dict(sd):
-    """The shape constants a state_dict implies, for error messages."""
-    sd = upgrade_state_dict(sd)
-    info = {}
-    if "token_embedding_table.weight" in sd:
-        info["vocab_size"], info["n_embed"] = sd["token_embedding_table.weight"].shape
-    if "position_embedding_table.weight" in sd:
-        info["block_size"] = sd["position_embedding_table.weight"].shape[0]
-    layers = {int(m[1]) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
-    info["n_layer"] = len(layers)
-    return info
+def rng_state(dev):
+    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {})}
 
 
-def load_weights(model, sd, path):
-    """Load a state_dict (ours or the seed's), naming any shape mismatch in one line."""
-    if not isinstance(sd, dict) or not any(torch.is_tensor(v) for v in sd.values()):
-        raise UserError(f"{path} holds no model weights")
-    expected = describe_state_dict(model.state_dict())
-    found = describe_state_dict(sd)
-    diffs = [f"{k}={found.get(k)} (here {v})" for k, v in expected.items() if found.get(k) != v]
-    if diffs:
-        raise UserError(f"{path} does not fit this model: it has {', '.join(diffs)}; "
-                        f"use the data and shape constants it was trained with")
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit this model: {str(e).splitlines()[0][:200]}") from None
-
-
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
+def set_rng_state(state, dev):
     torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    if dev.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], dev)
 
 
 # -----------------------------------------------------------------------------
@@ -1721,9 +1527,6 @@ def set_rng_state(state, device):
 
 class DummyWandb:
     """Stands in for a wandb run when logging is off or has failed: every call does nothing."""
-    enabled = False
-    id = group = None
-    offline_dirs = []
 
     def __init__(self):
         self.summary = {}
@@ -1733,21 +1536,6 @@ class DummyWandb:
 
     def finish(self):
         pass
-
-
-class WandbRun:
-    """A live wandb run, and what a later piece of the same training needs to know of it."""
-    enabled = True
-
-    def __init__(self, run, group, offline_dirs):
-        self.run, self.id, self.group, self.offline_dirs = run, run.id, group, offline_dirs
-        self.summary = run.summary
-
-    def log(self, metrics):
-        self.run.log(metrics)  # never step=: wandb drops rows whose step goes back after a resume
-
-    def finish(self):
-        self.run.finish()
 
 
 def wandb_logged_in():
@@ -1761,42 +1549,38 @@ def wandb_logged_in():
         return False
 
 
-def wandb_mode_for(cfg):
+def choose_wandb_mode(cfg):
     """online, offline or None (no wandb), from wandb_mode, WANDB_MODE and the login."""
     mode = cfg.wandb_mode
     if mode == "auto" and os.environ.get("WANDB_MODE"):
         mode = {"dryrun": "offline", "run": "online"}.get(os.environ["WANDB_MODE"], os.environ["WANDB_MODE"])
     if mode not in ("auto", "online", "offline"):
         return None
-    if mode == "auto":
-        mode = "online" if wandb_logged_in() else "offline"
-    return mode
+    return ("online" if wandb_logged_in() else "offline") if mode == "auto" else mode
 
 
-def start_wandb(cfg, dev, amp, previous=None, start_iter=0):
-    """A WandbRun, or DummyWandb when disabled or unavailable (a warning says why).
-
-    previous: {id, group, dirs} of the earlier pieces of this training, from the checkpoint.
-    Online, a resumed training continues the same run. Offline runs cannot be resumed (two
-    pieces with one id overwrite each other when synced), so each piece is a new run in the
-    group named after the first piece's id."""
-    mode = wandb_mode_for(cfg)
+def start_wandb(cfg, dev, amp, pieces, start_iter):
+    """(run, pieces): a wandb run (DummyWandb when off or unavailable, with a warning saying why),
+    and {id, group, dirs} of every piece of this training so far, for the checkpoint.
+    Online, a resumed training continues its run. Offline runs cannot be resumed (two pieces with
+    one id overwrite each other when synced), so each piece is a new run in the group named after
+    the first piece's id."""
+    mode = choose_wandb_mode(cfg)
     if mode is None:
-        return DummyWandb()
+        return DummyWandb(), pieces
     try:
         import wandb
     except ImportError:
         warn("wandb is not installed; metrics are printed only (pip install wandb)")
-        return DummyWandb()
-    previous = previous or {}
+        return DummyWandb(), pieces
     timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", 30))  # then fall back to offline
     settings = wandb.Settings(silent=True, console="off", init_timeout=timeout)
     name = f"{cfg.n_layer}L-{cfg.n_embed} {os.path.basename(cfg.data_path)} {dev.type}"
-    last_id = previous.get("id")
-    last_was_online = last_id and not any(d.endswith("-" + last_id) for d in previous.get("dirs") or [])
+    last_id, dirs = pieces.get("id"), list(pieces.get("dirs") or [])
+    last_was_online = last_id and not any(d.endswith("-" + last_id) for d in dirs)
     for attempt in [mode] + (["offline"] if mode == "online" else []):
         run_id = last_id if attempt == "online" and last_was_online else secrets.token_hex(4)
-        group = previous.get("group") or previous.get("id") or run_id
+        group = pieces.get("group") or last_id or run_id
         resumed = start_iter > 0 and run_id != last_id
         try:
             run = wandb.init(project=cfg.wandb_project, config={k: getattr(cfg, k) for k in CONFIG_KEYS},
@@ -1805,17 +1589,16 @@ def start_wandb(cfg, dev, amp, previous=None, start_iter=0):
                              tags=[dev.type, dtype_name(amp)], save_code=True, settings=settings)
             break
         except Exception as e:
-            warn(f"wandb {attempt} failed ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})"
+            warn(f"wandb {attempt} failed ({first_line(e)})"
                  + ("; logging offline instead" if attempt == "online" else "; metrics are printed only"))
     else:
-        return DummyWandb()
+        return DummyWandb(), pieces
     try:
         run.define_metric("iteration")
         run.define_metric("*", step_metric="iteration")  # every chart's x-axis is the training step
         run.define_metric("val_loss", step_metric="iteration", summary="min")
     except Exception as e:
-        warn(f"wandb could not set the charts' x-axis ({e})")
-    dirs = list(previous.get("dirs") or [])
+        warn(f"wandb could not set the charts' x-axis ({first_line(e)})")
     if attempt == "offline":
         folder = os.path.relpath(os.path.dirname(run.dir.rstrip("/")))
         dirs.append(folder)
@@ -1823,47 +1606,39 @@ def start_wandb(cfg, dev, amp, previous=None, start_iter=0):
             f"upload {'every piece of this training' if len(dirs) > 1 else 'it'} later with: wandb sync {' '.join(dirs)}")
     else:
         say(f"wandb: {run.url}")
-    return WandbRun(run, group, dirs)
+    return run, {"id": run.id, "group": group, "dirs": dirs}
 
 
 def wandb_log(run, metrics):
-    """run.log(metrics); on failure, a warning and a DummyWandb from then on."""
+    """run.log(metrics) (never with step=: wandb drops rows whose step goes back after a resume);
+    on failure, a warning and a DummyWandb from then on."""
     try:
         run.log(metrics)
         return run
     except Exception as e:
-        warn(f"wandb logging failed ({e}); continuing without it")
+        warn(f"wandb logging failed ({first_line(e)}); continuing without it")
         return DummyWandb()
 
 
-# -----------------------------------------------------------------------------
-# Distributed training (torchrun)
-
-def setup_distributed(cfg):
-    """(rank, world_size, local_rank); world_size 1 without torchrun."""
-    if "RANK" not in os.environ:
-        return 0, 1, None
-    import torch.distributed as dist
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"process {local_rank} has no GPU: this machine has "
-                            f"{torch.cuda.device_count()}; lower --nproc_per_node")
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return rank, world, local_rank
-
-
-def all_mean(values, device, world):
-    """Average a list of floats over all processes."""
-    if world == 1:
-        return values
-    import torch.distributed as dist
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / world).tolist()
+def add_samples(metrics, samples, run, model, tokenizer, cfg, dev, ctx, it):
+    """At the first evaluation, every sample_interval steps and the last, generate from the prompts
+    (with a generator of its own, so training is unchanged) and put the table of every sample so
+    far in metrics["samples"]. Returns the rows, or None once this failed (after a warning)."""
+    first, last = not samples, it == cfg.max_iters
+    if isinstance(run, DummyWandb) or samples is None or not cfg.prompts or \
+            not (first or last or it % cfg.sample_interval == 0):
+        return samples
+    try:
+        import wandb
+        gen = torch.Generator(device=generator_device(dev)).manual_seed(cfg.seed + it)
+        with ctx:
+            texts = generate_texts(model, tokenizer, cfg.prompts, cfg, dev, gen)
+        samples = samples + [[it, p, t] for p, ts in zip(cfg.prompts, texts) for t in ts]
+        metrics["samples"] = wandb.Table(columns=["iteration", "prompt", "text"], data=[list(r) for r in samples])
+        return samples
+    except Exception as e:
+        warn(f"wandb samples failed ({first_line(e)}); logging the metrics without them")
+        return None
 
 
 if __name__ == "__main__":

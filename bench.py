@@ -4,7 +4,7 @@ Measure babygpt against the seed's code on this machine, side by side in one run
     python bench.py                      # sizes chosen for the device
     python bench.py --batch_size=16 --steps=10
     python bench.py --shapes=preset      # on a CPU: only the shape of --preset=cpu
-    python bench.py --only=fast --compile_scope=model --compile_mode=default --profile
+    python bench.py --only=fast --compile_mode=default --profile
 
 Prints one line per measurement, the ratios last:
   train   tokens/sec of babygpt's fast path and of the seed's per-head fp32 model with its
@@ -18,7 +18,7 @@ Shapes: on a GPU the full default configuration (the seed's shape, batch 64). On
 the seed's shape with batch 8 and dropout 0.2, and the shape of --preset=cpu (its layers, width,
 context, batch, dropout and dtype); --n_layer and the like change the seed's shape.
 The fast path does what babygpt.train does: on a GPU bfloat16 autocast and torch.compile as
-compile_plan says (--compile_scope, --compile_mode); on a CPU with dtype auto it times float32
+choose_compile_mode says (--compile_mode); on a CPU with dtype auto it times float32
 and bfloat16 steps (probe_dtypes) and trains in the faster, reported with the ratio.
 Each measurement runs in a process of its own, so its peak memory is its own.
 Data are random tokens over the real corpus's vocabulary size: speed does not depend on them.
@@ -67,8 +67,7 @@ def shape_list(text):
 
 
 def compile_cfg(args):
-    return SimpleNamespace(compile="auto", compile_scope=args.compile_scope,
-                           compile_mode=args.compile_mode, grad_accum_steps=1)
+    return SimpleNamespace(compile="auto", compile_mode=args.compile_mode, grad_accum_steps=1)
 
 
 def flops_per_token(shape):
@@ -92,15 +91,13 @@ def fast_dtype(model, data, shape, dev):
     """The autocast dtype babygpt.train would pick, and the probe's timings where it measured:
     off CUDA, dtype auto times float32 and bfloat16 steps and keeps the faster."""
     if shape.dtype != "auto" or dev.type == "cuda":
-        return babygpt.resolve_dtype(shape.dtype, dev), None
-    rows, steps, _ = babygpt.probe_dtypes(model, data, shape.batch_size, shape.block_size, dev,
-                                          [torch.float32, torch.bfloat16])
-    return babygpt.pick_dtype(steps), {"rows": rows, **{babygpt.dtype_name(d): s for d, s in steps.items()}}
+        return babygpt.choose_dtype(shape.dtype, dev), None
+    steps, _ = babygpt.probe_dtypes(model, data, shape.batch_size, shape.block_size, dev,
+                                    [torch.float32, torch.bfloat16])
+    return babygpt.choose_dtype("auto", dev, steps), {babygpt.dtype_name(d): s for d, s in steps.items()}
 
 
 def measure_train(kind, shape, args, dev):
-    if kind == "fast" and dev.type == "cpu":
-        babygpt.use_huge_pages()  # as train() does on a CPU; the seed's side runs without
     data = torch.randint(VOCAB, (1_000_000,), device=dev)
     model = build(kind, shape, dev)
     B, T = shape.batch_size, shape.block_size
@@ -127,11 +124,11 @@ def measure_train(kind, shape, args, dev):
         ctx = babygpt.autocast(dev, amp)
         if dev.type == "cuda":
             torch.set_float32_matmul_precision("high")
-        babygpt.compile_model(model, compile_cfg(args), dev)
+        model = babygpt.compile_model(model, compile_cfg(args), dev, 1, babygpt.PhaseClock(), lambda m: None)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=dev.type == "cuda")
         scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-        per_pass = babygpt.eval_batches_per_pass(SimpleNamespace(eval_iters=args.eval_iters, block_size=T),
-                                                 B, VOCAB, dev)
+        per_pass = babygpt.choose_eval_passes(SimpleNamespace(eval_iters=args.eval_iters, block_size=T,
+                                                              batch_size=B), 1, VOCAB, dev)
 
         def step():
             babygpt.train_step(model, optimizer, [babygpt.get_batch(data, B, T)], ctx, scaler)
@@ -205,11 +202,11 @@ def measure_sample(shape, args, dev):
     idx = torch.tensor([tokenizer.encode(p) for p in prompts], device=dev)
     out = {"seed": timed(lambda: seed_model.generate(idx, args.new_tokens))}
     out["fp32"] = timed(lambda: babygpt.generate_texts(model, tokenizer, prompts, cfg, dev))
-    half = babygpt.resolve_dtype("auto", dev) if dev.type == "cuda" else torch.bfloat16
+    half = babygpt.choose_dtype("auto", dev) if dev.type == "cuda" else torch.bfloat16
     model.to(half)
     out["half"] = timed(lambda: babygpt.generate_texts(model, tokenizer, prompts, cfg, dev))
     out["half_dtype"] = babygpt.dtype_name(half)
-    out["sample_dtype"] = babygpt.dtype_name(babygpt.sampling_dtype("auto", dev))
+    out["sample_dtype"] = babygpt.dtype_name(babygpt.choose_dtype("auto", dev))
     return out
 
 
@@ -218,8 +215,11 @@ def run_child(what, args, shape="seed"):
     cmd = [sys.executable, os.path.abspath(__file__), f"--child={what}", f"--shape={shape}"] + [
         f"--{k}" if v is True else f"--{k}={v}" for k, v in vars(args).items()
         if k not in ("child", "only", "shape", "shapes") and v not in (None, False)]
+    env = dict(os.environ)
+    if what == "fast":  # babygpt.py turns on huge pages before torch starts; the seed's script does not
+        env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.profile else subprocess.PIPE,
-                          text=True)
+                          text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"bench: the {what} measurement ({SHAPE_TITLES[shape]}) failed:\n{(proc.stderr or '')[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -236,7 +236,7 @@ def train_line(label, title, r, shape, peak):
     mfu = f", MFU {100 * r['tokens_per_sec'] * flops_per_token(shape) / peak:.1f}%" if peak else ""
     probe = r["probe"]
     probed = (f" (probe: float32 {probe['float32']:.3f}s, bfloat16 {probe['bfloat16']:.3f}s a step of "
-              f"{probe['rows']} x {shape.block_size} tokens)" if probe else "")
+              f"{shape.batch_size} x {shape.block_size} tokens)" if probe else "")
     prefix = f"train {label} ({title}):"
     return (f"{prefix:<48}{r['tokens_per_sec']:>10,.0f} tokens/sec, peak memory {r['peak_gb']:.2f} GB{mfu}, "
             f"one evaluation {r['eval_seconds']:.2f}s, {r['dtype']}{probed}")
@@ -254,7 +254,6 @@ def main():
     p.add_argument("--warmup", type=int)
     p.add_argument("--eval_iters", type=int)
     p.add_argument("--new_tokens", type=int, default=babygpt.max_new_token)
-    p.add_argument("--compile_scope", default=babygpt.compile_scope, choices=babygpt.COMPILE_SCOPES)
     p.add_argument("--compile_mode", default=babygpt.compile_mode, choices=babygpt.COMPILE_MODES)
     p.add_argument("--shapes", type=shape_list,
                    help="seed, preset or seed,preset (default: both on a CPU, seed on a GPU)")
@@ -264,7 +263,7 @@ def main():
     p.add_argument("--shape", default="seed", choices=SHAPE_TITLES, help=argparse.SUPPRESS)
     args = p.parse_args()
     try:
-        dev = babygpt.resolve_device(args.device)
+        dev = babygpt.choose_device(args.device)
     except babygpt.UserError as e:
         sys.exit(f"error: {e}")
     gpu = dev.type == "cuda"
@@ -285,11 +284,11 @@ def main():
         return
 
     name = torch.cuda.get_device_name(dev) if gpu else f"CPU, {torch.get_num_threads()} threads"
-    amp = (f"{babygpt.dtype_name(babygpt.resolve_dtype('auto', dev))} autocast" if gpu
+    amp = (f"{babygpt.dtype_name(babygpt.choose_dtype('auto', dev))} autocast" if gpu
            else "float32 or bfloat16, whichever a probe measures faster")
-    plan = babygpt.compile_plan(compile_cfg(args), dev)
+    mode = babygpt.choose_compile_mode(compile_cfg(args), dev, 1)
     print(f"device: {dev} ({name}), torch {torch.__version__}, fast path: dtype auto = {amp}, "
-          f"{f'compile scope {plan.scope}, mode {plan.mode}' if plan else 'compile off'}")
+          f"{f'compile mode {mode}' if mode else 'compile off'}")
     scaled = "" if args.eval_iters == 100 else f" (timed with eval_iters={args.eval_iters} and scaled)"
     print(f"config: vocab={VOCAB}, {args.steps} timed steps after {args.warmup} warm-up (5x as many at the "
           f"cpu preset's cheaper shape on a CPU); "

@@ -2,23 +2,23 @@
 # The GPU measurements quoted in README and the closing notes, as one script for a short GPU
 # lease. Needs ci.txt in the repo root (or .gpu/ci.txt) and wandb importable (or wheels in .whl/).
 #   bash scripts/gpu_check.sh [OUTDIR] [SECTION ...]
-# Sections (all by default, in this order): full sample bench scopes tests
+# Sections (all by default, in this order): full sample bench modes tests
 #   full     the cold default run `python babygpt.py` (wandb offline, empty compile caches);
-#            its last lines split the wall time into phases and start-up into its steps
+#            its last line splits the wall time into phases
 #   sample   `python babygpt.py sample` on the model just trained, then 3 timed calls in one process
 #   bench    python bench.py: babygpt against the seed's per-head fp32 code
-#   scopes   the other compile choices, cold, 1000 steps each, for their phase lines
+#   modes    the two compile modes, cold, 1000 steps each, for their phase lines
 #   tests    the CUDA-only tests
 #   profile  (only when named) where a compiled training step's time goes, kernel by kernel
 # On the 15-minute lease: `full sample bench` fit one call (184 s on an H200 in session 3);
-# `scopes tests` a second one.
+# `modes tests` a second one.
 set -u
 out=${1:-${OUT:-/tmp/gpu_check}}
 shift || true
-sections=${*:-full sample bench scopes tests}
+sections=${*:-full sample bench modes tests}
 want() { [[ " $sections " == *" $1 "* ]]; }
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true BABYGPT_DETAIL=1
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true
 py=${PYTHON:-python3}
 log="$out/gpu_check.txt"
 # each output line stamped with the seconds since its command started
@@ -48,7 +48,7 @@ cold_run() {  # cold_run NAME ARGS...: python babygpt.py ARGS with empty compile
   TIMEFORMAT="$name wall time: %R s"
   { time TORCHINDUCTOR_CACHE_DIR=$cold/inductor TRITON_CACHE_DIR=$cold/triton timeout 280 $py babygpt.py "$@" 2>&1 \
       | $py -c "$stamp" > "$out/$name.txt"; } 2>> "$out/$name.txt"
-  grep -E " step (0|50|1000|2500|5000):|dtype|error|Error|Traceback|模型|^ *[0-9.]+ (total|detail) |wall time" \
+  grep -E " step (0|50|1000|2500|5000):|dtype|error|Error|Traceback|模型|^ *[0-9.]+ total |wall time" \
       "$out/$name.txt" | tee -a "$log"
 }
 
@@ -77,11 +77,10 @@ if want bench; then
   echo "== bench.py" | tee -a "$log"
   timeout 200 $py bench.py 2>&1 | tee -a "$log"
 fi
-if want scopes; then
+if want modes; then
   short=(--max_iters=1000 --prompts= --save_path=/tmp/s.pth --ckpt_path=/tmp/s.pt)
-  cold_run model_default "${short[@]}" --compile_scope=model --compile_mode=default
-  cold_run model_graphs "${short[@]}" --compile_scope=model --compile_mode=reduce-overhead
-  cold_run blocks_default "${short[@]}" --compile_scope=blocks --compile_mode=default
+  cold_run default_mode "${short[@]}" --compile_mode=default
+  cold_run graphs_mode "${short[@]}" --compile_mode=reduce-overhead
 fi
 if want profile; then
   echo "== bench.py --only=fast --profile" | tee -a "$log"

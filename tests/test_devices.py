@@ -1,13 +1,16 @@
 """Measured defaults: the dtype probe and its decision, the CPU's long-run note, progress during
 evaluation, MPS's draws on the CPU (faked: no MPS here), and generation's attention kernels."""
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import babygpt
-from conftest import TINY, corpus_data_for, make_corpus
+from conftest import TINY, cli_env, corpus_data_for, make_corpus
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -25,36 +28,39 @@ def cfg_for(**kw):
 
 
 @pytest.mark.parametrize("steps,expected", [
-    ({F32: 1.0, BF16: 0.6}, BF16),   # bfloat16 faster (the AMD EPYC)
-    ({F32: 0.7, BF16: 1.0}, F32),    # bfloat16 slower (the Intel Xeon)
+    ({F32: 1.0, BF16: 0.6}, BF16),   # bfloat16 faster
+    ({F32: 0.7, BF16: 1.0}, F32),    # bfloat16 slower
     ({F32: 0.5, BF16: 0.5}, F32),    # a tie keeps the exact format
     ({F32: 0.5}, F32),
 ])
-def test_pick_dtype_keeps_the_faster(steps, expected):
-    assert babygpt.pick_dtype(steps) == expected
+def test_auto_keeps_the_faster_measured_dtype(steps, expected):
+    assert babygpt.choose_dtype("auto", torch.device("cpu"), steps) == expected
 
 
-def fake_probe(steps, forward=0.01, rows=4):
+def fake_probe(steps, forward=0.01):
     def probe(model, data, micro_batch, block_size, dev, dtypes, budget=3.0):
-        return rows, {dt: steps[dt] for dt in dtypes}, forward
+        return {dt: steps[dt] for dt in dtypes}, forward
     return probe
 
 
+def plan(cfg, micro_batch=8):
+    return babygpt.plan_run(cfg, None, None, micro_batch, torch.device("cpu"), 1, 0)
+
+
 @pytest.mark.parametrize("bf16_seconds", [0.5, 2.0])
-def test_choose_dtype_auto_prints_its_measured_decision(monkeypatch, capsys, bf16_seconds):
+def test_auto_prints_its_measured_decision(monkeypatch, capsys, bf16_seconds):
     monkeypatch.setattr(babygpt, "probe_dtypes", fake_probe({F32: 1.0, BF16: bf16_seconds}))
-    got = babygpt.choose_dtype(cfg_for(dtype="auto"), None, None, 8, torch.device("cpu"), 1)
+    got = plan(cfg_for(dtype="auto"))
     assert got == (BF16 if bf16_seconds < 1.0 else F32)
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith(f"dtype auto: {babygpt.dtype_name(got)}, measured")
-    assert f"(float32 1.000s, bfloat16 {bf16_seconds:.3f}s a step of 4 x 16 tokens)" in out[0]
+    assert f"(float32 1.000s, bfloat16 {bf16_seconds:.3f}s a step of 8 x 16 tokens)" in out[0]
 
 
 def test_forced_bfloat16_that_is_slower_is_allowed_with_a_note(monkeypatch, capsys):
     monkeypatch.setattr(babygpt, "probe_dtypes", fake_probe({F32: 1.0, BF16: 1.25}))
-    assert babygpt.choose_dtype(cfg_for(dtype="bfloat16"), None, None, 8, torch.device("cpu"), 1) == BF16
-    out = capsys.readouterr().out
-    assert "note: bfloat16 is slower than float32 on this cpu (0.80x" in out
+    assert plan(cfg_for(dtype="bfloat16")) == BF16
+    assert "note: bfloat16 is slower than float32 on this cpu (0.80x" in capsys.readouterr().out
 
 
 def test_forced_float32_measures_float32_only(monkeypatch, capsys):
@@ -62,58 +68,69 @@ def test_forced_float32_measures_float32_only(monkeypatch, capsys):
 
     def probe(model, data, micro_batch, block_size, dev, dtypes, budget=3.0):
         seen.append(list(dtypes))
-        return 4, {F32: 0.01}, 0.001
+        return {F32: 0.01}, 0.001
     monkeypatch.setattr(babygpt, "probe_dtypes", probe)
-    assert babygpt.choose_dtype(cfg_for(dtype="float32"), None, None, 8, torch.device("cpu"), 1) == F32
+    assert plan(cfg_for(dtype="float32")) == F32
     assert seen == [[F32]] and capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("preset", ["", "cpu"])
-def test_a_long_cpu_run_is_announced(monkeypatch, capsys, preset):
-    # 2 s a step of 4 rows: the default run (64 rows, 5000 steps) would take days
+def test_a_long_cpu_run_is_announced_with_its_measured_length(monkeypatch, capsys, preset):
+    # 2 s a step, 0.7 s an evaluation batch: the default run (5000 steps, 101 evaluations of
+    # 200 batches) needs 5000 x 2 + 101 x 200 x 0.7 = 24,140 s = 6.7 hours
     monkeypatch.setattr(babygpt, "probe_dtypes", fake_probe({F32: 2.0, BF16: 3.0}, forward=0.7))
-    _, cfg = babygpt.parse_args([f"--preset={preset}"] if preset else [])
+    _, cfg = babygpt.parse_args([f"--preset={preset}", "--max_iters=5000", "--eval_interval=50",
+                                 "--eval_iters=100"] if preset else [])
     capsys.readouterr()
-    babygpt.choose_dtype(cfg, None, None, cfg.batch_size, torch.device("cpu"), 1)
+    plan(cfg, cfg.batch_size)
     out = capsys.readouterr().out
-    assert "note: on this CPU this run needs about" in out
+    assert "note: on this CPU this run needs about 6.7 hours" in out
     assert ("--preset=cpu trains a small model" in out) == (preset == "")
 
 
 def test_a_short_cpu_run_says_nothing(monkeypatch, capsys):
     monkeypatch.setattr(babygpt, "probe_dtypes", fake_probe({F32: 0.001}, forward=0.0003))
-    babygpt.choose_dtype(cfg_for(dtype="float32"), None, None, 8, torch.device("cpu"), 1)
+    plan(cfg_for(dtype="float32"))
     assert "note" not in capsys.readouterr().out
 
 
-def test_estimate_run_seconds_scales_with_steps_rows_and_evaluations():
-    cfg = SimpleNamespace(max_iters=1000, eval_interval=100, eval_iters=10, batch_size=32, grad_accum_steps=1)
-    base = babygpt.estimate_run_seconds(cfg, 8, 0.1, 0.02, 32, 1)
-    assert base == pytest.approx(1000 * 0.1 * 4 + 11 * 20 * 0.02 * 4)
-    cfg.max_iters = 2000
-    assert babygpt.estimate_run_seconds(cfg, 8, 0.1, 0.02, 32, 1) > 1.9 * base
-    assert babygpt.estimate_run_seconds(cfg, 8, 0.1, 0.02, 32, 1, start_iter=1000) == pytest.approx(base)
-
-
-def test_probe_puts_back_random_state_weights_gradients_and_mode():
+def test_the_probe_leaves_no_trace_on_the_run():
+    """Training after the probe is training without it: no gradients left to add to the first
+    step, the random state and the training mode (dropout) as they were."""
     vocab, data = corpus_data_for(make_corpus())
-    model = tiny_model(vocab)
-    model.eval()
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    rng = torch.get_rng_state()
-    rows, steps, forward = babygpt.probe_dtypes(model, data["train"], 8, 16, torch.device("cpu"), [F32, BF16],
-                                                budget=0.5)
-    assert 1 <= rows <= 8 and set(steps) == {F32, BF16} and all(t > 0 for t in steps.values()) and forward > 0
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
-    assert all(p.grad is None for p in model.parameters())
-    assert not model.training
+    runs = []
+    for probe in (True, False):
+        model = tiny_model(vocab, dropout=0.2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        torch.manual_seed(1)
+        if probe:
+            steps, forward = babygpt.probe_dtypes(model, data["train"], 8, 16, torch.device("cpu"), [F32, BF16],
+                                                  budget=0.3)
+            assert set(steps) == {F32, BF16} and all(t > 0 for t in steps.values()) and forward > 0
+        babygpt.train_step(model, optimizer, [babygpt.get_batch(data["train"], 8, 16)])
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_the_probe_times_a_much_slower_dtype_on_a_few_tokens_only(monkeypatch):
+    """A dtype 20x slower (bfloat16 on a CPU without AVX-512) must not cost 20x the budget."""
+    real, shapes = babygpt.time_step, []
+
+    def time_step(model, x, y, dt, dev):
+        shapes.append((dt, x.numel()))
+        return real(model, x, y, dt, dev) * (20 if dt == BF16 else 1)
+    monkeypatch.setattr(babygpt, "time_step", time_step)
+    vocab, data = corpus_data_for(make_corpus())
+    steps, _ = babygpt.probe_dtypes(tiny_model(vocab), data["train"], 8, 16, torch.device("cpu"), [F32, BF16],
+                                    budget=0.5)
+    assert max(n for dt, n in shapes if dt == BF16) <= 16  # one short sequence
+    assert steps[BF16] > 5 * steps[F32] and babygpt.choose_dtype("auto", torch.device("cpu"), steps) == F32
 
 
 def test_a_run_with_the_probe_on_is_the_run_it_chose(corpus, monkeypatch, capsys):
     """dtype=auto probes, then trains exactly as if its choice had been forced."""
     monkeypatch.chdir(corpus.parent)
-    monkeypatch.setattr(babygpt, "pick_dtype", lambda steps: F32)
+    monkeypatch.setattr(babygpt, "choose_dtype", lambda name, dev, steps=None: F32)
     base = [a for a in TINY if not a.startswith("--dtype")] + [f"--data_path={corpus.name}", "--dropout=0.1"]
     logs = []
     for dtype in ("auto", "float32"):
@@ -125,17 +142,18 @@ def test_a_run_with_the_probe_on_is_the_run_it_chose(corpus, monkeypatch, capsys
     assert strip(logs[0]) == strip(logs[1]) and len(logs[0]) == 3
 
 
-def test_progress_line_shows_evaluation_progress(capsys, monkeypatch):
-    s = SimpleNamespace(tty=True, clock=SimpleNamespace(last_progress=0.0, tokens=0, mark=0.0),
-                        tokens_per_step=128, progress_shown=False)
-    babygpt.show_progress(s, "evaluating 37/200")
+def test_progress_line_is_redrawn_at_most_once_a_second_on_a_terminal_only(capsys, monkeypatch):
+    monkeypatch.setattr(babygpt.sys.stdout, "isatty", lambda: True, raising=False)
+    progress = babygpt.Progress(True)
+    progress.show("evaluating 37/200")
     assert capsys.readouterr().out == "\r\x1b[K  evaluating 37/200"
-    babygpt.show_progress(s, "evaluating 38/200")  # within a second: not redrawn
+    progress.show("evaluating 38/200")  # within a second: not redrawn
     assert capsys.readouterr().out == ""
-    s.tty = False
-    s.clock.last_progress = 0.0
-    babygpt.show_progress(s, "evaluating 39/200")
-    assert capsys.readouterr().out == ""  # never into a pipe or a file
+    for progress in (babygpt.Progress(False), ):  # another process than the first
+        progress.show("evaluating 39/200")
+    monkeypatch.setattr(babygpt.sys.stdout, "isatty", lambda: False, raising=False)
+    babygpt.Progress(True).show("evaluating 40/200")  # never into a pipe or a file
+    assert capsys.readouterr().out == ""
 
 
 def test_estimate_loss_reports_each_pass_and_can_be_stopped():
@@ -213,29 +231,45 @@ def test_greedy_generation_is_the_same_with_every_attention_backend():
     assert all(torch.equal(first, o) for o in outs.values()), outs
 
 
-def test_training_on_a_cpu_turns_on_huge_pages_unless_told_not_to(corpus, monkeypatch):
-    monkeypatch.chdir(corpus.parent)
-    args = TINY + [f"--data_path={corpus.name}", "--max_iters=1", "--prompts="]
-    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    assert babygpt.main(args) == 0
-    assert babygpt.os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
-    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")  # the user's choice wins
-    assert babygpt.main(args) == 0
-    assert babygpt.os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+HUGE_PAGES = """
+import os, sys, runpy
+sys.argv = [{script!r}, "--help"]
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+except SystemExit:
+    pass
+import torch
+x = torch.ones(64 * 2**20 // 4)
+print([l.split()[1] for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")][0])
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled") or
+                    "[never]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read(),
+                    reason="this Linux has transparent huge pages off")
+@pytest.mark.parametrize("env", ["", "0"])
+def test_a_cpu_run_puts_large_tensors_on_huge_pages_unless_told_not_to(env):
+    """PyTorch reads THP_MEM_ALLOC_ENABLE at its first CPU allocation, so babygpt.py must set
+    it before it imports torch."""
+    code = HUGE_PAGES.format(script=babygpt.__file__)
+    extra = {"THP_MEM_ALLOC_ENABLE": env} if env else {}
+    full = {k: v for k, v in cli_env(extra).items() if k != "THP_MEM_ALLOC_ENABLE" or env}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=60)
+    kilobytes = int(out.stdout.strip().splitlines()[-1])
+    assert (kilobytes > 0) == (env == ""), out.stdout + out.stderr
 
 
 def test_probe_drops_a_dtype_the_device_cannot_autocast(monkeypatch, capsys):
     """An MPS without bfloat16 autocast raises: the probe keeps float32 and training goes on."""
-    real = babygpt.time_pass
+    real = babygpt.time_step
 
-    def time_pass(model, x, y, dt, dev, backward):
+    def time_step(model, x, y, dt, dev):
         if dt == BF16:
             raise RuntimeError("bfloat16 autocast is not supported here")
-        return real(model, x, y, dt, dev, backward)
-    monkeypatch.setattr(babygpt, "time_pass", time_pass)
+        return real(model, x, y, dt, dev)
+    monkeypatch.setattr(babygpt, "time_step", time_step)
     vocab, data = corpus_data_for(make_corpus())
     model = tiny_model(vocab)
-    rows, steps, forward = babygpt.probe_dtypes(model, data["train"], 8, 16, torch.device("cpu"), [F32, BF16],
-                                                budget=0.3)
+    steps, forward = babygpt.probe_dtypes(model, data["train"], 8, 16, torch.device("cpu"), [F32, BF16], budget=0.3)
     assert set(steps) == {F32} and all(p.grad is None for p in model.parameters())
-    assert babygpt.choose_dtype(cfg_for(dtype="auto"), model, data["train"], 8, torch.device("cpu"), 1) == F32
+    assert babygpt.plan_run(cfg_for(dtype="auto"), model, data["train"], 8, torch.device("cpu"), 1, 0) == F32

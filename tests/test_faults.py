@@ -288,7 +288,7 @@ def test_bad_device(work, capsys, command, name):
 
 # -----------------------------------------------------------------------------
 # model.pth / checkpoint missing, truncated, not a checkpoint, other shape or vocabulary:
-# `sample`, `--resume=True` and `--init_from=FILE`
+# `sample`, `--resume=true` and `--init_from=FILE`
 
 def _truncate(path):
     data = path.read_bytes()
@@ -331,19 +331,17 @@ CKPT_CASES = {
     "sample-pth-truncated": (["rm:ckpt.pt", "truncate:model.pth"], ["sample"], ["model.pth"]),
     "sample-pth-text": (["rm:ckpt.pt", "text:model.pth"], ["sample"], ["model.pth"]),
     "sample-pth-not-weights": (["rm:ckpt.pt", "list:model.pth"], ["sample"], ["model.pth", "no model weights"]),
-    "sample-pth-other-shape": (["rm:ckpt.pt"], ["sample", "--n_embed=48"], ["model.pth", "n_embed=32", "48"]),
-    "sample-pth-other-layers": (["rm:ckpt.pt"], ["sample", "--n_layer=3"], ["model.pth", "n_layer=2", "3"]),
     "sample-pth-other-vocab": (["rm:ckpt.pt", "other:"], ["sample", "--data_path=other.txt"],
-                               ["model.pth", "vocab_size"]),
+                               ["model.pth", "vocabulary", "other.txt"]),
     "sample-pth-no-data": (["rm:ckpt.pt"], ["sample", "--data_path=gone.txt"], ["model.pth", "gone.txt"]),
-    "resume-missing": (["rm:ckpt.pt"], ["--resume=True"], ["ckpt.pt", "does not exist"]),
-    "resume-truncated": (["truncate:ckpt.pt"], ["--resume=True"], ["ckpt.pt", "truncated"]),
-    "resume-text": (["text:ckpt.pt"], ["--resume=True"], ["ckpt.pt"]),
-    "resume-model.pth": ([], ["--resume=True", "--ckpt_path=model.pth"], ["model.pth", "not a babygpt"]),
-    "resume-not-babygpt": (["dict:ckpt.pt"], ["--resume=True"], ["ckpt.pt", "not a babygpt"]),
-    "resume-other-shape": ([], ["--resume=True", "--n_embed=48"], ["ckpt.pt", "n_embed=32", "48"]),
-    "resume-other-block": ([], ["--resume=True", "--block_size=8"], ["ckpt.pt", "block_size=16", "8"]),
-    "resume-other-vocab": (["other:"], ["--resume=True", "--data_path=other.txt"],
+    "resume-missing": (["rm:ckpt.pt"], ["--resume=true"], ["ckpt.pt", "does not exist"]),
+    "resume-truncated": (["truncate:ckpt.pt"], ["--resume=true"], ["ckpt.pt", "truncated"]),
+    "resume-text": (["text:ckpt.pt"], ["--resume=true"], ["ckpt.pt"]),
+    "resume-model.pth": ([], ["--resume=true", "--ckpt_path=model.pth"], ["model.pth", "not a babygpt"]),
+    "resume-not-babygpt": (["dict:ckpt.pt"], ["--resume=true"], ["ckpt.pt", "not a babygpt"]),
+    "resume-other-shape": ([], ["--resume=true", "--n_embed=48"], ["ckpt.pt", "n_embed=32", "48"]),
+    "resume-other-block": ([], ["--resume=true", "--block_size=8"], ["ckpt.pt", "block_size=16", "8"]),
+    "resume-other-vocab": (["other:"], ["--resume=true", "--data_path=other.txt"],
                            ["ckpt.pt", "vocabulary", "other.txt"]),
     "init-missing": ([], ["--init_from=nothere.pth"], ["nothere.pth", "does not exist"]),
     "init-truncated": (["truncate:model.pth"], ["--init_from=model.pth"], ["model.pth", "truncated"]),
@@ -385,14 +383,14 @@ def test_nan_stops_a_fresh_run_and_keeps_model_pth(work, capsys):
     ckpt = load_ckpt(work / "ckpt.pt")
     assert all_finite(ckpt["model"]), f"{line}\nckpt.pt holds NaN/inf weights"
     assert ckpt["iter_num"] < 5
-    res = run_main(capsys, tiny("--resume=True"))
+    res = run_main(capsys, tiny("--resume=true"))
     succeeded(res)
     assert "step 10:" in res.stdout
 
 
 def test_nan_on_resume_leaves_every_file_untouched(work, capsys):
     before = snapshot(work)
-    res = run_main(capsys, tiny("--resume=True", "--max_iters=20", "--learning_rate=1e6"))
+    res = run_main(capsys, tiny("--resume=true", "--max_iters=20", "--learning_rate=1e6"))
     one_line_error(res, "NaN", "learning_rate")
     assert "step 15:" not in res.stdout and "step 20:" not in res.stdout, "it did not stop at once"
     same_files(before, snapshot(work))  # the step-10 ckpt.pt and model.pth, byte for byte
@@ -502,12 +500,12 @@ def test_signal_during_training(work, capsys, sig):
     run.wait(timeout=15)
     assert time.time() - t0 < 10, "took more than a few seconds to stop"
     assert "Traceback" not in run.output, run.output
-    assert "--resume=True" in run.output, run.output
+    assert "--resume=true" in run.output, run.output
     assert not temp_files(work)
     same_files(before, snapshot(work), ["model.pth", "poems.txt"])  # no model.pth from a half run
     done = load_ckpt(work / "ckpt.pt")["iter_num"]
     assert 0 < done < 1000000
-    res = run_main(capsys, tiny("--eval_interval=100000", f"--max_iters={done + 3}", "--resume=True"))
+    res = run_main(capsys, tiny("--eval_interval=100000", f"--max_iters={done + 3}", "--resume=true"))
     succeeded(res)
     assert f"resuming from ckpt.pt at step {done}" in res.stdout
     assert f"step {done + 3}:" in res.stdout
@@ -564,11 +562,11 @@ def test_signal_during_evaluation(corpus, capsys, monkeypatch, sig):
     assert time.time() - t0 < 10, "took more than a few seconds to stop"
     assert "Traceback" not in run.output, run.output
     assert not STEP_RE.search(run.output), "the signal was meant to land inside evaluation"
-    assert "--resume=True" in run.output, run.output
+    assert "--resume=true" in run.output, run.output
     assert not temp_files(folder)
     ckpt = load_ckpt(folder / "ckpt.pt")
     assert ckpt["iter_num"] == 0 and ckpt["evaluated"] is False
-    res = run_main(capsys, tiny("--max_iters=3", "--resume=True"))
+    res = run_main(capsys, tiny("--max_iters=3", "--resume=true"))
     succeeded(res)
     assert STEP_RE.findall(res.stdout) == ["0", "3"], res.stdout  # the cut evaluation is redone
     assert (folder / "model.pth").exists()
@@ -576,23 +574,59 @@ def test_signal_during_evaluation(corpus, capsys, monkeypatch, sig):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_final_save(work, capsys, sig):
+    """Training is over and in ckpt.pt: the stop keeps the old model.pth, says how to finish
+    (resuming only generates and saves) and exits 0, like a stop during training."""
     before = snapshot(work)
     args = tiny("--max_iters=12")
     run = wrapped(SLOW_FINAL_SAVE, args, work)
     run.wait_for(r"^SAVING model.pth")
     t0 = time.time()
     run.signal(sig)
-    run.wait(timeout=15)
+    assert run.wait(timeout=15) == 0, run.output
     assert time.time() - t0 < 10, "took more than a few seconds to stop"
     assert "Traceback" not in run.output, run.output
+    assert re.search(r"interrupted before model.pth was written; ckpt.pt holds all 12 steps. "
+                     r"Resume with: python \S*babygpt.py .*--max_iters=12 --resume=true$", run.output, re.M), run.output
     same_files(before, snapshot(work), ["model.pth", "poems.txt"])  # the old model.pth is intact
+    assert not temp_files(work), f"a half-written temporary file was left behind: {temp_files(work)}"
     ckpt = load_ckpt(work / "ckpt.pt")
     assert ckpt["iter_num"] == 12 and all_finite(ckpt["model"])
-    res = run_main(capsys, args + ["--resume=True"])  # completes the run: writes model.pth
+    res = run_main(capsys, args + ["--resume=true"])  # completes the run: writes model.pth
     succeeded(res)
-    assert "模型已保存到model.pth" in res.stdout
+    assert "模型已保存到model.pth" in res.stdout and not STEP_RE.search(res.stdout)
     assert snapshot(work)["model.pth"] != before["model.pth"]
-    assert not temp_files(work), f"a half-written temporary file was left behind: {temp_files(work)}"
+
+
+# the checkpoint that a stop writes hangs after a few bytes: time for a second Ctrl-C
+SLOW_STOP_CHECKPOINT = """
+real_save = torch.save
+def slow(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and obj.get("evaluated") is False:
+        f.write(b"PK partial")
+        f.flush()
+        print("SAVING ckpt.pt", file=sys.stderr, flush=True)
+        time.sleep(60)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = slow
+"""
+
+
+def test_a_second_ctrl_c_quits_at_once_without_damage(corpus):
+    folder = corpus.parent
+    run = wrapped(SLOW_STOP_CHECKPOINT, tiny(*LONG, data=corpus.name), folder)
+    run.wait_for(r"^step 0: ")
+    deadline = time.time() + 20
+    while not (folder / "ckpt.pt").exists() and time.time() < deadline:  # step 0's checkpoint
+        time.sleep(0.05)
+    good = snapshot(folder)["ckpt.pt"]
+    run.signal(signal.SIGINT)
+    run.wait_for(r"^SAVING ckpt.pt")
+    t0 = time.time()
+    run.signal(signal.SIGINT)
+    assert run.wait(timeout=15) == 130, run.output
+    assert time.time() - t0 < 10 and "Traceback" not in run.output, run.output
+    assert "interrupted; files on disk are intact" in run.output
+    assert not temp_files(folder) and snapshot(folder)["ckpt.pt"] == good
 
 
 # -----------------------------------------------------------------------------
@@ -811,7 +845,7 @@ def test_torchrun_sigterm(corpus, capsys, monkeypatch):
     assert 0 < done < 1000000, run.output
     # the checkpoint the two processes left resumes (here in one process) to the end
     monkeypatch.chdir(folder)
-    res = run_main(capsys, tiny("--eval_interval=100000", f"--max_iters={done + 3}", "--resume=True"))
+    res = run_main(capsys, tiny("--eval_interval=100000", f"--max_iters={done + 3}", "--resume=true"))
     succeeded(res)
     assert f"step {done + 3}:" in res.stdout
 
@@ -837,7 +871,7 @@ def test_pickled_code_is_never_run(work, capsys, case):
     if case == "sample-model.pth":
         (work / "ckpt.pt").unlink()
     args = {"sample-ckpt": ["sample", *tiny()], "sample-model.pth": ["sample", *tiny()],
-            "resume": tiny("--resume=True"), "init_from": tiny("--init_from=model.pth")}[case]
+            "resume": tiny("--resume=true"), "init_from": tiny("--init_from=model.pth")}[case]
     before = snapshot(work)
     res = run_main(capsys, args)
     one_line_error(res, target)
