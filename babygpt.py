@@ -1,10 +1,7 @@
 """
-babygpt: a character-level GPT that learns to write Song-dynasty ci (宋词).
-
-A faithful, importable refactor of the teaching script babygpt_v12_wandb.py: the same
-hyperparameters, model, log lines, wandb metrics and model.pth. Read it top to bottom: the
-constants, then the seed's story (tokenizer, model, batches and evaluation, training loop,
-sampling, main), then the plumbing that makes it fast, safe to interrupt and multi-GPU.
+babygpt: a character-level GPT that learns to write Song-dynasty ci (宋词). A faithful refactor
+of the teaching script babygpt_v12_wandb.py: its constants, then its story (tokenizer, model,
+batches and evaluation, training loop, sampling, main), then the plumbing below a banner.
 
     python babygpt.py                        # train with the constants below, then generate
     python babygpt.py --preset=cpu           # a small model that trains in ~10 minutes on a CPU
@@ -16,7 +13,9 @@ Importing this file only defines things; nothing runs until main().
 """
 
 import os
+import time
 
+STARTED = time.time()  # the phase line counts from here, before torch is imported
 if __name__ == "__main__":  # PyTorch reads this at its first CPU allocation, so before importing it
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # large CPU tensors on transparent huge pages
 
@@ -31,14 +30,15 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
+import contextlib
 from contextlib import nullcontext
 from types import SimpleNamespace
 
-import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
 # Constants: the seed's defaults. They double as the configuration: edit them here, or
@@ -78,7 +78,8 @@ device = "auto"               # auto = cuda, else mps, else cpu
 dtype = "auto"                # auto (measured on this machine), float32, bfloat16, float16
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU, else default
-preset = ""                   # cpu: a small configuration that trains in minutes on a laptop
+preset = ""                   # cpu: a small configuration that trains in 10 minutes on a laptop
+max_minutes = 0               # 0 = off; else max_iters becomes the steps that fit in these minutes here
 # files and logging
 save_path = "model.pth"       # final weights, in the seed's layout
 ckpt_path = "ckpt.pt"         # training state, for --resume=true and sample
@@ -90,13 +91,13 @@ wandb_project = "babygpt"     # the Weights & Biases project
 sample_interval = 500         # log generated samples to wandb every this many steps
 
 CONFIG_KEYS = [k for k, v in list(globals().items())
-               if not k.startswith("_") and isinstance(v, (bool, int, float, str, list))]
+               if k.islower() and not k.startswith("_") and isinstance(v, (bool, int, float, str, list))]
 
 # Overrides applied by --preset=NAME before the explicit --name=value ones.
 PRESETS = {
     # a small model that a 2-core CPU trains in minutes
     "cpu": dict(n_layer=4, n_head=4, n_embed=128, block_size=64, batch_size=32, dropout=0.0,
-                learning_rate=2e-3, max_iters=2500, eval_interval=250, eval_iters=20,
+                learning_rate=2e-3, max_minutes=10, eval_interval=250, eval_iters=20,
                 lr_schedule="cosine", warmup_iters=100, min_lr=2e-4),
 }
 
@@ -218,12 +219,9 @@ class BabyGPT(nn.Module):
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True, generator=None):
         """Append max_new_tokens sampled tokens to idx (B, T) and return it (B, T + max_new_tokens).
-
-        While the text fits in block_size, each step feeds one new token and reuses the cached
-        keys and values. Past block_size the window slides, every position embedding shifts and
-        no cached value stays valid, so each step recomputes the last block_size tokens exactly
-        as forward() would (still computing logits for the last position only).
-        """
+        While the text fits in block_size, each step feeds one new token and reuses the cached keys
+        and values; past it the window slides, every position shifts and no cached value stays
+        valid, so each step recomputes the last block_size tokens exactly as forward() would."""
         was_training = self.training
         self.eval()
         caches = None
@@ -263,9 +261,8 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
         kth = torch.topk(logits, top_k).values[:, [-1]]  # (B, 1): the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    if draws_on_cpu(probs.device):  # torch.multinomial has open bugs on MPS
-        return torch.multinomial(probs.cpu(), 1, generator=generator).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator)
+    where = generator_device(probs.device)  # the CPU for MPS
+    return torch.multinomial(probs.to(where), 1, generator=generator).to(probs.device)
 
 
 class KVCache:
@@ -369,8 +366,6 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
 
 
-
-
 # -----------------------------------------------------------------------------
 # TRAINING SECTION BEGIN
 
@@ -388,7 +383,7 @@ def train(cfg, clock=None):
     text = read_text(cfg.data_path, world)
     tokenizer = Tokenizer(text)
     check_prompts(cfg, tokenizer, cfg.data_path)
-    ids = encode_corpus(tokenizer, text)
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     n = int(cfg.train_data_ratio * len(ids))
     data = {"train": ids[:n], "val": ids[n:]}
     check_split(data, cfg)
@@ -404,7 +399,7 @@ def train(cfg, clock=None):
     # ---- set-up helpers: the dtype measured here, the resumed state, compilation, DDP, wandb
     start_iter = state["iter_num"] if state else 0
     micro_batch = cfg.batch_size // (world * cfg.grad_accum_steps)  # sequences per forward pass
-    amp = plan_run(cfg, model, data["train"], micro_batch, dev, world, start_iter)
+    amp = plan_run(cfg, model, data["train"], micro_batch, dev, world, start_iter, clock)
     ctx = autocast(dev, amp)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
     best_val, evaluated, pieces = resume_training(state, optimizer, scaler, cfg, dev, rank, world) if state \
@@ -412,7 +407,8 @@ def train(cfg, clock=None):
     eval_batch, passes = cfg.batch_size // world, choose_eval_passes(cfg, world, tokenizer.vocab_size, dev)
     train_model = compile_model(model, cfg, dev, world, clock, lambda m: warm_up(
         m, data, cfg, micro_batch, eval_batch, passes, ctx, scaler, dev))
-    train_model = wrap_ddp(train_model, dev, world)
+    if world > 1:  # DDP averages the gradients of all processes
+        train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
     run, pieces = start_wandb(cfg, dev, amp, pieces, start_iter) if rank == 0 else (DummyWandb(), pieces)
 
     def save_checkpoint(step, evaluated):  # all that --resume needs; the first process writes it
@@ -426,11 +422,10 @@ def train(cfg, clock=None):
                          "wandb_offline_dirs": pieces.get("dirs", [])}, cfg.ckpt_path)
 
     eval_gen = torch.Generator(device=generator_device(dev))  # evaluation's own random batches
-    progress = Progress(rank == 0)
     samples = []  # the generated texts logged to wandb so far, as (iteration, prompt, text)
     tokens, mark, last_saved, it = 0, time.time(), -math.inf, start_iter
     check_each_step = dev.type == "cpu" and world == 1  # loss.item() costs a GPU sync, but no CPU time
-    clock.start_loop()
+    start_time = time.time()
     with StopRequests() as stop:  # the first Ctrl-C stops after this step and saves a checkpoint
         try:
             for it in range(start_iter, cfg.max_iters + 1):
@@ -438,17 +433,16 @@ def train(cfg, clock=None):
 
                 # ---- evaluate and log (at step 0, every eval_interval steps, and at the last step)
                 if (it % cfg.eval_interval == 0 or last_step) and not (it == start_iter and evaluated):
+                    clock.phase("evaluation")  # waits for the device: the speed below is then true
                     speed = tokens / (time.time() - mark)  # training tokens/sec since the last evaluation
-                    clock.phase("evaluation")
                     eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + rank)  # the same batches on resume
                     losses = estimate_loss(train_model, data, eval_batch, cfg.block_size, cfg.eval_iters, eval_gen,
-                                           ctx, stop.evaluation_callback(world, progress), passes)
+                                           ctx, stop.during_evaluation(world), passes)
                     train_loss, val_loss = all_mean([losses["train"], losses["val"]], dev, world)
                     if not math.isfinite(train_loss + val_loss):
                         raise_nonfinite(it, cfg)
-                    progress.clear()
                     say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                        f"speed: {speed:.2f} tokens/sec, time: {format_time(clock.loop_seconds())}")
+                        f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - start_time)}")
                     best_val = min(best_val, val_loss)
                     metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
                                "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
@@ -476,9 +470,7 @@ def train(cfg, clock=None):
                 tokens += cfg.batch_size * cfg.block_size
                 if check_each_step and not math.isfinite(loss.item()):
                     raise_nonfinite(it, cfg)
-                progress.show_step(it + 1, cfg, tokens / (time.time() - mark))
         except Interrupted:
-            progress.clear()
             save_checkpoint(it, evaluated=False)
             say(f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}. "
                 f"Resume with: {resume_command(cfg, world)}")
@@ -495,12 +487,10 @@ def train(cfg, clock=None):
                         say(text)
                         say("-" * 10)
             save_atomic(seed_state_dict(model.state_dict(), cfg.n_head, cfg.block_size), cfg.save_path)
+            say(f"模型已保存到{cfg.save_path}")
         except KeyboardInterrupt:  # training is done and in ckpt.pt: resuming only generates and saves
             say(f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps. "
                 f"Resume with: {resume_command(cfg, world)}")
-            finish(run, clock, world)
-            return model
-        say(f"模型已保存到{cfg.save_path}")
     finish(run, clock, world)
     return model
 
@@ -599,19 +589,14 @@ class Interrupted(Exception):
     """Raised inside the loop (even mid-evaluation) when the user asked to stop."""
 
 
-def is_main_process():
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def say(*args, **kwargs):
-    """print() on the main process only, flushed so piped logs stay in order."""
-    if is_main_process():
+    """print() on the first process only (torchrun's rank 0), flushed so piped logs stay in order."""
+    if int(os.environ.get("RANK", "0")) == 0:
         print(*args, **kwargs, flush=True)
 
 
 def warn(msg):
-    if is_main_process():
-        print(f"warning: {msg}", file=sys.stderr, flush=True)
+    say(f"warning: {msg}", file=sys.stderr)
 
 
 def first_line(e):
@@ -634,19 +619,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def format_setting(value):
     """A setting as it is typed on the command line: true, 春江,往事, 0.0003."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list):
-        return ",".join(value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def display_width(text):
-    """Columns `text` takes in a terminal: Chinese characters take two."""
-    import unicodedata
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    if isinstance(value, (bool, list)):
+        return str(value).lower() if isinstance(value, bool) else ",".join(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def usage():
@@ -658,10 +633,10 @@ def usage():
         found = []
     comments = {name: comment.strip() for name, comment in reversed(found)}  # the first one wins
     settings = [(f"--{k}={format_setting(globals()[k])}", comments.get(k, "")) for k in CONFIG_KEYS]
-    width = max(display_width(s) for s, _ in settings) + 2
+    width = max(len(s) for s, _ in settings) + 2
     lines = ["usage: python babygpt.py [train|sample] [--name=value ...]", "",
              "settings (the constants at the top of babygpt.py, with their defaults):"]
-    lines += [f"  {s}{' ' * (width - display_width(s))}{c}".rstrip() for s, c in settings]
+    lines += [f"  {s.ljust(width)}{c}".rstrip() for s, c in settings]
     lines += ["", "presets: " + "; ".join(f"{name} ({', '.join(f'{k}={format_setting(v)}' for k, v in p.items())})"
                                         for name, p in PRESETS.items())]
     lines += ["lists are comma-separated (--prompts=春江,往事); booleans are true or false"]
@@ -673,9 +648,9 @@ def parse_value(name, text, default):
     kind = type(default)
     if kind is bool:
         low = text.strip().lower()
-        if low in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return low in ("true", "1", "yes", "on")
-        raise UserError(f"--{name} expects true or false, got {text!r}")
+        if low not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            raise UserError(f"--{name} expects true or false, got {text!r}")
+        return low in ("true", "1", "yes", "on")
     if kind is list:
         return [p for p in text.split(",") if p]
     if kind in (int, float):
@@ -726,7 +701,7 @@ def parse_args(argv):
 AT_LEAST_1 = ("batch_size", "block_size", "n_embed", "n_head", "n_layer", "max_iters", "eval_interval",
               "eval_iters", "grad_accum_steps", "num_samples", "sample_interval")
 AT_LEAST_0 = ("learning_rate", "min_lr", "weight_decay", "grad_clip", "max_new_token", "temperature", "top_k",
-              "checkpoint_interval")
+              "checkpoint_interval", "max_minutes")
 CHOICES = {"lr_schedule": ("constant", "cosine"), "wandb_mode": ("auto", "online", "offline", "disabled"),
            "dtype": ("auto", *DTYPES), "compile": ("auto", "true", "false"), "compile_mode": COMPILE_MODES}
 
@@ -746,13 +721,10 @@ def validate_config(cfg):
     need(cfg.learning_rate > 0, "learning_rate", "positive")
     need(0 < cfg.train_data_ratio < 1, "train_data_ratio", "between 0 and 1")
     need(0 <= cfg.dropout < 1, "dropout", "in [0, 1)")
-    need(cfg.warmup_iters <= cfg.max_iters, "warmup_iters", f"between 0 and max_iters={cfg.max_iters}")
-    need(cfg.warmup_iters >= 0, "warmup_iters", f"between 0 and max_iters={cfg.max_iters}")
-    if cfg.n_embed % cfg.n_head:
-        raise UserError(f"n_embed ({cfg.n_embed}) must be divisible by n_head ({cfg.n_head})")
-    if cfg.compile_mode in GRAPH_MODES and cfg.grad_accum_steps > 1:
-        raise UserError(f"compile_mode={cfg.compile_mode} replays CUDA graphs, which cannot accumulate "
-                        f"gradients; use grad_accum_steps=1 or compile_mode=default")
+    need(0 <= cfg.warmup_iters <= cfg.max_iters, "warmup_iters", f"between 0 and max_iters={cfg.max_iters}")
+    need(cfg.n_embed % cfg.n_head == 0, "n_embed", f"divisible by n_head={cfg.n_head}")
+    need(cfg.compile_mode not in GRAPH_MODES or cfg.grad_accum_steps == 1, "compile_mode",
+         "default with grad_accum_steps > 1: CUDA graphs cannot accumulate gradients; use grad_accum_steps=1 or compile_mode=default")
 
 
 # -----------------------------------------------------------------------------
@@ -834,7 +806,6 @@ def read_text(path, world=1):
     """load_corpus; under torchrun one process per machine builds a missing ci.txt while the
     others wait, so that no two processes write it at once."""
     if world > 1 and path == "ci.txt" and not os.path.exists(path):
-        import torch.distributed as dist
         error = None
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             try:
@@ -847,13 +818,6 @@ def read_text(path, world=1):
         if not os.path.exists(path):
             raise UserError(f"{path} could not be built; the first process on this machine says why")
     return load_corpus(path)
-
-
-def encode_corpus(tokenizer, text):
-    """tokenizer.encode(text) as a tensor, vectorised for a corpus of millions of characters."""
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    table = np.array([ord(c) for c in tokenizer.chars], dtype=np.uint32)  # sorted like chars
-    return torch.from_numpy(np.searchsorted(table, codes).astype(np.int64))
 
 
 def check_split(data, cfg):
@@ -880,15 +844,14 @@ def sync(dev):
 
 def choose_device(name, local_rank=None):
     """auto: cuda (this process's GPU under torchrun), else mps, else cpu; or the named device."""
-    available = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (
-        ["mps"] if torch.backends.mps.is_available() else [])
-    if name == "auto":
-        name = "cuda" if "cuda" in available else "mps" if "mps" in available else "cpu"
+    available = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()),
+                                 ("cpu", True)) if ok]
+    name = available[0] if name == "auto" else name
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}; devices here: {', '.join(available)}") from None
-    if dev.type not in available:
+        dev = None
+    if dev is None or dev.type not in available:
         raise UserError(f"device {name!r} is not available here; devices here: {', '.join(available)}")
     if dev.type == "cuda":
         index = local_rank if local_rank is not None else (dev.index or 0)
@@ -911,24 +874,14 @@ def setup_distributed(cfg):
         torch.cuda.set_device(dev)
         torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmuls left
     if distributed:
-        import torch.distributed as dist
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return rank, world, dev
-
-
-def wrap_ddp(model, dev, world):
-    """The model wrapped for DistributedDataParallel, which averages gradients over processes."""
-    if world == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
 def all_mean(values, dev, world):
     """Average a list of floats over all processes."""
     if world == 1:
         return values
-    import torch.distributed as dist
     t = torch.tensor(values, dtype=torch.float64, device=dev)
     dist.all_reduce(t)
     return (t / world).tolist()
@@ -958,14 +911,9 @@ def autocast(dev, dt):
     return nullcontext() if dt == torch.float32 else torch.autocast(device_type=dev.type, dtype=dt)
 
 
-def draws_on_cpu(dev):
-    """True where random draws are made on the CPU: torch.multinomial has open bugs on MPS."""
-    return dev.type == "mps"
-
-
 def generator_device(dev):
-    """Where the private generators of evaluation and samples live (see draws_on_cpu)."""
-    return torch.device("cpu") if draws_on_cpu(dev) else dev
+    """Where random draws happen: on the CPU for MPS, where torch.multinomial has open bugs."""
+    return torch.device("cpu") if dev.type == "mps" else dev
 
 
 def generation_attention(dev):
@@ -995,17 +943,15 @@ def time_step(model, x, y, dt, dev):
 
 
 def probe_dtypes(model, data, micro_batch, block_size, dev, dtypes, budget=3.0):
-    """Seconds of a training step (forward and backward) of micro_batch sequences in each of
-    `dtypes`, measured here within about `budget` seconds; a dtype over 1.5x slower than the best
-    is timed on a few tokens only. Random states, gradients and the model's mode are put back.
-    Returns ({dtype: seconds a step}, seconds of one evaluation batch of micro_batch sequences)."""
+    """({dtype: seconds of a training step of micro_batch sequences}, seconds of an evaluation
+    batch), measured here in about `budget` seconds. A dtype over 1.5x slower than the best on a
+    short sequence is not timed further. Random states, gradients and the model's mode are put back."""
     was_training = model.training
     gen = torch.Generator(device=generator_device(dev)).manual_seed(0)
     try:
         with fork_rng(dev):
             model.train()
-            # a scout on one short sequence: each dtype's first pass prepares its kernels
-            x, y = get_batch(data, 1, min(block_size, 64), gen)
+            x, y = get_batch(data, 1, min(block_size, 64), gen)  # each dtype's first pass prepares kernels
             scout = {}
             for dt in dtypes:
                 try:
@@ -1013,16 +959,16 @@ def probe_dtypes(model, data, micro_batch, block_size, dev, dtypes, budget=3.0):
                 except RuntimeError:  # a device without this autocast dtype (older MPS)
                     if dt == torch.float32:
                         raise
-            best = min(scout.values())
-            dtypes = [dt for dt in scout if scout[dt] <= 1.5 * best]
-            # then rows sized so that every dtype left gets two passes within the budget
+            dtypes = [dt for dt in scout if scout[dt] <= 1.5 * min(scout.values())]
             x, y = get_batch(data, 1, block_size, gen)
             one = time_step(model, x, y, dtypes[0], dev)
-            rows = max(1, min(micro_batch, int(budget / (2 * len(dtypes) + 1) / max(one, 1e-6))))
+            rows = max(1, min(micro_batch, int(budget / (2 * len(dtypes) + 2) / max(one, 1e-6))))
             x, y = get_batch(data, rows, block_size, gen)
-            steps = {dt: min(time_step(model, x, y, dt, dev) for _ in range(2)) for dt in dtypes}
-            model.eval()
+            time_step(model, x, y, dtypes[0], dev)  # the first pass at this size also allocates
+            times = [(dt, time_step(model, x, y, dt, dev)) for _ in range(2) for dt in dtypes]
+            steps = {dt: min(t for d, t in times if d == dt) for dt in dtypes}
             fastest = min(steps, key=steps.get)
+            model.eval()
             sync(dev)
             t0 = time.perf_counter()
             with torch.no_grad(), autocast(dev, fastest):
@@ -1032,16 +978,18 @@ def probe_dtypes(model, data, micro_batch, block_size, dev, dtypes, budget=3.0):
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    scale = micro_batch / rows
     steps.update({dt: scout[dt] / scout[fastest] * steps[fastest] for dt in scout if dt not in steps})
-    return {dt: s * scale for dt, s in steps.items()}, forward * scale
+    return {dt: t * micro_batch / rows for dt, t in steps.items()}, forward * micro_batch / rows
 
 
-def plan_run(cfg, model, data, micro_batch, dev, world, start_iter):
-    """The autocast dtype of this run. Off CUDA, auto is measured: CPUs with the same features
-    disagree on whether bfloat16 is faster. The timing also tells a long CPU run how long it takes."""
+def plan_run(cfg, model, data, micro_batch, dev, world, start_iter, clock):
+    """The autocast dtype of this run, and with max_minutes its number of steps. Off CUDA, auto is
+    measured: CPUs with the same features disagree on whether bfloat16 is faster. The timing also
+    tells a long CPU run how long it takes."""
     forced = None if cfg.dtype == "auto" else choose_dtype(cfg.dtype, dev)
     if dev.type == "cuda":
+        if cfg.max_minutes:
+            warn("max_minutes is measured off CUDA only; training max_iters steps")
         return forced or choose_dtype("auto", dev)
     dtypes = [torch.float32] if forced == torch.float32 else [torch.float32, torch.bfloat16]
     steps, forward = probe_dtypes(model, data, micro_batch, cfg.block_size, dev, dtypes)
@@ -1057,9 +1005,16 @@ def plan_run(cfg, model, data, micro_batch, dev, world, start_iter):
         elif steps[torch.bfloat16] > steps[torch.float32]:
             say(f"note: bfloat16 is slower than float32 on this {dev.type} "
                 f"({steps[torch.float32] / steps[torch.bfloat16]:.2f}x: {timing}); --dtype=auto picks the faster")
+    step = 1.1 * steps[chosen] * cfg.grad_accum_steps  # + the optimizer's step, which the probe leaves out
+    evaluation = 2 * cfg.eval_iters * forward * (cfg.batch_size // world) / micro_batch
+    if cfg.max_minutes and "max_iters" not in cfg._explicit and start_iter == 0:
+        left = 60 * cfg.max_minutes - (time.time() - clock.start) - 5  # 5 s to generate and save
+        fit = int((left - evaluation) / (step + evaluation / cfg.eval_interval))
+        cfg.max_iters = max(250, fit // 250 * 250)  # rounded, so that runs on one machine agree
+        say(f"{cfg.max_iters:,} steps fit in about {cfg.max_minutes} minutes on this {dev.type} ({step:.3f}s a step, "
+            f"{evaluation:.1f}s an evaluation); --max_iters=N sets them yourself")
     evals = len(range(start_iter, cfg.max_iters, cfg.eval_interval)) + 1
-    seconds = (max(0, cfg.max_iters - start_iter) * steps[chosen] * cfg.grad_accum_steps
-               + evals * 2 * cfg.eval_iters * forward * (cfg.batch_size // world) / micro_batch)
+    seconds = max(0, cfg.max_iters - start_iter) * step + evals * evaluation
     if dev.type == "cpu" and seconds > 1800:
         hint = "" if cfg.preset == "cpu" else "; python babygpt.py --preset=cpu trains a small model in about 10 minutes"
         say(f"note: on this CPU this run needs about {seconds / 3600:.1f} hours{hint}")
@@ -1124,7 +1079,7 @@ def choose_eval_passes(cfg, world, vocab_size, dev):
 
 
 # -----------------------------------------------------------------------------
-# The training loop's plumbing: resume, time, progress, signals
+# The training loop's plumbing: resume, time, signals
 
 def load_start(cfg, model, tokenizer):
     """The checkpoint to resume from, with its weights loaded into model (--resume); or None,
@@ -1136,6 +1091,8 @@ def load_start(cfg, model, tokenizer):
         if state.get("chars") != "".join(tokenizer.chars):
             raise UserError(f"cannot resume from {cfg.ckpt_path}: its vocabulary differs from {cfg.data_path}; "
                             f"resume with the data it was trained on")
+        if cfg.max_minutes and "max_iters" not in cfg._explicit:  # the steps this training was fitted to
+            cfg.max_iters = state.get("config", {}).get("max_iters", cfg.max_iters)
         hint = " ".join(state.get("argv", [])) or "the defaults"
         check_shape(checkpoint_shape(state), model, f"cannot resume from {cfg.ckpt_path}",
                     f"resume with the same shape (that run used: {hint})")
@@ -1159,33 +1116,19 @@ def resume_training(state, optimizer, scaler, cfg, dev, rank, world):
     say(f"resuming from {cfg.ckpt_path} at step {state['iter_num']}")
     if state["iter_num"] >= cfg.max_iters:
         say(f"note: the checkpoint already has {state['iter_num']} steps; raise --max_iters to train more")
-    pieces = {"id": state.get("wandb_id"), "group": state.get("wandb_group"),
-              "dirs": state.get("wandb_offline_dirs") or []}
+    pieces = {"id": state.get("wandb_id"), "group": state.get("wandb_group"), "dirs": state.get("wandb_offline_dirs") or []}
     return state["best_val_loss"], state.get("evaluated", False), pieces
 
 
-def process_start_time():
-    """When this process started (from /proc on Linux), else now."""
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = float(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return time.time()
-
-
 class PhaseClock:
-    """Splits the wall time since `start` (the process's start) into phases: each second goes to
-    exactly one."""
+    """Splits the wall time since `start` (by default, when this file began to run) into phases:
+    each second goes to exactly one."""
 
     PHASES = ("start-up", "compile", "training", "evaluation", "checkpoints", "generation and saving")
 
     def __init__(self, start=None):
-        self.start = self.since = process_start_time() if start is None else start
-        self.current, self.seconds = "start-up", dict.fromkeys(self.PHASES, 0.0)
-        self.dev, self.loop_start = torch.device("cpu"), time.time()
+        self.start = self.since = STARTED if start is None else start
+        self.current, self.seconds, self.dev = "start-up", dict.fromkeys(self.PHASES, 0.0), torch.device("cpu")
 
     def phase(self, name):
         """From now on, time counts as `name` (once the device has finished its queued work)."""
@@ -1195,42 +1138,10 @@ class PhaseClock:
             self.seconds[self.current] += now - self.since
             self.current, self.since = name, now
 
-    def start_loop(self):
-        self.loop_start = time.time()
-
-    def loop_seconds(self):
-        return time.time() - self.loop_start
-
     def figures(self):
         """({phase: seconds} up to now, the total)."""
         now = time.time()
-        seconds = dict(self.seconds)
-        seconds[self.current] += now - self.since
-        return seconds, now - self.start
-
-    def summary(self):
-        seconds, total = self.figures()
-        return f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
-
-
-class Progress:
-    """One status line on a terminal, redrawn in place at most once a second."""
-
-    def __init__(self, main_process):
-        self.on, self.last = main_process and sys.stdout.isatty(), 0.0
-
-    def show(self, text):
-        if self.on and time.time() - self.last > 1.0:
-            self.last = time.time()
-            print(f"\r\033[K  {text}", end="", flush=True)
-
-    def show_step(self, done, cfg, rate):
-        eta = (cfg.max_iters - done) * cfg.batch_size * cfg.block_size / max(rate, 1e-9)
-        self.show(f"step {done}/{cfg.max_iters}, {rate:,.0f} tokens/sec, ETA {format_time(eta)}")
-
-    def clear(self):
-        if self.on:
-            print("\r\033[K", end="")
+        return {**self.seconds, self.current: self.seconds[self.current] + now - self.since}, now - self.start
 
 
 class StopRequests:
@@ -1253,9 +1164,8 @@ class StopRequests:
         if self.requested or not self.graceful:
             raise KeyboardInterrupt
         self.requested = True
-        if is_main_process():
-            print("\nstopping after this step and saving a checkpoint (press Ctrl-C again to quit at once)",
-                  file=sys.stderr, flush=True)
+        say("\nstopping after this step and saving a checkpoint (press Ctrl-C again to quit at once)",
+            file=sys.stderr)
 
     def agreed(self, it, world, dev):
         """Whether to stop before step `it`; under torchrun the processes compare notes every 10 steps."""
@@ -1263,21 +1173,16 @@ class StopRequests:
             return self.requested
         if it % 10:
             return False
-        import torch.distributed as dist
         flag = torch.tensor([float(self.requested)], device=dev)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
-    def evaluation_callback(self, world, progress):
-        """estimate_loss's on_batch: stop mid-evaluation when asked (one process only: several must
-        reach the all-reduce together), and show progress when evaluation takes a while."""
-        started = time.time()
-
+    def during_evaluation(self, world):
+        """estimate_loss's on_batch: stop mid-evaluation when asked (one process only: several
+        processes must reach the all-reduce together)."""
         def on_batch(done, total):
             if world == 1 and self.requested:
                 raise Interrupted
-            if time.time() - started > 2.0:
-                progress.show(f"evaluating {done}/{total}")
         return on_batch
 
 
@@ -1291,23 +1196,18 @@ def finish(run, clock, world):
     except Exception as e:
         warn(f"wandb could not finish the run ({first_line(e)})")
     if world > 1:
-        import torch.distributed as dist
-        try:
-            dist.barrier()  # the first process finishes generating and saving before teardown
-        finally:
-            dist.destroy_process_group()
-    say(clock.summary())
+        dist.barrier()  # the first process finishes generating and saving before teardown
+        dist.destroy_process_group()
+    seconds, total = clock.figures()  # again: closing wandb took time too
+    say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
 
 
 def resume_command(cfg, world):
     """The command that continues this run, as a user types it."""
-    script = os.path.relpath(os.path.abspath(__file__))
-    script = os.path.abspath(script) if script.startswith("..") else script
-    if world == 1:
-        launcher = f"python {script}"
-    else:
-        launcher = f"torchrun --standalone --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)} {script}"
-    return " ".join([launcher] + [a for a in cfg._argv if not a.startswith("--resume=")] + ["--resume=true"])
+    script = os.path.relpath(__file__)
+    script = os.path.abspath(__file__) if script.startswith("..") else script
+    launcher = "python" if world == 1 else f"torchrun --standalone --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}"
+    return " ".join([launcher, script] + [a for a in cfg._argv if not a.startswith("--resume=")] + ["--resume=true"])
 
 
 def raise_nonfinite(it, cfg):
@@ -1321,13 +1221,11 @@ def check_output_paths(cfg):
     for name in ("save_path", "ckpt_path"):
         path = getattr(cfg, name)
         folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise UserError(f"cannot write --{name}={path}: the folder {folder} does not exist; "
-                            f"create it or choose another path")
-        if not os.access(folder, os.W_OK):
-            raise UserError(f"cannot write --{name}={path}: the folder {folder} is not writable")
-        if os.path.isdir(path):
-            raise UserError(f"cannot write --{name}={path}: it is a directory")
+        problem = ("the folder {folder} does not exist; create it or choose another path" if not os.path.isdir(folder)
+                   else "the folder {folder} is not writable" if not os.access(folder, os.W_OK)
+                   else "it is a directory" if os.path.isdir(path) else None)
+        if problem:
+            raise UserError(f"cannot write --{name}={path}: " + problem.format(folder=folder))
 
 
 def check_prompts(cfg, tokenizer, source):
@@ -1467,16 +1365,9 @@ def write_atomic(path, write):
     """write(f) into a temporary file of this process's own, fsync, then rename it to `path`:
     `path` is never half-written, and processes writing the same path never collide."""
     path = os.path.abspath(path)
-    folder = os.path.dirname(path)
+    folder, tmp = os.path.dirname(path), f"{path}.{os.getpid()}.tmp"
     try:
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the permissions a plain open() would give, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -1489,14 +1380,10 @@ def write_atomic(path, write):
             raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}{full}); "
                             f"the previous file, if any, is unchanged") from None
         raise
-    try:  # make the rename durable where the system allows it
+    with contextlib.suppress(OSError):  # make the rename durable where the system allows it
         dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+        os.fsync(dir_fd)
+        os.close(dir_fd)
 
 
 def load_file(path, what):
@@ -1527,15 +1414,10 @@ def set_rng_state(state, dev):
 
 class DummyWandb:
     """Stands in for a wandb run when logging is off or has failed: every call does nothing."""
+    log = finish = staticmethod(lambda *args, **kwargs: None)
 
     def __init__(self):
         self.summary = {}
-
-    def log(self, metrics):
-        pass
-
-    def finish(self):
-        pass
 
 
 def wandb_logged_in():
@@ -1587,18 +1469,15 @@ def start_wandb(cfg, dev, amp, pieces, start_iter):
                              mode=attempt, id=run_id, resume="allow" if attempt == "online" else None,
                              group=group, name=name + (f" resumed at step {start_iter}" if resumed else ""),
                              tags=[dev.type, dtype_name(amp)], save_code=True, settings=settings)
+            run.define_metric("iteration")
+            run.define_metric("*", step_metric="iteration")  # every chart's x-axis is the training step
+            run.define_metric("val_loss", step_metric="iteration", summary="min")
             break
         except Exception as e:
             warn(f"wandb {attempt} failed ({first_line(e)})"
                  + ("; logging offline instead" if attempt == "online" else "; metrics are printed only"))
     else:
         return DummyWandb(), pieces
-    try:
-        run.define_metric("iteration")
-        run.define_metric("*", step_metric="iteration")  # every chart's x-axis is the training step
-        run.define_metric("val_loss", step_metric="iteration", summary="min")
-    except Exception as e:
-        warn(f"wandb could not set the charts' x-axis ({first_line(e)})")
     if attempt == "offline":
         folder = os.path.relpath(os.path.dirname(run.dir.rstrip("/")))
         dirs.append(folder)

@@ -811,7 +811,7 @@ def test_torchrun_bad_constant(corpus):
     assert rc != 0, run.output
     _no_babygpt_traceback(run.output)
     errors = [ln for ln in run.output.splitlines() if ln.startswith("error: ")]
-    assert errors and all("n_embed (32) must be divisible by n_head (3)" in ln for ln in errors), run.output
+    assert errors and all("n_embed must be divisible by n_head=3 (got 32)" in ln for ln in errors), run.output
     _assert_no_orphans(folder)
     assert not (folder / "ckpt.pt").exists()
 
