@@ -269,17 +269,14 @@ class KVCache:
     """Keys and values of one layer for the tokens generated so far."""
 
     def __init__(self, block_size):
-        self.block_size = block_size
-        self.k = self.v = None
-        self.length = 0
+        self.block_size, self.k, self.v, self.length = block_size, None, None, 0
 
     def update(self, k, v):
         T = k.size(2)
         assert self.length == 0 or T == 1, "the cache is filled once, then one token at a time"
         if self.k is None:
             shape = (k.size(0), k.size(1), self.block_size, k.size(3))  # (B, nh, block_size, hs)
-            self.k = k.new_empty(shape)
-            self.v = v.new_empty(shape)
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
         end = self.length + T
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
@@ -302,12 +299,9 @@ def get_batch(data, batch_size, block_size, generator=None):
 @torch.no_grad()
 def estimate_loss(model, data, batch_size, block_size, eval_iters, generator=None, ctx=None,
                   on_batch=None, batches_per_pass=1):
-    """Mean loss over eval_iters random batches of each split, with dropout off.
-
-    batches_per_pass batches go through the model together (the same batches and the same mean:
-    each batch has batch_size x block_size tokens); the host waits once, at the end.
-    on_batch(done, total), if given, is called before each pass; it may raise to stop.
-    """
+    """Mean loss over eval_iters random batches of each split, with dropout off. batches_per_pass
+    batches go through the model together (same batches, same mean); the host waits once, at the
+    end. on_batch(done, total), if given, is called before each pass; it may raise to stop."""
     was_training = model.training
     model.eval()
     splits = ("train", "val")
@@ -334,11 +328,8 @@ def estimate_loss(model, data, batch_size, block_size, eval_iters, generator=Non
 
 def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
     """One optimizer step over micro-batches [(x, y), ...]; returns the last micro-batch's loss.
-
-    Each micro-batch loss is divided by their number, so the summed gradient equals the
-    gradient of the mean loss over all of them: accumulation trains the same model.
-    Under DDP, gradients are only averaged across processes on the last micro-batch.
-    """
+    Each micro-batch loss is divided by their number, so the summed gradient is the gradient of
+    the mean loss: accumulation trains the same model. DDP averages on the last micro-batch only."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     for i, (x, y) in enumerate(batches):
         last = i == len(batches) - 1
@@ -380,7 +371,7 @@ def train(cfg, clock=None):
         check_output_paths(cfg)
 
     # ---- the text, its tokenizer, and the train/validation split
-    text = read_text(cfg.data_path, world)
+    text = load_corpus(cfg.data_path, world)
     tokenizer = Tokenizer(text)
     check_prompts(cfg, tokenizer, cfg.data_path)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
@@ -693,9 +684,7 @@ def parse_args(argv):
     cfg.update(overrides)
     for name, value in overrides.items():
         say(f"override: {name} = {value!r}")
-    cfg["_argv"] = list(argv)
-    cfg["_explicit"] = set(overrides)
-    return command, SimpleNamespace(**cfg)
+    return command, SimpleNamespace(**cfg, _argv=list(argv), _explicit=set(overrides))
 
 
 AT_LEAST_1 = ("batch_size", "block_size", "n_embed", "n_head", "n_layer", "max_iters", "eval_interval",
@@ -778,10 +767,20 @@ def build_corpus(path):
     say(f"built {path}: {text.count(chr(10) + chr(10)) + 1} poems, {len(text)} characters")
 
 
-def load_corpus(path):
-    """Read the training text; build the default ci.txt first if it is missing."""
+def load_corpus(path, world=1):
+    """Read the training text; build the default ci.txt first if it is missing (under torchrun one
+    process per machine builds it while the others wait, so that no two processes write it)."""
     if path == "ci.txt" and not os.path.exists(path):
-        build_corpus(path)
+        error = None
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            try:
+                build_corpus(path)
+            except UserError as e:
+                error = e
+        if world > 1:
+            dist.barrier()
+        if error is not None:
+            raise error
     if not os.path.exists(path):
         raise UserError(f"data file {path} does not exist; pass an existing UTF-8 text file "
                         f"with --data_path=FILE")
@@ -802,24 +801,6 @@ def load_corpus(path):
     return text
 
 
-def read_text(path, world=1):
-    """load_corpus; under torchrun one process per machine builds a missing ci.txt while the
-    others wait, so that no two processes write it at once."""
-    if world > 1 and path == "ci.txt" and not os.path.exists(path):
-        error = None
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            try:
-                build_corpus(path)
-            except UserError as e:
-                error = e
-        dist.barrier()
-        if error is not None:
-            raise error
-        if not os.path.exists(path):
-            raise UserError(f"{path} could not be built; the first process on this machine says why")
-    return load_corpus(path)
-
-
 def check_split(data, cfg):
     """Each split must hold more than block_size tokens."""
     for name, part in data.items():
@@ -836,10 +817,8 @@ def check_split(data, cfg):
 
 def sync(dev):
     """Wait for the device's queued work, so wall-clock timings mean something."""
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    elif dev.type == "mps":
-        torch.mps.synchronize()
+    if dev.type in ("cuda", "mps"):
+        getattr(torch, dev.type).synchronize()
 
 
 def choose_device(name, local_rank=None):
@@ -917,8 +896,7 @@ def generator_device(dev):
 
 
 def generation_attention(dev):
-    """The attention kernels generation may use: on CUDA not cuDNN's, which prepares itself anew
-    for every key length and so makes the first sample slow."""
+    """Generation's attention kernels: on CUDA not cuDNN's, which prepares anew for each key length."""
     if dev.type != "cuda":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -983,9 +961,8 @@ def probe_dtypes(model, data, micro_batch, block_size, dev, dtypes, budget=3.0):
 
 
 def plan_run(cfg, model, data, micro_batch, dev, world, start_iter, clock):
-    """The autocast dtype of this run, and with max_minutes its number of steps. Off CUDA, auto is
-    measured: CPUs with the same features disagree on whether bfloat16 is faster. The timing also
-    tells a long CPU run how long it takes."""
+    """The autocast dtype, and with max_minutes the number of steps. Off CUDA auto is measured (CPUs
+    with the same features disagree on bfloat16), and the timing says how long a CPU run takes."""
     forced = None if cfg.dtype == "auto" else choose_dtype(cfg.dtype, dev)
     if dev.type == "cuda":
         if cfg.max_minutes:
@@ -1026,9 +1003,8 @@ def choose_compile_mode(cfg, dev, world):
     graphs, which cannot accumulate gradients or run under DDP."""
     if not (str(cfg.compile).lower() == "true" or (cfg.compile == "auto" and dev.type == "cuda")):
         return None
-    mode = cfg.compile_mode
-    if mode == "auto":
-        mode = "reduce-overhead" if dev.type == "cuda" and world == 1 and cfg.grad_accum_steps == 1 else "default"
+    graphs = dev.type == "cuda" and world == 1 and cfg.grad_accum_steps == 1
+    mode = ("reduce-overhead" if graphs else "default") if cfg.compile_mode == "auto" else cfg.compile_mode
     if mode in GRAPH_MODES and world > 1:
         raise UserError(f"compile_mode={mode} replays CUDA graphs, which do not mix with DDP's "
                         f"gradient hooks; use compile_mode=default under torchrun")
@@ -1071,10 +1047,8 @@ def choose_eval_passes(cfg, world, vocab_size, dev):
     eval_iters within ~330k tokens and half the free memory; elsewhere one (no gain on a CPU)."""
     if dev.type != "cuda":
         return 1
-    batch = cfg.batch_size // world
-    free, _ = torch.cuda.mem_get_info(dev)
-    tokens = min(20 * 64 * 256, free // 2 // (12 * vocab_size))  # bf16 and fp32 logits per token
-    most = max(1, min(cfg.eval_iters, tokens // (batch * cfg.block_size)))
+    tokens = min(20 * 64 * 256, torch.cuda.mem_get_info(dev)[0] // 2 // (12 * vocab_size))  # bf16 + fp32 logits
+    most = max(1, min(cfg.eval_iters, tokens // (cfg.batch_size // world * cfg.block_size)))
     return max(d for d in range(1, most + 1) if cfg.eval_iters % d == 0)
 
 
@@ -1082,8 +1056,7 @@ def choose_eval_passes(cfg, world, vocab_size, dev):
 # The training loop's plumbing: resume, time, signals
 
 def load_start(cfg, model, tokenizer):
-    """The checkpoint to resume from, with its weights loaded into model (--resume); or None,
-    after loading the weights of --init_from, if given."""
+    """With --resume the checkpoint, its weights loaded into model; else None (after --init_from)."""
     if cfg.resume:
         state = load_file(cfg.ckpt_path, "checkpoint")
         if not isinstance(state, dict) or "model" not in state or "iter_num" not in state:
@@ -1104,8 +1077,7 @@ def load_start(cfg, model, tokenizer):
 
 
 def resume_training(state, optimizer, scaler, cfg, dev, rank, world):
-    """Continue from a checkpoint: the optimizer, the random state. Returns (best val loss,
-    whether its step was evaluated, the wandb pieces so far)."""
+    """Restore the optimizer and random state; (best val loss, step evaluated?, wandb pieces so far)."""
     optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
@@ -1152,7 +1124,7 @@ class StopRequests:
     def __init__(self, graceful=True):
         self.graceful, self.requested = graceful, False
 
-    def __enter__(self):
+    def __enter__(self):  # the handlers of SIGINT (Ctrl-C) and SIGTERM, until __exit__
         self.old = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -1187,8 +1159,7 @@ class StopRequests:
 
 
 def finish(run, clock, world):
-    """Close wandb (with the phase figures in its summary) and the process group; then print
-    where the run's time went."""
+    """Close wandb (the phase figures go to its summary) and DDP; print where the time went."""
     seconds, total = clock.figures()
     try:
         run.summary.update({**{f"time/{k}": v for k, v in seconds.items()}, "time/total": total})
@@ -1249,7 +1220,7 @@ def load_for_sampling(cfg, dev):
             raise UserError(f"checkpoint {cfg.ckpt_path} is not a babygpt checkpoint")
         tokenizer = Tokenizer(state["chars"])
         shape, sd = checkpoint_shape(state), state["model"]
-        source = f"{cfg.ckpt_path} (step {state['iter_num']})"
+        source = f"{cfg.ckpt_path} (step {state.get('iter_num')})"
     elif os.path.exists(cfg.save_path):
         sd = load_file(cfg.save_path, "model file")
         if not os.path.exists(cfg.data_path):
@@ -1443,10 +1414,9 @@ def choose_wandb_mode(cfg):
 
 def start_wandb(cfg, dev, amp, pieces, start_iter):
     """(run, pieces): a wandb run (DummyWandb when off or unavailable, with a warning saying why),
-    and {id, group, dirs} of every piece of this training so far, for the checkpoint.
-    Online, a resumed training continues its run. Offline runs cannot be resumed (two pieces with
-    one id overwrite each other when synced), so each piece is a new run in the group named after
-    the first piece's id."""
+    and {id, group, dirs} of every piece of this training so far, for the checkpoint. Online, a
+    resumed training continues its run; offline runs cannot be resumed (pieces with one id overwrite
+    each other when synced), so each piece is a new run in the group named after the first's id."""
     mode = choose_wandb_mode(cfg)
     if mode is None:
         return DummyWandb(), pieces
@@ -1503,9 +1473,8 @@ def add_samples(metrics, samples, run, model, tokenizer, cfg, dev, ctx, it):
     """At the first evaluation, every sample_interval steps and the last, generate from the prompts
     (with a generator of its own, so training is unchanged) and put the table of every sample so
     far in metrics["samples"]. Returns the rows, or None once this failed (after a warning)."""
-    first, last = not samples, it == cfg.max_iters
-    if isinstance(run, DummyWandb) or samples is None or not cfg.prompts or \
-            not (first or last or it % cfg.sample_interval == 0):
+    due = not samples or it == cfg.max_iters or it % cfg.sample_interval == 0  # first, last, every interval
+    if isinstance(run, DummyWandb) or samples is None or not cfg.prompts or not due:
         return samples
     try:
         import wandb

@@ -108,7 +108,7 @@ def test_train_shows_the_seeds_steps_in_the_seeds_order():
     """A reader of train() alone sees the seed's script: text, tokenizer, split, model, AdamW,
     the loop with get_batch, estimate_loss, the log line and wandb, then generate and save."""
     src = inspect.getsource(babygpt.train)
-    steps = ["read_text(", "Tokenizer(text)", "train_data_ratio", "BabyGPT(", "torch.optim.AdamW(",
+    steps = ["load_corpus(", "Tokenizer(text)", "train_data_ratio", "BabyGPT(", "torch.optim.AdamW(",
              "for it in range(", "estimate_loss(", 'say(f"step {it}: train loss', "wandb_log(run", "get_batch(",
              "train_step(", "generate_texts(", "save_atomic(seed_state_dict(", "模型已保存到"]
     at = [src.find(step) for step in steps]
