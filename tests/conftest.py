@@ -1,7 +1,9 @@
 """Shared helpers: a tiny corpus the tests write themselves, tiny model settings, CLI runners
 (in the foreground and in the background), and one thread per test and per subprocess."""
 
+import contextlib
 import hashlib
+import io
 import os
 import queue
 import re
@@ -9,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import types
 
 import pytest
@@ -227,3 +230,81 @@ def corpus_data_for(text):
     ids = torch.tensor(tok.encode(text))
     n = int(0.9 * len(ids))
     return tok.vocab_size, {"train": ids[:n], "val": ids[n:]}
+
+
+# -----------------------------------------------------------------------------
+# The tiny run's command line, its log, its errors, and one trained folder for all tests
+
+STEP_RE = re.compile(r"^step (\d+): train loss ([0-9.]+), val loss ([0-9.]+)", re.M)
+
+
+def tiny(*extra, data="poems.txt"):
+    """TINY on the corpus `data` (a path relative to the run's folder), with `extra` on top."""
+    return [*TINY, f"--data_path={data}", *extra]
+
+
+def losses(stdout):
+    """{step: (train loss, val loss)} as printed."""
+    return {int(s): (float(t), float(v)) for s, t, v in STEP_RE.findall(stdout)}
+
+
+def run_main(capsys, args):
+    """babygpt.main(args) in this process: (returncode, stdout, stderr) as a namespace. An escaping
+    exception is reported as returncode None with its traceback in stderr."""
+    capsys.readouterr()
+    try:
+        rc = babygpt.main(list(args))
+    except SystemExit as e:
+        rc = e.code
+    except BaseException:  # noqa: B036 - a KeyboardInterrupt escaping main is a failure too
+        out, err = capsys.readouterr()
+        return types.SimpleNamespace(returncode=None, stdout=out, stderr=err + traceback.format_exc())
+    out, err = capsys.readouterr()
+    return types.SimpleNamespace(returncode=rc, stdout=out, stderr=err)
+
+
+def show(res):
+    return f"exit code {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+
+
+def one_line_error(res, *needles):
+    """Exit code 1, one line on stderr (`error: ...`) holding every needle, no traceback."""
+    assert res.returncode == 1, show(res)
+    assert "Traceback" not in res.stdout + res.stderr, show(res)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr\n{show(res)}"
+    line = lines[0]
+    assert line.startswith("error: "), line
+    for needle in needles:
+        assert needle.lower() in line.lower(), f"{needle!r} not in the message: {line}"
+    return line
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A folder with poems.txt, and ckpt.pt (step 10), model.pth and train.log of one tiny run
+    (learning rate 1e-2, so that the model has learned something)."""
+    folder = tmp_path_factory.mktemp("trained")
+    (folder / "poems.txt").write_text(make_corpus(), encoding="utf-8")
+    cwd, out, err, threads = os.getcwd(), io.StringIO(), io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        os.chdir(folder)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = babygpt.main(tiny("--learning_rate=1e-2"))
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    assert rc == 0, out.getvalue() + err.getvalue()
+    (folder / "train.log").write_text(out.getvalue(), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def work(trained, tmp_path, monkeypatch):
+    """A fresh cwd holding copies (same bytes and mtimes) of poems.txt, ckpt.pt and model.pth."""
+    import shutil
+    for name in ("poems.txt", "ckpt.pt", "model.pth"):
+        shutil.copy2(trained / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -12,19 +12,7 @@ import torch
 
 import babygpt
 import reference
-from conftest import TINY, FakeWandb, load_ckpt, run_cli
-
-
-def tiny(corpus, *extra):
-    return [*TINY, f"--data_path={corpus.name}", *extra]
-
-
-@pytest.fixture
-def trained(corpus):
-    """A tiny finished run: (folder, its ckpt.pt state, its output)."""
-    res = run_cli(tiny(corpus, "--learning_rate=1e-2"), cwd=corpus.parent)
-    assert res.returncode == 0, res.stderr
-    return corpus.parent, load_ckpt(corpus.parent / "ckpt.pt"), res.stdout
+from conftest import FakeWandb, load_ckpt, losses, run_cli, tiny
 
 
 # -----------------------------------------------------------------------------
@@ -35,7 +23,7 @@ def seed_model(vocab):
 
 
 def test_model_pth_has_exactly_the_seeds_keys_and_loads_strictly_into_its_classes(trained):
-    folder, ckpt, _ = trained
+    folder, ckpt = trained, load_ckpt(trained / "ckpt.pt")
     sd = load_ckpt(folder / "model.pth")
     vocab = len(ckpt["chars"])
     ref = seed_model(vocab)
@@ -65,16 +53,18 @@ def test_seed_state_dict_round_trips_and_shares_one_mask():
     assert len(masks) == 1  # torch.save writes the shared mask once
 
 
-def test_sample_and_init_from_work_from_a_seed_layout_model_pth(trained, corpus):
-    folder, _, log = trained
-    os.remove(folder / "ckpt.pt")  # sample must use model.pth, with the vocabulary of data_path
-    res = run_cli(["sample", *tiny(corpus, "--temperature=0", "--prompts=春江")], cwd=folder)
+def test_sample_and_init_from_work_from_a_seed_layout_model_pth(work, trained):
+    os.remove(work / "ckpt.pt")  # sample must use model.pth, with the vocabulary of data_path
+    res = run_cli(["sample", *tiny("--temperature=0", "--prompts=春江", "--max_new_token=12")], cwd=work)
     assert res.returncode == 0, res.stderr
-    assert "sampling from model.pth" in res.stdout and "春江" in res.stdout
-    res = run_cli(tiny(corpus, "--init_from=model.pth", "--max_iters=5", "--save_path=again.pth",
-                       "--ckpt_path=again.pt"), cwd=folder)
+    after = res.stdout.split("sampling from model.pth\n", 1)[1]  # the echoed overrides name 春江 too
+    text = after.split("\n----------\n")[0]
+    assert text.startswith("春江") and len(text) == 2 + 12, res.stdout  # the prompt and 12 new characters
+    res = run_cli(tiny("--init_from=model.pth", "--max_iters=5", "--save_path=again.pth", "--ckpt_path=again.pt"),
+                  cwd=work)
     assert res.returncode == 0, res.stderr
-    step0 = [float(re.search(r"^step 0: train loss ([\d.]+)", out, re.M)[1]) for out in (log, res.stdout)]
+    log = (trained / "train.log").read_text(encoding="utf-8")
+    step0 = [losses(out)[0][0] for out in (log, res.stdout)]
     assert step0[1] < step0[0] - 0.5  # it started from the trained weights (same step-0 batches)
 
 
@@ -86,7 +76,7 @@ def run_with_fake_wandb(corpus, monkeypatch, *extra, mode="offline"):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.chdir(corpus.parent)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    args = [a for a in tiny(corpus) if not a.startswith("--wandb_mode")] + [f"--wandb_mode={mode}", *extra]
+    args = [a for a in tiny(data=corpus.name) if not a.startswith("--wandb_mode")] + [f"--wandb_mode={mode}", *extra]
     assert babygpt.main(args) == 0
     return fake
 
@@ -120,7 +110,7 @@ def test_samples_do_not_change_the_training(corpus, monkeypatch, capsys):
     """The samples draw from a generator of their own: the losses match a run without wandb."""
     run_with_fake_wandb(corpus, monkeypatch, "--dropout=0.1", "--sample_interval=5")
     with_samples = [l.split(", speed")[0] for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
-    assert babygpt.main(tiny(corpus, "--dropout=0.1", "--ckpt_path=b.pt", "--save_path=b.pth")) == 0
+    assert babygpt.main(tiny("--dropout=0.1", "--ckpt_path=b.pt", "--save_path=b.pth", data=corpus.name)) == 0
     without = [l.split(", speed")[0] for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
     assert with_samples == without and len(without) == 3
 
@@ -140,7 +130,7 @@ def test_wandb_failures_in_logging_never_stop_training(corpus, monkeypatch, caps
     fake.init = init
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.chdir(corpus.parent)
-    args = [a for a in tiny(corpus) if not a.startswith("--wandb_mode")] + ["--wandb_mode=offline"]
+    args = [a for a in tiny(data=corpus.name) if not a.startswith("--wandb_mode")] + ["--wandb_mode=offline"]
     assert babygpt.main(args) == 0
     captured = capsys.readouterr()
     assert "warning: wandb samples failed (table service down)" in captured.err
@@ -154,7 +144,7 @@ def test_wandb_failures_in_logging_never_stop_training(corpus, monkeypatch, caps
 def test_offline_resume_is_two_runs_in_one_group_with_their_sample_tables(corpus):
     folder = corpus.parent
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    args = [a for a in tiny(corpus) if not a.startswith("--wandb_mode")] + ["--sample_interval=5"]
+    args = [a for a in tiny(data=corpus.name) if not a.startswith("--wandb_mode")] + ["--sample_interval=5"]
     first = run_cli([*args, "--max_iters=5"], cwd=folder, env=env)
     assert first.returncode == 0, first.stderr
     second = run_cli([*args, "--max_iters=10", "--resume=true"], cwd=folder, env=env)

@@ -20,7 +20,8 @@ import torch
 
 import babygpt
 import reference
-from conftest import TINY, FakeWandb, Running, babygpt_cmd, cli_env, load_ckpt, make_corpus, run_cli, snapshot
+from conftest import (TINY, FakeWandb, Running, babygpt_cmd, cli_env, load_ckpt, losses, make_corpus, one_line_error,
+                      run_cli, snapshot, tiny)
 
 
 def run_many(*jobs):
@@ -29,22 +30,12 @@ def run_many(*jobs):
         return list(pool.map(lambda job: run_cli(*job), jobs))
 
 
-STEP_RE = re.compile(r"^step (\d+): train loss ([0-9.]+), val loss ([0-9.]+)", re.M)
 DASHES = "-" * 10
 CKPT_KEYS = {"model", "optimizer", "iter_num", "config", "chars", "best_val_loss", "rng"}
 
 
 # -----------------------------------------------------------------------------
 # helpers
-
-def tiny(corpus_name="poems.txt", *extra):
-    return [*TINY, f"--data_path={corpus_name}", *extra]
-
-
-def losses(stdout):
-    """{step: (train loss, val loss)} as printed (speed and time ignored)."""
-    return {int(s): (tr, va) for s, tr, va in STEP_RE.findall(stdout)}
-
 
 def parse_samples(stdout, prompts, num_samples=1):
     """The samples `sample` printed, one list per prompt: each sample is followed by a line of
@@ -60,37 +51,9 @@ def parse_samples(stdout, prompts, num_samples=1):
     return [samples[i:i + num_samples] for i in range(0, len(samples), num_samples)]
 
 
-def assert_one_line_error(proc):
-    assert proc.returncode == 1, f"exit code {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
-    return lines[0]
-
-
 def tiny_model(vocab_size, seed=0, cls=babygpt.BabyGPT):
     torch.manual_seed(seed)
     return cls(vocab_size, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0).eval()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A folder holding poems.txt, ckpt.pt and model.pth from one tiny 10-step run."""
-    folder = tmp_path_factory.mktemp("trained")
-    (folder / "poems.txt").write_text(make_corpus(), encoding="utf-8")
-    proc = run_cli(tiny(), cwd=folder)
-    assert proc.returncode == 0, proc.stderr
-    (folder / "train.log").write_text(proc.stdout, encoding="utf-8")
-    assert (folder / "ckpt.pt").exists() and (folder / "model.pth").exists()
-    return folder
-
-
-@pytest.fixture
-def work(trained, tmp_path):
-    """A private copy of the trained folder."""
-    for name in ("poems.txt", "ckpt.pt", "model.pth"):
-        shutil.copy2(trained / name, tmp_path / name)
-    return tmp_path
 
 
 # -----------------------------------------------------------------------------
@@ -132,8 +95,8 @@ def test_checkpoint_contents(trained):
 
 def test_resume_with_other_shape_is_an_error(work):
     before = snapshot(work)
-    proc = run_cli(tiny("poems.txt", "--resume=true", "--max_iters=20", "--n_layer=3"), cwd=work)
-    line = assert_one_line_error(proc)
+    proc = run_cli(tiny("--resume=true", "--max_iters=20", "--n_layer=3"), cwd=work)
+    line = one_line_error(proc)
     assert "n_layer" in line
     assert snapshot(work) == before  # ckpt.pt and model.pth untouched (bytes and mtime)
 
@@ -195,7 +158,7 @@ def test_sample_from_checkpoint_without_corpus(work):
     (work / "poems.txt").unlink()  # the vocabulary comes from ckpt.pt
     before = snapshot(work)
     prompts = ["春", "春江潮水连海平"]  # different lengths
-    args = ["sample", *tiny("poems.txt"), f"--prompts={','.join(prompts)}", "--max_new_token=20",
+    args = ["sample", *tiny(), f"--prompts={','.join(prompts)}", "--max_new_token=20",
             "--temperature=0"]
     # model.pth would need the deleted corpus: success means the vocabulary came from ckpt.pt
     proc, again = run_many((args, work), (args, work))
@@ -213,11 +176,11 @@ def test_sample_from_checkpoint_without_corpus(work):
 def test_sample_num_samples_and_top_k(work):
     # top_k=1 keeps only the most likely token: the same text as greedy decoding
     proc, top1, greedy = run_many(
-        (["sample", *tiny("poems.txt"), "--prompts=往事,明月", "--max_new_token=15", "--num_samples=2",
+        (["sample", *tiny(), "--prompts=往事,明月", "--max_new_token=15", "--num_samples=2",
           "--top_k=5", "--temperature=0.8"], work),
-        (["sample", *tiny("poems.txt"), "--prompts=往事", "--max_new_token=15", "--top_k=1",
+        (["sample", *tiny(), "--prompts=往事", "--max_new_token=15", "--top_k=1",
           "--temperature=1.0"], work),
-        (["sample", *tiny("poems.txt"), "--prompts=往事", "--max_new_token=15", "--temperature=0"], work))
+        (["sample", *tiny(), "--prompts=往事", "--max_new_token=15", "--temperature=0"], work))
     assert proc.returncode == 0, proc.stderr
     samples = parse_samples(proc.stdout, ["往事", "明月"], num_samples=2)
     assert [len(g) for g in samples] == [2, 2]
@@ -232,8 +195,8 @@ def test_sample_num_samples_and_top_k(work):
 def test_sample_falls_back_to_model_pth(work):
     args = ["--prompts=春江,往事", "--max_new_token=20", "--temperature=0"]
     # no file at ckpt_path (the default ckpt.pt stays for the comparison run)
-    from_ckpt, from_pth = run_many((["sample", *tiny("poems.txt"), *args], work),
-                                   (["sample", *tiny("poems.txt"), *args, "--ckpt_path=gone.pt"], work))
+    from_ckpt, from_pth = run_many((["sample", *tiny(), *args], work),
+                                   (["sample", *tiny(), *args, "--ckpt_path=gone.pt"], work))
     assert from_ckpt.returncode == 0, from_ckpt.stderr
     assert from_pth.returncode == 0, from_pth.stderr
     # model.pth holds the final weights, as does the final ckpt.pt: the same greedy text
@@ -241,15 +204,15 @@ def test_sample_falls_back_to_model_pth(work):
     assert parse_samples(from_pth.stdout, prompts) == parse_samples(from_ckpt.stdout, prompts)
     # and without the corpus, model.pth alone (no vocabulary) is a clear error
     (work / "poems.txt").unlink()
-    proc = run_cli(["sample", *tiny("poems.txt"), *args, "--ckpt_path=gone.pt"], cwd=work)
-    assert "poems.txt" in assert_one_line_error(proc)
+    proc = run_cli(["sample", *tiny(), *args, "--ckpt_path=gone.pt"], cwd=work)
+    assert "poems.txt" in one_line_error(proc)
 
 
 def test_sample_asks_for_prompts_on_a_terminal(work):
     """With no prompts and a terminal on stdin, sample asks (请输入文字: ) until end of input."""
     import pty
     leader, follower = pty.openpty()
-    proc = subprocess.Popen(babygpt_cmd("sample", *tiny("poems.txt"), "--prompts=", "--max_new_token=5"),
+    proc = subprocess.Popen(babygpt_cmd("sample", *tiny(), "--prompts=", "--max_new_token=5"),
                             cwd=work, stdin=follower, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=cli_env())
     os.close(follower)
@@ -266,8 +229,8 @@ def test_sample_asks_for_prompts_on_a_terminal(work):
 
 
 def test_sample_without_prompts_and_without_terminal_is_an_error(work):
-    proc = run_cli(["sample", *tiny("poems.txt"), "--prompts="], cwd=work, stdin=subprocess.DEVNULL)
-    assert "prompts" in assert_one_line_error(proc)
+    proc = run_cli(["sample", *tiny(), "--prompts="], cwd=work, stdin=subprocess.DEVNULL)
+    assert "prompts" in one_line_error(proc)
 
 
 # -----------------------------------------------------------------------------
@@ -343,7 +306,7 @@ def test_seed_state_dict_loads_exactly():
 def test_sample_with_seed_model_pth(tmp_path):
     tok, seed_model = seed_setup(tmp_path)
     prompts = ["春江", "往事"]
-    proc = run_cli(["sample", *tiny("poems.txt"), "--prompts=春江,往事", "--max_new_token=25",
+    proc = run_cli(["sample", *tiny(), "--prompts=春江,往事", "--max_new_token=25",
                     "--temperature=0"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     samples = parse_samples(proc.stdout, prompts)
@@ -357,9 +320,9 @@ def test_train_from_seed_model_pth(tmp_path):
     tok, seed_model = seed_setup(tmp_path)
     # a learning rate so small that one step leaves the weights as they were
     proc, fresh = run_many(
-        (tiny("poems.txt", "--init_from=model.pth", "--max_iters=1", "--eval_interval=1",
+        (tiny("--init_from=model.pth", "--max_iters=1", "--eval_interval=1",
               "--learning_rate=1e-12", "--save_path=out.pth"), tmp_path),
-        (tiny("poems.txt", "--max_iters=1", "--eval_interval=1", "--learning_rate=1e-12",
+        (tiny("--max_iters=1", "--eval_interval=1", "--learning_rate=1e-12",
               "--save_path=fresh.pth", "--ckpt_path=fresh.pt"), tmp_path))
     assert proc.returncode == 0, proc.stderr
     model = babygpt.BabyGPT(tok.vocab_size, block_size=16, n_embed=32, n_head=2, n_layer=2,
@@ -386,8 +349,8 @@ def test_bad_input_cli(work):
     before = snapshot(work)
     truncated, negative = run_many((["sample", *tiny()], work),
                                    (["sample", *tiny(), "--temperature=-1"], work))
-    assert "ckpt.pt" in assert_one_line_error(truncated)
-    assert "temperature" in assert_one_line_error(negative)
+    assert "ckpt.pt" in one_line_error(truncated)
+    assert "temperature" in one_line_error(negative)
     assert snapshot(work) == before
 
 
@@ -403,7 +366,7 @@ def test_resume_and_wandb_runs(corpus, monkeypatch, mode):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.chdir(folder)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    args = [a for a in tiny(corpus.name) if not a.startswith("--wandb_mode")] + [f"--wandb_mode={mode}"]
+    args = [a for a in tiny(data=corpus.name) if not a.startswith("--wandb_mode")] + [f"--wandb_mode={mode}"]
     assert babygpt.main([*args, "--max_iters=5"]) == 0
     assert babygpt.main([*args, "--max_iters=10", "--resume=true"]) == 0
     first, second = fake.inits
@@ -426,7 +389,7 @@ def test_an_offline_piece_is_never_continued_online(corpus, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.chdir(folder)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    args = [a for a in tiny(corpus.name) if not a.startswith("--wandb_mode")]
+    args = [a for a in tiny(data=corpus.name) if not a.startswith("--wandb_mode")]
     assert babygpt.main([*args, "--max_iters=5", "--wandb_mode=offline"]) == 0
     assert babygpt.main([*args, "--max_iters=10", "--resume=true", "--wandb_mode=online"]) == 0
     first, second = fake.inits

@@ -63,6 +63,15 @@ def test_forced_bfloat16_that_is_slower_is_allowed_with_a_note(monkeypatch, caps
     assert "note: bfloat16 is slower than float32 on this cpu (0.80x" in capsys.readouterr().out
 
 
+def test_forced_float16_off_cuda_is_timed_and_named(monkeypatch, capsys):
+    """MPS can autocast to float16: the forced dtype is the one timed against float32."""
+    monkeypatch.setattr(babygpt, "probe_dtypes", fake_probe({F32: 1.0, torch.float16: 2.0}))
+    got = babygpt.plan_run(cfg_for(dtype="float16"), None, None, 8, torch.device("mps"), 1, 0, babygpt.PhaseClock())
+    assert got == torch.float16
+    assert "note: float16 is slower than float32 on this mps (0.50x: float32 1.000s, float16 2.000s" in \
+        capsys.readouterr().out
+
+
 def test_forced_float32_measures_float32_only(monkeypatch, capsys):
     seen = []
 
@@ -156,7 +165,7 @@ def test_the_probe_times_a_much_slower_dtype_on_a_few_tokens_only(monkeypatch):
     vocab, data = corpus_data_for(make_corpus())
     steps, _ = babygpt.probe_dtypes(tiny_model(vocab), data["train"], 8, 16, torch.device("cpu"), [F32, BF16],
                                     budget=0.5)
-    assert max(n for dt, n in shapes if dt == BF16) <= 16  # one short sequence
+    assert max(n for dt, n in shapes if dt == BF16) <= 2 * 16 and len([s for s in shapes if s[0] == BF16]) == 1
     assert steps[BF16] > 5 * steps[F32] and babygpt.choose_dtype("auto", torch.device("cpu"), steps) == F32
 
 
@@ -225,10 +234,16 @@ def test_get_batch_draws_with_a_generator_of_another_device():
 # -----------------------------------------------------------------------------
 # Generation's attention kernels
 
-def test_generation_attention_leaves_out_cudnn_on_cuda_only():
+def test_generation_attention_leaves_out_cudnn_on_cuda_only(monkeypatch):
     from contextlib import nullcontext
+
+    import torch.nn.attention as attention
     assert isinstance(babygpt.generation_attention(torch.device("cpu")), nullcontext)
-    assert not isinstance(babygpt.generation_attention(torch.device("cuda")), nullcontext)
+    allowed = []
+    monkeypatch.setattr(attention, "sdpa_kernel", lambda backends: allowed.append(list(backends)) or nullcontext())
+    babygpt.generation_attention(torch.device("cuda"))
+    B = attention.SDPBackend
+    assert allowed == [[B.EFFICIENT_ATTENTION, B.MATH]]  # never CUDNN_ATTENTION
 
 
 def test_greedy_generation_is_the_same_with_every_attention_backend():

@@ -13,27 +13,13 @@ import torch
 
 import babygpt
 import reference
-from conftest import (ROOT, TINY, FakeWandb, Running, cli_env, load_ckpt, make_corpus, run_cli,
-                      torchrun_cmd)
-
-STEP_RE = re.compile(r"^step (\d+): train loss ([0-9.]+), val loss ([0-9.]+)", re.M)
+from conftest import ROOT, FakeWandb, cli_env, load_ckpt, losses, make_corpus, run_cli, run_main, tiny, torchrun_cmd
 
 
-def tiny(*extra, data="poems.txt"):
-    return [*TINY, f"--data_path={data}", *extra]
-
-
-def losses(stdout):
-    """{step: (train loss, val loss)} as floats, from the log lines."""
-    return {int(s): (float(t), float(v)) for s, t, v in STEP_RE.findall(stdout)}
-
-
-def run_main(args, capsys):
+def main(args, capsys):
     """babygpt.main(args) in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    rc = babygpt.main(list(args))
-    out, err = capsys.readouterr()
-    return rc, out, err
+    res = run_main(capsys, args)
+    return res.returncode, res.stdout, res.stderr
 
 
 def same_weights(a, b):
@@ -162,7 +148,7 @@ def test_training_learns_from_the_train_split_and_is_judged_on_val(tmp_path, mon
     rng.shuffle(tail)
     (tmp_path / "split.txt").write_text(text[:n] + "".join(tail), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    rc, out, err = run_main(tiny("--learning_rate=1e-2", "--max_iters=30", "--eval_interval=30",
+    rc, out, err = main(tiny("--learning_rate=1e-2", "--max_iters=30", "--eval_interval=30",
                                  data="split.txt"), capsys)
     assert rc == 0, err
     train_loss, val_loss = losses(out)[30]
@@ -178,7 +164,7 @@ def test_accumulating_micro_batches_trains_the_same_model(corpus, monkeypatch, c
     monkeypatch.chdir(corpus.parent)
     runs = []
     for accum in (1, 2):
-        rc, out, err = run_main(tiny(f"--grad_accum_steps={accum}", "--learning_rate=3e-3",
+        rc, out, err = main(tiny(f"--grad_accum_steps={accum}", "--learning_rate=3e-3",
                                      f"--save_path=m{accum}.pth", f"--ckpt_path=c{accum}.pt"), capsys)
         assert rc == 0, err
         runs.append(losses(out))
@@ -200,13 +186,13 @@ def test_grad_clip_clips_every_step_to_the_setting(corpus, monkeypatch, capsys):
         return norm
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
-    rc, _, err = run_main(tiny("--grad_clip=0.05"), capsys)
+    rc, _, err = main(tiny("--grad_clip=0.05"), capsys)
     assert rc == 0, err
     n_params = len(list(babygpt.BabyGPT(10, 16, 32, 2, 2).parameters()))
     assert len(calls) == 10 and all(c[0] == 0.05 and c[1] == n_params for c in calls)
     assert all(c[2] <= 0.05 * 1.001 for c in calls)
     calls.clear()
-    rc, _, err = run_main(tiny("--grad_clip=0"), capsys)
+    rc, _, err = main(tiny("--grad_clip=0"), capsys)
     assert rc == 0 and not calls
 
 
@@ -275,7 +261,7 @@ def test_a_nan_loss_stops_training_at_its_step(corpus, monkeypatch, capsys):
         return real_step(model, *args, **kwargs)
 
     monkeypatch.setattr(babygpt, "train_step", train_step)
-    rc, out, err = run_main(tiny("--eval_interval=10"), capsys)
+    rc, out, err = main(tiny("--eval_interval=10"), capsys)
     assert rc == 1
     assert "the loss became NaN or infinite at step 3" in err, err
     assert "step 10:" not in out
@@ -292,15 +278,19 @@ def test_a_model_pth_with_another_head_count_is_never_loaded_silently(tmp_path, 
     compute another function."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "poems.txt").write_text(make_corpus(), encoding="utf-8")
-    rc, _, err = run_main(tiny("--n_head=4"), capsys)
+    rc, _, err = main(tiny("--n_head=4"), capsys)
     assert rc == 0, err
     os.remove("ckpt.pt")
     heads = {k.split(".")[4] for k in load_ckpt(tmp_path / "model.pth") if ".heads." in k}
     assert heads == {"0", "1", "2", "3"}
-    rc, _, err = run_main(tiny("--n_head=2", "--init_from=model.pth", "--save_path=b.pth"), capsys)
+    rc, _, err = main(tiny("--n_head=2", "--init_from=model.pth", "--save_path=b.pth"), capsys)
     assert rc == 1 and "n_head" in err and len(err.strip().splitlines()) == 1, err
+    rc, _, err = main(tiny("--n_head=4", "--init_from=model.pth", "--save_path=b.pth", "--ckpt_path=b.pt"), capsys)
+    assert rc == 0, err
+    rc, _, err = main(tiny("--n_head=4", "--init_from=b.pt", "--save_path=c.pth", "--ckpt_path=c.pt"), capsys)
+    assert rc == 0, err  # a ckpt.pt's weights start a training too
     # sample builds the model the file describes, whatever --n_head says
-    rc, out, err = run_main(["sample", *tiny("--n_head=2", "--temperature=0", "--prompts=春江")], capsys)
+    rc, out, err = main(["sample", *tiny("--n_head=2", "--temperature=0", "--prompts=春江")], capsys)
     assert rc == 0, err
     ref = reference.SeedGPT(len(set(make_corpus())), block_size=16, n_embed=32, n_head=4, n_layer=2, dropout=0.0)
     ref.load_state_dict(load_ckpt(tmp_path / "model.pth"))
@@ -320,7 +310,7 @@ def test_three_offline_pieces_share_one_group_and_one_sync_command(corpus, monke
     base = [a for a in tiny() if not a.startswith("--wandb_mode")] + ["--wandb_mode=offline"]
     outs = []
     for i, end in enumerate((5, 10, 15)):
-        rc, out, err = run_main(base + [f"--max_iters={end}"] + (["--resume=true"] if i else []), capsys)
+        rc, out, err = main(base + [f"--max_iters={end}"] + (["--resume=true"] if i else []), capsys)
         assert rc == 0, err
         outs.append(out)
     ids = [init["id"] for init in fake.inits]
@@ -358,7 +348,7 @@ def test_each_phase_gets_the_time_spent_in_it(corpus, monkeypatch, capsys):
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
-    rc, out, err = run_main(tiny("--checkpoint_interval=0", "--prompts=春江"), capsys)
+    rc, out, err = main(tiny("--checkpoint_interval=0", "--prompts=春江"), capsys)
     assert rc == 0, err
     line = [l for l in out.splitlines() if l.startswith("total ")][-1]
     got = {p.rsplit(" ", 1)[0]: float(p.rsplit(" ", 1)[1][:-1]) for p in line.split(": ", 1)[1].split(", ")}
@@ -406,6 +396,6 @@ def test_two_processes_train_one_model_on_different_batches(corpus, capsys, monk
     together = losses(proc.stdout)
     assert sorted(together) == [0, 3, 6]
     monkeypatch.chdir(folder)
-    rc, out, err = run_main(args[:-1] + ["--max_iters=1", "--save_path=one.pth", "--ckpt_path=one.pt"], capsys)
+    rc, out, err = main(args[:-1] + ["--max_iters=1", "--save_path=one.pth", "--ckpt_path=one.pt"], capsys)
     alone = losses(out)[0]
     assert together[0][0] == pytest.approx(alone[0], abs=0.15) and together[0][1] == pytest.approx(alone[1], abs=0.15)

@@ -40,7 +40,7 @@ def test_every_run_ends_with_its_time_split_into_phases(corpus):
     assert m, res.stdout[-300:]
     total, *phases = (float(x) for x in m.groups())
     assert sum(phases) == pytest.approx(total, abs=0.35)  # each is rounded to 0.1 s
-    assert total <= wall + 0.1 and total > wall - 1.0  # the process's own wall time
+    assert wall - 3.0 < total <= wall + 0.1  # the process's own wall time, from before torch is imported
     assert phases[0] > 0  # at least importing torch
 
 
