@@ -31,6 +31,7 @@ import sys
 import tarfile
 import tempfile
 import contextlib
+import copy
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -78,7 +79,7 @@ device = "auto"               # auto = cuda, else mps, else cpu
 dtype = "auto"                # auto (measured on this machine), float32, bfloat16, float16
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU, else default
-preset = ""                   # cpu: a small configuration that trains in 10 minutes on a laptop
+preset = ""                   # cpu: a small model that trains in at most about 10 minutes on a CPU
 max_minutes = 0               # 0 = off; else max_iters becomes the steps that fit in these minutes here
 # files and logging
 save_path = "model.pth"       # final weights, in the seed's layout
@@ -97,7 +98,7 @@ CONFIG_KEYS = [k for k, v in list(globals().items())
 PRESETS = {
     # a small model that a 2-core CPU trains in minutes
     "cpu": dict(n_layer=4, n_head=4, n_embed=128, block_size=64, batch_size=32, dropout=0.0,
-                learning_rate=2e-3, max_minutes=10, eval_interval=250, eval_iters=20,
+                learning_rate=3e-3, max_minutes=10, eval_interval=250, eval_iters=20,
                 lr_schedule="cosine", warmup_iters=100, min_lr=2e-4),
 }
 
@@ -910,56 +911,58 @@ def fork_rng(dev):
     return torch.random.fork_rng(devices=[dev.index or 0], device_type=dev.type)
 
 
-def time_step(model, x, y, dt, dev):
-    """Seconds of one forward and backward pass under autocast to dt."""
+def time_step(model, optimizer, x, y, dt, dev):
+    """Seconds of a training step's forward and backward pass (under autocast to dt), and of AdamW's update."""
     sync(dev)
     t0 = time.perf_counter()
     with autocast(dev, dt):
-        model(x, y)[1].backward()
+        loss = model(x, y)[1]
+    loss.backward()
     sync(dev)
-    return time.perf_counter() - t0
+    t1 = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(dev)
+    return t1 - t0, time.perf_counter() - t1
 
 
 def probe_dtypes(model, data, micro_batch, block_size, dev, dtypes, budget=2.5):
     """({dtype: seconds of a training step of micro_batch sequences}, seconds of an evaluation batch),
-    measured in about `budget` seconds; a dtype 3x slower than float32 on two short sequences (10x on
-    its first pass) is not timed further. Random states, gradients and the mode are put back."""
-    was_training = model.training
+    measured in about `budget` s on a copy of the model with an AdamW of its own (nothing else changes);
+    a dtype 3x slower than float32 on two short sequences (10x on its first pass) is timed no further."""
+    model = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9)
     gen = torch.Generator(device=generator_device(dev)).manual_seed(0)
-    try:
-        with fork_rng(dev):
-            model.train()
-            x, y = get_batch(data, min(micro_batch, 2), min(block_size, 64), gen)  # first passes prepare kernels
-            scout = {}
-            for dt in dtypes:
-                try:
-                    scout[dt] = time_step(model, x, y, dt, dev)
-                    if dt == torch.float32 or scout[dt] < 10 * scout[torch.float32]:
-                        scout[dt] = min(scout[dt], time_step(model, x, y, dt, dev))
-                except RuntimeError:  # a device without this autocast dtype (older MPS)
-                    if dt == torch.float32:
-                        raise
-            dtypes = [dt for dt in scout if scout[dt] <= 3 * scout[torch.float32]]  # small inputs favour float32
-            x, y = get_batch(data, 1, block_size, gen)
-            one = time_step(model, x, y, dtypes[0], dev)
-            rows = max(1, min(micro_batch, int(budget / (2 * len(dtypes) + 2) / max(one, 1e-6))))
-            x, y = get_batch(data, rows, block_size, gen)
-            time_step(model, x, y, dtypes[0], dev)  # the first pass at this size also allocates
-            times = [(dt, time_step(model, x, y, dt, dev)) for _ in range(2) for dt in dtypes]
-            steps = {dt: min(t for d, t in times if d == dt) for dt in dtypes}
-            fastest = min(steps, key=steps.get)
-            model.eval()
+    with fork_rng(dev):
+        x, y = get_batch(data, min(micro_batch, 2), min(block_size, 64), gen)  # first passes prepare kernels
+        scout = {}
+        for dt in dtypes:
+            try:
+                scout[dt] = time_step(model, optimizer, x, y, dt, dev)[0]
+                if dt == torch.float32 or scout[dt] < 10 * scout[torch.float32]:
+                    scout[dt] = min(scout[dt], time_step(model, optimizer, x, y, dt, dev)[0])
+            except RuntimeError:  # a device without this autocast dtype (older MPS)
+                if dt == torch.float32:
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+        dtypes = [dt for dt in scout if scout[dt] <= 3 * scout[torch.float32]]  # small inputs favour float32
+        one = time_step(model, optimizer, *get_batch(data, 1, block_size, gen), dtypes[0], dev)[0]
+        rows = max(1, min(micro_batch, int(budget / (2 * len(dtypes) + 2) / max(one, 1e-6))))
+        x, y = get_batch(data, rows, block_size, gen)
+        time_step(model, optimizer, x, y, dtypes[0], dev)  # the first pass at this size also allocates
+        times = [(dt, *time_step(model, optimizer, x, y, dt, dev)) for _ in range(2) for dt in dtypes]
+        steps = {dt: min(t for d, t, _ in times if d == dt) for dt in dtypes}
+        update = min(u for _, _, u in times)  # AdamW's update costs the same for any number of rows
+        fastest = min(steps, key=steps.get)
+        model.eval()
+        sync(dev)
+        t0 = time.perf_counter()
+        with torch.no_grad(), autocast(dev, fastest):
+            model(x, y)
             sync(dev)
-            t0 = time.perf_counter()
-            with torch.no_grad(), autocast(dev, fastest):
-                model(x, y)
-                sync(dev)
-            forward = time.perf_counter() - t0
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+        forward = time.perf_counter() - t0
     steps.update({dt: scout[dt] / scout[fastest] * steps[fastest] for dt in scout if dt not in steps})
-    return {dt: t * micro_batch / rows for dt, t in steps.items()}, forward * micro_batch / rows
+    return {dt: t * micro_batch / rows + update for dt, t in steps.items()}, forward * micro_batch / rows
 
 
 def plan_run(cfg, model, data, micro_batch, dev, world, start_iter, clock):
@@ -984,7 +987,7 @@ def plan_run(cfg, model, data, micro_batch, dev, world, start_iter, clock):
         elif steps.get(forced, 0) > steps[torch.float32]:
             say(f"note: {dtype_name(forced)} is slower than float32 on this {dev.type} "
                 f"({steps[torch.float32] / steps[forced]:.2f}x: {timing}); --dtype=auto picks the faster")
-    step = 1.1 * steps.get(chosen, steps[torch.float32]) * cfg.grad_accum_steps  # + the optimizer's step
+    step = 1.2 * steps.get(chosen, steps[torch.float32]) * cfg.grad_accum_steps  # + batches, loop, noise
     evaluation = 2 * cfg.eval_iters * forward * (cfg.batch_size // world) / micro_batch
     if cfg.max_minutes and "max_iters" not in cfg._explicit and start_iter == 0:
         left = 60 * cfg.max_minutes - (time.time() - clock.start) - 5  # 5 s to generate and save

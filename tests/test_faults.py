@@ -462,18 +462,19 @@ def announced(*args, **kwargs):
 babygpt.estimate_loss = announced
 """
 
-# for model.pth only, torch.save writes a few bytes, then hangs: a slow final save
-SLOW_FINAL_SAVE = """
+# torch.save writes a few bytes of one file, says so, then hangs: a slow save to stop in
+SLOW_SAVE = """
 real_save = torch.save
 def slow(obj, f, *args, **kwargs):
-    if not (isinstance(obj, dict) and "iter_num" in obj):
+    if {when}:
         f.write(b"PK partial")
         f.flush()
-        print("SAVING model.pth", file=sys.stderr, flush=True)
+        print("SAVING {name}", file=sys.stderr, flush=True)
         time.sleep(60)
     return real_save(obj, f, *args, **kwargs)
 torch.save = slow
 """
+SLOW_FINAL_SAVE = SLOW_SAVE.format(when='not (isinstance(obj, dict) and "iter_num" in obj)', name="model.pth")
 
 
 def wrapped(patch, args, cwd):
@@ -528,18 +529,8 @@ def test_signal_during_final_save(work, capsys, sig):
     assert snapshot(work)["model.pth"] != before["model.pth"]
 
 
-# the checkpoint that a stop writes hangs after a few bytes: time for a second Ctrl-C
-SLOW_STOP_CHECKPOINT = """
-real_save = torch.save
-def slow(obj, f, *args, **kwargs):
-    if isinstance(obj, dict) and obj.get("evaluated") is False:
-        f.write(b"PK partial")
-        f.flush()
-        print("SAVING ckpt.pt", file=sys.stderr, flush=True)
-        time.sleep(60)
-    return real_save(obj, f, *args, **kwargs)
-torch.save = slow
-"""
+# the checkpoint that a stop writes hangs: time for a second Ctrl-C
+SLOW_STOP_CHECKPOINT = SLOW_SAVE.format(when='isinstance(obj, dict) and obj.get("evaluated") is False', name="ckpt.pt")
 
 
 def test_a_second_ctrl_c_quits_at_once_without_damage(corpus):

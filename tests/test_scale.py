@@ -130,7 +130,8 @@ def test_cosine_schedule():
     assert all(0 <= a < b for a, b in zip(warm, warm[1:])), "warmup must rise"
     steps = [b - a for a, b in zip(warm, warm[1:])]
     assert max(steps) - min(steps) < 1e-12, "warmup must be linear"
-    assert warm[-1] <= 1e-3
+    assert warm[0] == pytest.approx(1e-3 / 10), "the first step already learns: no step at learning rate 0"
+    assert warm[-1] == pytest.approx(1e-3), "warmup reaches learning_rate on its last step"
     assert lrs[10] == pytest.approx(1e-3), "peak learning_rate right after warmup"
     decay = lrs[10:]
     assert all(b <= a + 1e-15 for a, b in zip(decay, decay[1:])), "decay must be monotone"
