@@ -19,6 +19,8 @@ STARTED = time.time()  # the phase line counts from here, before torch is import
 if __name__ == "__main__":  # PyTorch reads this at its first CPU allocation, so before importing it
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # large CPU tensors on transparent huge pages
 
+import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -30,8 +32,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import contextlib
-import copy
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -649,8 +649,7 @@ def parse_value(name, text, default):
         try:
             return kind(text)
         except ValueError:
-            raise UserError(f"--{name} expects {'an integer' if kind is int else 'a number'}, "
-                            f"got {text!r}") from None
+            raise UserError(f"--{name} expects {'an integer' if kind is int else 'a number'}, got {text!r}") from None
     return text
 
 
@@ -916,8 +915,7 @@ def time_step(model, optimizer, x, y, dt, dev):
     sync(dev)
     t0 = time.perf_counter()
     with autocast(dev, dt):
-        loss = model(x, y)[1]
-    loss.backward()
+        model(x, y)[1].backward()
     sync(dev)
     t1 = time.perf_counter()
     optimizer.step()
@@ -944,7 +942,6 @@ def probe_dtypes(model, data, micro_batch, block_size, dev, dtypes, budget=2.5):
             except RuntimeError:  # a device without this autocast dtype (older MPS)
                 if dt == torch.float32:
                     raise
-                optimizer.zero_grad(set_to_none=True)
         dtypes = [dt for dt in scout if scout[dt] <= 3 * scout[torch.float32]]  # small inputs favour float32
         one = time_step(model, optimizer, *get_batch(data, 1, block_size, gen), dtypes[0], dev)[0]
         rows = max(1, min(micro_batch, int(budget / (2 * len(dtypes) + 2) / max(one, 1e-6))))
