@@ -168,3 +168,25 @@ def test_offline_resume_is_two_runs_in_one_group_with_their_sample_tables(corpus
     assert sync, second.stdout
     assert [os.path.basename(p) for p in sync[1].split()] == [os.path.basename(r) for r in runs]
     assert "wandb leet" in first.stdout
+
+
+# -----------------------------------------------------------------------------
+# scripts/val_loss.py: a model's validation loss, measured apart from training
+
+def test_val_loss_script_scores_a_trained_model_better_than_an_untrained_one(work):
+    import subprocess
+    script = os.path.join(os.path.dirname(babygpt.__file__), "scripts", "val_loss.py")
+    vocab = len(set((work / "poems.txt").read_text(encoding="utf-8")))
+    torch.manual_seed(0)
+    fresh = babygpt.BabyGPT(vocab, block_size=16, n_embed=32, n_head=2, n_layer=2)
+    torch.save(babygpt.seed_state_dict(fresh.state_dict(), 2, 16), work / "fresh.pth")
+    scores = []
+    for name in ("model.pth", "fresh.pth"):
+        proc = subprocess.run([sys.executable, script, name, "--data_path=poems.txt", "--windows=200"], cwd=work,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        scores.append(float(re.search(r"val loss ([0-9.]+) over 200 random windows of 16", proc.stdout)[1]))
+    assert scores[0] < scores[1] - 0.5, scores
+    proc = subprocess.run([sys.executable, script, "gone.pth", "--data_path=poems.txt"], cwd=work,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "gone.pth" in proc.stderr
