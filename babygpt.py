@@ -22,6 +22,7 @@ if __name__ == "__main__":  # PyTorch reads this at its first CPU allocation, so
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -415,12 +416,13 @@ def train(cfg, clock=None):
     eval_gen = torch.Generator(device=generator_device(dev))  # evaluation's own random batches
     samples = []  # the generated texts logged to wandb so far, as (iteration, prompt, text)
     tokens, mark, last_saved, it = 0, time.time(), -math.inf, start_iter
+    fitted = fits_time(cfg, dev, start_iter)
     check_each_step = dev.type == "cpu" and world == 1  # loss.item() costs a GPU sync, but no CPU time
     start_time = time.time()
     with StopRequests() as stop:  # the first Ctrl-C stops after this step and saves a checkpoint
         try:
-            for it in range(start_iter, cfg.max_iters + 1):
-                last_step = it == cfg.max_iters
+            for it in itertools.count(start_iter):  # to max_iters, which max_minutes may re-fit
+                last_step = it >= cfg.max_iters
 
                 # ---- evaluate and log (at step 0, every eval_interval steps, and at the last step)
                 if (it % cfg.eval_interval == 0 or last_step) and not (it == start_iter and evaluated):
@@ -439,6 +441,11 @@ def train(cfg, clock=None):
                                "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
                     samples = add_samples(metrics, samples, run, model, tokenizer, cfg, dev, ctx, it)
                     run = wandb_log(run, metrics)
+                    if fitted and it > start_iter and not last_step:  # re-fit to the speed measured so far
+                        planned = cfg.max_iters
+                        fit_steps(cfg, it, (time.time() - start_time) / (it - start_iter), 0, clock, dev, world)
+                        if cfg.max_iters != planned:
+                            say(f"max_minutes: {cfg.max_iters:,} steps fit now, at this run's speed so far")
 
                     # ---- checkpoint (the first, then every checkpoint_interval seconds, and the last)
                     if last_step or time.time() - last_saved >= cfg.checkpoint_interval:
@@ -986,10 +993,8 @@ def plan_run(cfg, model, data, micro_batch, dev, world, start_iter, clock):
                 f"({steps[torch.float32] / steps[forced]:.2f}x: {timing}); --dtype=auto picks the faster")
     step = 1.2 * steps.get(chosen, steps[torch.float32]) * cfg.grad_accum_steps  # + batches, loop, noise
     evaluation = 2 * cfg.eval_iters * forward * (cfg.batch_size // world) / micro_batch
-    if cfg.max_minutes and "max_iters" not in cfg._explicit and start_iter == 0:
-        left = 60 * cfg.max_minutes - (time.time() - clock.start) - 5  # 5 s to generate and save
-        fit = int((left - evaluation) / (step + evaluation / cfg.eval_interval))
-        cfg.max_iters = max(250, fit // 250 * 250)  # rounded, so that runs on one machine agree
+    if fits_time(cfg, dev, start_iter):
+        fit_steps(cfg, 0, step + evaluation / cfg.eval_interval, evaluation, clock, dev, world)
         say(f"{cfg.max_iters:,} steps fit in about {cfg.max_minutes} minutes on this {dev.type} ({step:.3f}s a step, "
             f"{evaluation:.1f}s an evaluation); --max_iters=N sets them yourself")
     evals = len(range(start_iter, cfg.max_iters, cfg.eval_interval)) + 1
@@ -998,6 +1003,20 @@ def plan_run(cfg, model, data, micro_batch, dev, world, start_iter, clock):
         hint = "" if cfg.preset == "cpu" else "; python babygpt.py --preset=cpu trains a small model in about 10 minutes"
         say(f"note: on this CPU this run needs about {seconds / 3600:.1f} hours{hint}")
     return chosen
+
+
+def fits_time(cfg, dev, start_iter):
+    """Whether max_iters is fitted to max_minutes: asked for, off CUDA, not set by hand, not resumed."""
+    return bool(cfg.max_minutes) and dev.type != "cuda" and "max_iters" not in cfg._explicit and start_iter == 0
+
+
+def fit_steps(cfg, it, per_step, evaluation, clock, dev, world):
+    """Set max_iters to the steps that end max_minutes after start-up, at per_step seconds a step
+    (its share of evaluations included) from step `it` on, keeping evaluation and 5 s to generate and save."""
+    left, per_step = all_mean([60 * cfg.max_minutes - (time.time() - clock.start) - evaluation - 5, per_step],
+                              dev, world)  # every process must agree
+    fit = (it + int(left / per_step)) // 50 * 50  # rounded, so that runs on one machine usually agree
+    cfg.max_iters = max(it + cfg.eval_interval, 250, fit)
 
 
 def choose_compile_mode(cfg, dev, world):

@@ -2,6 +2,7 @@
 evaluation, MPS's draws on the CPU (faked: no MPS here), and generation's attention kernels."""
 
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import babygpt
-from conftest import TINY, cli_env, corpus_data_for, make_corpus
+from conftest import TINY, cli_env, corpus_data_for, losses, make_corpus, tiny
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -103,10 +104,10 @@ def test_a_short_cpu_run_says_nothing(monkeypatch, capsys):
     assert "note" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("step,expected", [(0.2, 2250), (0.4, 1000), (0.05, 8500), (10.0, 250)])
+@pytest.mark.parametrize("step,expected", [(0.2, 2350), (0.4, 1200), (0.05, 8700), (10.0, 250)])
 def test_max_minutes_fits_the_steps_to_the_measured_speed(monkeypatch, capsys, step, expected):
     """A step of 0.2 s (x 1.2 for batches, the loop and a noisy machine) and an evaluation of 2 x 20
-    batches of 0.05 s: (600 - 5 - 2) / (0.24 + 2 / 250) = 2391 steps, rounded down to 2250. At least 250."""
+    batches of 0.05 s: (600 - 5 - 2) / (0.24 + 2 / 250) = 2391 steps, rounded down to 2350. At least 250."""
     monkeypatch.setattr(babygpt, "probe_dtypes", fake_probe({F32: step}, forward=0.05))
     _, cfg = babygpt.parse_args(["--preset=cpu", "--dtype=float32"])
     capsys.readouterr()
@@ -118,6 +119,41 @@ def test_max_minutes_fits_the_steps_to_the_measured_speed(monkeypatch, capsys, s
     _, cfg = babygpt.parse_args(["--preset=cpu", "--dtype=float32", "--max_iters=300"])  # explicit wins
     babygpt.plan_run(cfg, None, None, 32, torch.device("cpu"), 1, 0, clock)
     assert cfg.max_iters == 300 and "fit" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("it,per_step,expected", [
+    (1000, 0.1, 3900),   # 1000 + 294.99 / 0.1 = 3949, rounded down to a multiple of 50
+    (1000, 0.05, 6850),  # a faster machine: more steps
+    (3750, 1.0, 4000),   # slower now: 3750 + 294 = 4044 steps
+    (3750, 10.0, 4000),  # far slower: still the next evaluation, never fewer steps than done
+])
+def test_a_re_fit_gives_the_steps_left_in_the_minutes_at_the_measured_speed(it, per_step, expected):
+    """Five of ten minutes gone, 5 s kept for generation and saving: 295 s left."""
+    _, cfg = babygpt.parse_args(["--preset=cpu"])
+    clock = babygpt.PhaseClock(babygpt.time.time() - 300)
+    babygpt.fit_steps(cfg, it, per_step, 0, clock, torch.device("cpu"), 1)
+    assert cfg.max_iters == expected
+
+
+def test_a_fitted_run_re_fits_its_steps_to_the_speed_it_measures(corpus, monkeypatch, capsys):
+    """The probe claims a step takes 10 us, and only 0.2 s of the minute are left after it: the first
+    fit promises thousands of steps, and the first evaluation cuts them to the 250 a fitted run trains at least."""
+    monkeypatch.chdir(corpus.parent)
+    clock = babygpt.PhaseClock()
+
+    def probe(*args, **kwargs):
+        clock.start = babygpt.time.time() - (60 - 5 - 0.2)
+        return {F32: 1e-5}, 1e-5
+    monkeypatch.setattr(babygpt, "probe_dtypes", probe)
+    _, cfg = babygpt.parse_args([a for a in tiny("--max_minutes=1", "--eval_interval=50") if "max_iters" not in a])
+    babygpt.train(cfg, clock)
+    out = capsys.readouterr().out
+    first = int(re.search(r"^([\d,]+) steps fit in about 1 minutes", out, re.M).group(1).replace(",", ""))
+    assert first >= 1000, out
+    assert "max_minutes: 250 steps fit now" in out, out
+    assert set(losses(out)) == set(range(0, 251, 50))
+    state = torch.load("ckpt.pt", weights_only=True)
+    assert state["iter_num"] == 250 and state["config"]["max_iters"] == 250  # a resume keeps the re-fit
 
 
 def test_a_fitted_run_resumes_to_the_steps_it_was_fitted_to(corpus, monkeypatch, capsys):
