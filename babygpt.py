@@ -98,8 +98,8 @@ CONFIG_KEYS = [k for k, v in list(globals().items())
 # Overrides applied by --preset=NAME before the explicit --name=value ones.
 PRESETS = {
     # a small model that a 2-core CPU trains in minutes
-    "cpu": dict(n_layer=4, n_head=4, n_embed=128, block_size=64, batch_size=32, dropout=0.0,
-                learning_rate=3e-3, max_minutes=10, eval_interval=250, eval_iters=20,
+    "cpu": dict(n_layer=4, n_head=4, n_embed=128, block_size=64, batch_size=8, dropout=0.0,
+                learning_rate=3e-3, max_minutes=10, eval_interval=500, eval_iters=50,
                 lr_schedule="cosine", warmup_iters=100, min_lr=2e-4),
 }
 
@@ -416,7 +416,7 @@ def train(cfg, clock=None):
     eval_gen = torch.Generator(device=generator_device(dev))  # evaluation's own random batches
     samples = []  # the generated texts logged to wandb so far, as (iteration, prompt, text)
     tokens, mark, last_saved, it = 0, time.time(), -math.inf, start_iter
-    fitted = fits_time(cfg, dev, start_iter)
+    fitted, announced = fits_time(cfg, dev, start_iter), cfg.max_iters
     check_each_step = dev.type == "cpu" and world == 1  # loss.item() costs a GPU sync, but no CPU time
     start_time = time.time()
     with StopRequests() as stop:  # the first Ctrl-C stops after this step and saves a checkpoint
@@ -442,10 +442,10 @@ def train(cfg, clock=None):
                     samples = add_samples(metrics, samples, run, model, tokenizer, cfg, dev, ctx, it)
                     run = wandb_log(run, metrics)
                     if fitted and it > start_iter and not last_step:  # re-fit to the speed measured so far
-                        planned = cfg.max_iters
                         fit_steps(cfg, it, (time.time() - start_time) / (it - start_iter), 0, clock, dev, world)
-                        if cfg.max_iters != planned:
-                            say(f"max_minutes: {cfg.max_iters:,} steps fit now, at this run's speed so far")
+                        if abs(cfg.max_iters - announced) >= 0.05 * announced:  # news, not every 50 steps
+                            announced = cfg.max_iters
+                            say(f"max_minutes: {announced:,} steps fit now, at this run's speed so far")
 
                     # ---- checkpoint (the first, then every checkpoint_interval seconds, and the last)
                     if last_step or time.time() - last_saved >= cfg.checkpoint_interval:
@@ -991,7 +991,7 @@ def plan_run(cfg, model, data, micro_batch, dev, world, start_iter, clock):
         elif steps.get(forced, 0) > steps[torch.float32]:
             say(f"note: {dtype_name(forced)} is slower than float32 on this {dev.type} "
                 f"({steps[torch.float32] / steps[forced]:.2f}x: {timing}); --dtype=auto picks the faster")
-    step = 1.2 * steps.get(chosen, steps[torch.float32]) * cfg.grad_accum_steps  # + batches, loop, noise
+    step = steps.get(chosen, steps[torch.float32]) * cfg.grad_accum_steps  # max_minutes re-fits to the real speed
     evaluation = 2 * cfg.eval_iters * forward * (cfg.batch_size // world) / micro_batch
     if fits_time(cfg, dev, start_iter):
         fit_steps(cfg, 0, step + evaluation / cfg.eval_interval, evaluation, clock, dev, world)
@@ -1016,7 +1016,7 @@ def fit_steps(cfg, it, per_step, evaluation, clock, dev, world):
     left, per_step = all_mean([60 * cfg.max_minutes - (time.time() - clock.start) - evaluation - 5, per_step],
                               dev, world)  # every process must agree
     fit = (it + int(left / per_step)) // 50 * 50  # rounded, so that runs on one machine usually agree
-    cfg.max_iters = max(it + cfg.eval_interval, 250, fit)
+    cfg.max_iters = max(it + 1, 250, fit)
 
 
 def choose_compile_mode(cfg, dev, world):

@@ -104,18 +104,18 @@ def test_a_short_cpu_run_says_nothing(monkeypatch, capsys):
     assert "note" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("step,expected", [(0.2, 2350), (0.4, 1200), (0.05, 8700), (10.0, 250)])
+@pytest.mark.parametrize("step,expected", [(0.2, 2800), (0.4, 1400), (0.05, 9800), (10.0, 250)])
 def test_max_minutes_fits_the_steps_to_the_measured_speed(monkeypatch, capsys, step, expected):
-    """A step of 0.2 s (x 1.2 for batches, the loop and a noisy machine) and an evaluation of 2 x 20
-    batches of 0.05 s: (600 - 5 - 2) / (0.24 + 2 / 250) = 2391 steps, rounded down to 2350. At least 250."""
+    """The preset: a step of 0.2 s, and an evaluation of 2 x 50 batches of 0.05 s every 500 steps:
+    (600 - 5 - 5) / (0.2 + 5 / 500) = 2809 steps, rounded down to 2800. At least 250."""
     monkeypatch.setattr(babygpt, "probe_dtypes", fake_probe({F32: step}, forward=0.05))
     _, cfg = babygpt.parse_args(["--preset=cpu", "--dtype=float32"])
     capsys.readouterr()
     clock = babygpt.PhaseClock(babygpt.time.time())
-    babygpt.plan_run(cfg, None, None, 32, torch.device("cpu"), 1, 0, clock)
+    babygpt.plan_run(cfg, None, None, 8, torch.device("cpu"), 1, 0, clock)
     assert cfg.max_iters == expected
     out = capsys.readouterr().out
-    assert out.startswith(f"{expected:,} steps fit in about 10 minutes on this cpu ({1.2 * step:.3f}s a step")
+    assert out.startswith(f"{expected:,} steps fit in about 10 minutes on this cpu ({step:.3f}s a step")
     _, cfg = babygpt.parse_args(["--preset=cpu", "--dtype=float32", "--max_iters=300"])  # explicit wins
     babygpt.plan_run(cfg, None, None, 32, torch.device("cpu"), 1, 0, clock)
     assert cfg.max_iters == 300 and "fit" not in capsys.readouterr().out
@@ -125,7 +125,7 @@ def test_max_minutes_fits_the_steps_to_the_measured_speed(monkeypatch, capsys, s
     (1000, 0.1, 3900),   # 1000 + 294.99 / 0.1 = 3949, rounded down to a multiple of 50
     (1000, 0.05, 6850),  # a faster machine: more steps
     (3750, 1.0, 4000),   # slower now: 3750 + 294 = 4044 steps
-    (3750, 10.0, 4000),  # far slower: still the next evaluation, never fewer steps than done
+    (3750, 10.0, 3751),  # far slower: one more step, never fewer than done
 ])
 def test_a_re_fit_gives_the_steps_left_in_the_minutes_at_the_measured_speed(it, per_step, expected):
     """Five of ten minutes gone, 5 s kept for generation and saving: 295 s left."""
