@@ -421,7 +421,7 @@ def train(cfg, clock=None):
     start_time = time.time()
     with StopRequests() as stop:  # the first Ctrl-C stops after this step and saves a checkpoint
         try:
-            for it in itertools.count(start_iter):  # to max_iters, which max_minutes may re-fit
+            for it in itertools.count(start_iter):  # up to max_iters, which max_minutes may re-fit
                 last_step = it >= cfg.max_iters
 
                 # ---- evaluate and log (at step 0, every eval_interval steps, and at the last step)

@@ -86,15 +86,15 @@ def test_forced_float32_measures_float32_only(monkeypatch, capsys):
 
 @pytest.mark.parametrize("preset", ["", "cpu"])
 def test_a_long_cpu_run_is_announced_with_its_measured_length(monkeypatch, capsys, preset):
-    # 2 s a step (x 1.2 for batches and the loop), 0.7 s an evaluation batch: the default run (5000
-    # steps, 101 evaluations of 200 batches) needs 5000 x 2.4 + 101 x 200 x 0.7 = 26,140 s = 7.3 hours
+    # 2 s a step, 0.7 s an evaluation batch: the default run (5000 steps, 101 evaluations of 200
+    # batches) needs 5000 x 2 + 101 x 200 x 0.7 = 24,140 s = 6.7 hours
     monkeypatch.setattr(babygpt, "probe_dtypes", fake_probe({F32: 2.0, BF16: 3.0}, forward=0.7))
     _, cfg = babygpt.parse_args([f"--preset={preset}", "--max_iters=5000", "--eval_interval=50",
                                  "--eval_iters=100"] if preset else [])
     capsys.readouterr()
     plan(cfg, cfg.batch_size)
     out = capsys.readouterr().out
-    assert "note: on this CPU this run needs about 7.3 hours" in out
+    assert "note: on this CPU this run needs about 6.7 hours" in out
     assert ("--preset=cpu trains a small model" in out) == (preset == "")
 
 
