@@ -156,6 +156,25 @@ def test_a_fitted_run_re_fits_its_steps_to_the_speed_it_measures(corpus, monkeyp
     assert state["iter_num"] == 250 and state["config"]["max_iters"] == 250  # a resume keeps the re-fit
 
 
+def test_a_fitted_run_that_is_faster_than_the_probe_said_trains_to_the_new_count(corpus, monkeypatch, capsys):
+    """The probe claims a second a step with 4 s left: 250 steps (the least). The run's real speed
+    fits more, and it must train, evaluate and stop at the new count, not at the first one."""
+    monkeypatch.chdir(corpus.parent)
+    clock = babygpt.PhaseClock()
+
+    def probe(*args, **kwargs):
+        clock.start = babygpt.time.time() - (60 - 5 - 4)
+        return {F32: 1.0}, 1e-5
+    monkeypatch.setattr(babygpt, "probe_dtypes", probe)
+    _, cfg = babygpt.parse_args([a for a in tiny("--max_minutes=1", "--eval_interval=50") if "max_iters" not in a])
+    babygpt.train(cfg, clock)
+    out = capsys.readouterr().out
+    assert "250 steps fit in about 1 minutes" in out
+    last = max(losses(out))
+    state = torch.load("ckpt.pt", weights_only=True)
+    assert last > 250 and state["iter_num"] == state["config"]["max_iters"] == last, out
+
+
 def test_a_fitted_run_resumes_to_the_steps_it_was_fitted_to(corpus, monkeypatch, capsys):
     monkeypatch.chdir(corpus.parent)
     monkeypatch.setattr(babygpt, "probe_dtypes", fake_probe({F32: 0.5, BF16: 1.0}, forward=0.01))
