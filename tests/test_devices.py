@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import babygpt
-from conftest import TINY, cli_env, corpus_data_for, losses, make_corpus, tiny
+from conftest import TINY, cli_env, corpus_data_for, losses, make_corpus, run_main, show, tiny
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -173,6 +173,24 @@ def test_a_fitted_run_that_is_faster_than_the_probe_said_trains_to_the_new_count
     last = max(losses(out))
     state = torch.load("ckpt.pt", weights_only=True)
     assert last > 250 and state["iter_num"] == state["config"]["max_iters"] == last, out
+
+
+def test_a_re_fit_is_announced_only_when_it_moves_5_percent_from_the_last_count_announced(
+        corpus, monkeypatch, capsys):
+    """Re-fits of 300 -> 310 (3%) stay quiet, 330 (10% from 300) is said, then 340 and 345 (under
+    5% from 330) are quiet again; the run ends at the last count."""
+    monkeypatch.chdir(corpus.parent)
+    monkeypatch.setattr(babygpt, "probe_dtypes", fake_probe({F32: 1e-3}))
+    counts = iter([300, 310, 330, 340, 345, 345, 345])
+
+    def fit(cfg, *args):
+        cfg.max_iters = next(counts)
+    monkeypatch.setattr(babygpt, "fit_steps", fit)
+    r = run_main(capsys, [a for a in tiny("--max_minutes=1", "--eval_interval=50") if "max_iters" not in a])
+    assert r.returncode == 0, show(r)
+    said = [line for line in r.stdout.splitlines() if line.startswith("max_minutes:")]
+    assert said == ["max_minutes: 330 steps fit now, at this run's speed so far"], show(r)
+    assert max(losses(r.stdout)) == 345
 
 
 def test_a_fitted_run_resumes_to_the_steps_it_was_fitted_to(corpus, monkeypatch, capsys):
