@@ -1,5 +1,5 @@
 """
-Measure babygpt against the seed's code on this machine, side by side in one run.
+Measure babygpt against the seed's code (reference.py) on this machine, one after the other.
 
     python bench.py                      # sizes chosen for the device
     python bench.py --batch_size=16 --steps=10
@@ -17,9 +17,10 @@ Prints one line per measurement, the ratios last:
 Shapes: on a GPU the full default configuration (the seed's shape, batch 64). On a CPU two:
 the seed's shape with batch 8 and dropout 0.2, and the shape of --preset=cpu (its layers, width,
 context, batch, dropout and dtype); --n_layer and the like change the seed's shape.
-The fast path does what babygpt.train does: on a GPU bfloat16 autocast and torch.compile as
-choose_compile_mode says (--compile_mode); on a CPU with dtype auto it times float32
-and bfloat16 steps (probe_dtypes) and trains in the faster, reported with the ratio.
+The fast path picks its dtype and compilation as babygpt.train does: on a GPU bfloat16 autocast
+and torch.compile as choose_compile_mode says (--compile_mode); on a CPU with dtype auto it times
+float32 and bfloat16 steps (probe_dtypes), trains in the dtype choose_dtype picks from those
+timings, and reports them.
 Each measurement runs in a process of its own, so its peak memory is its own.
 Data are random tokens over the real corpus's vocabulary size: speed does not depend on them.
 """
@@ -89,7 +90,7 @@ def build(kind, shape, dev):
 
 def fast_dtype(model, data, shape, dev):
     """The autocast dtype babygpt.train would pick, and the probe's timings where it measured:
-    off CUDA, dtype auto times float32 and bfloat16 steps and keeps the faster."""
+    off CUDA, dtype auto times float32 and bfloat16 steps and choose_dtype picks from them."""
     if shape.dtype != "auto" or dev.type == "cuda":
         return babygpt.choose_dtype(shape.dtype, dev), None
     steps, _ = babygpt.probe_dtypes(model, data, shape.batch_size, shape.block_size, dev,
@@ -119,7 +120,7 @@ def measure_train(kind, shape, args, dev):
                     x, y = reference.seed_get_batch(data, B, T, dev)
                     model(x, y)[1].item()
             model.train()
-    else:  # what babygpt.train does on this device: dtype (probed on a CPU), compile, fused AdamW
+    else:  # babygpt's fast path on this device: dtype (probed on a CPU), compile, AdamW fused on CUDA
         amp, probe = fast_dtype(model, data, shape, dev)
         ctx = babygpt.autocast(dev, amp)
         if dev.type == "cuda":
@@ -137,7 +138,7 @@ def measure_train(kind, shape, args, dev):
             babygpt.estimate_loss(model, {"train": data, "val": data}, B, T, iters, ctx=ctx,
                                   batches_per_pass=per_pass)
 
-    # the preset's steps are ~5x cheaper on a CPU: time 5x as many, for as long as the seed shape's
+    # the preset's steps are much cheaper on a CPU: time 5x as many
     repeat = 5 if args.shape == "preset" and dev.type == "cpu" else 1
     evaluate(per_pass)  # as training's warm-up: one pass per split compiles evaluation's graph
     for _ in range(args.warmup * repeat):
@@ -267,7 +268,7 @@ def main():
     except babygpt.UserError as e:
         sys.exit(f"error: {e}")
     gpu = dev.type == "cuda"
-    # Full defaults on a GPU; on a CPU the seed's architecture with a small batch (~1 minute).
+    # Full defaults on a GPU; on a CPU the seed's architecture with a small batch, and the preset's.
     for name, on_gpu, on_cpu in (("batch_size", 64, 8), ("steps", 50, 10), ("warmup", 10, 2),
                                  ("eval_iters", 100, 4), ("shapes", ["seed"], ["seed", "preset"])):
         if getattr(args, name) is None:
@@ -285,7 +286,7 @@ def main():
 
     name = torch.cuda.get_device_name(dev) if gpu else f"CPU, {torch.get_num_threads()} threads"
     amp = (f"{babygpt.dtype_name(babygpt.choose_dtype('auto', dev))} autocast" if gpu
-           else "float32 or bfloat16, whichever a probe measures faster")
+           else "float32 or bfloat16, as a probe decides")
     mode = babygpt.choose_compile_mode(compile_cfg(args), dev, 1)
     print(f"device: {dev} ({name}), torch {torch.__version__}, fast path: dtype auto = {amp}, "
           f"{f'compile mode {mode}' if mode else 'compile off'}")

@@ -44,7 +44,7 @@ class MultiHeadAttention(nn.Module):
         return self.dropout(self.proj(out))
 
 
-class FeedFoward(nn.Module):  # the seed's spelling, kept so its state_dict keys match
+class FeedFoward(nn.Module):  # the seed's spelling of the class name
     def __init__(self, n_embed, dropout):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(n_embed, 4 * n_embed), nn.ReLU(),

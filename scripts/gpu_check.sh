@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The GPU measurements quoted in README and the closing notes, as one script for a short GPU
-# lease. Needs ci.txt in the repo root (or .gpu/ci.txt) and wandb importable (or wheels in .whl/).
+# The GPU measurements quoted in README.md and docs/performance.md, as one script.
+# Needs ci.txt in the repo root (or .gpu/ci.txt) and wandb importable (or wheels in .whl/).
 #   bash scripts/gpu_check.sh [OUTDIR] [SECTION ...]
 # Sections (all by default, in this order): full sample bench modes tests
 #   full     the cold default run `python babygpt.py` (wandb offline, empty compile caches);
 #            its last line splits the wall time into phases
-#   sample   `python babygpt.py sample` on the model just trained, then 3 timed calls in one process
+#   sample   `python babygpt.py sample` on the model just trained, then 3 timed generate calls in
+#            one process (an untrained model of the default shape, bfloat16 weights)
 #   bench    python bench.py: babygpt against the seed's per-head fp32 code
 #   modes    the two compile modes, cold, 1000 steps each, for their phase lines
 #   tests    the CUDA-only tests
 #   profile  (only when named) where a compiled training step's time goes, kernel by kernel
-# On the 15-minute lease: `full sample bench` fit one call (184 s on an H200 in session 3);
-# `modes tests` a second one.
+# `full sample bench` took 184 s on an H200 (torch 2.11, 2026-11-26, a version no newer than
+# 996bf22).
 set -u
 out=${1:-${OUT:-/tmp/gpu_check}}
 shift || true
@@ -24,7 +25,7 @@ log="$out/gpu_check.txt"
 # each output line stamped with the seconds since its command started
 stamp='import sys, time; t = time.time(); [print(f"{time.time() - t:7.2f} {l}", end="", flush=True) for l in sys.stdin]'
 
-if [ -d .whl ] && ! $py -c "import wandb" 2>/dev/null; then  # the GPU machine has no wandb
+if [ -d .whl ] && ! $py -c "import wandb" 2>/dev/null; then  # no wandb installed: use the wheels in .whl/
   $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
