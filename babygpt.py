@@ -66,8 +66,9 @@ grad_accum_steps = 1          # split each batch into this many micro-batches to
 grad_clip = 0.0               # 0 = off; else clip the gradient norm to this value
 lr_schedule = "constant"      # constant, or cosine: linear warmup, cosine decay to min_lr
 warmup_iters = 0              # warmup steps of the cosine schedule
+lr_decay_iters = 0            # 0 = max_iters; else the step where the cosine reaches min_lr
 min_lr = 3e-5                 # where the cosine schedule ends
-seed = 42                     # torch.manual_seed: the same seed gives the same run on a CPU
+seed = 42                     # torch.manual_seed; with dtype and max_iters fixed, a CPU run repeats exactly
 # generation
 prompts = ["春江", "往事"]      # texts to continue after training (and in sample)
 max_new_token = 100           # characters generated per prompt
@@ -80,7 +81,7 @@ device = "auto"               # auto = cuda, else mps, else cpu
 dtype = "auto"                # auto (measured on this machine), float32, bfloat16, float16
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU, else default
-preset = ""                   # cpu: a small model that trains in at most about 10 minutes on a CPU
+preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
 max_minutes = 0               # 0 = off; else max_iters becomes the steps that fit in these minutes here
 # files and logging
 save_path = "model.pth"       # final weights, in the seed's layout
@@ -354,7 +355,8 @@ def get_lr(it, cfg):
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / cfg.warmup_iters
-    progress = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # past it, min_lr
+    progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
 
 
@@ -386,7 +388,7 @@ def train(cfg, clock=None):
     state = load_start(cfg, model, tokenizer)  # ckpt.pt with --resume, weights with --init_from
     model.to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  fused=dev.type == "cuda")
+                                  fused=dev.type in FUSED_ADAMW)
 
     # ---- set-up helpers: the dtype measured here, the resumed state, compilation, DDP, wandb
     start_iter = state["iter_num"] if state else 0
@@ -409,7 +411,8 @@ def train(cfg, clock=None):
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "iter_num": step, "evaluated": evaluated,
                          "best_val_loss": best_val, "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},
-                         "argv": list(cfg._argv), "chars": "".join(tokenizer.chars), "rng": rng_state(dev),
+                         "argv": list(cfg._argv), "measured": sorted(cfg._measured),
+                         "chars": "".join(tokenizer.chars), "rng": rng_state(dev),
                          "wandb_id": pieces.get("id"), "wandb_group": pieces.get("group"),
                          "wandb_offline_dirs": pieces.get("dirs", [])}, cfg.ckpt_path)
 
@@ -441,8 +444,11 @@ def train(cfg, clock=None):
                                "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
                     samples = add_samples(metrics, samples, run, model, tokenizer, cfg, dev, ctx, it)
                     run = wandb_log(run, metrics)
-                    if fitted and it > start_iter and not last_step:  # re-fit to the speed measured so far
+                    if fitted and it > start_iter and not last_step:  # re-fit the stop to the speed so far
+                        before = cfg.max_iters
                         fit_steps(cfg, it, (time.time() - start_time) / (it - start_iter), 0, clock, dev, world)
+                        if cfg.max_iters != before:
+                            run = wandb_update(run, max_iters=cfg.max_iters)
                         if abs(cfg.max_iters - announced) >= 0.05 * announced:  # news, not every 50 steps
                             announced = cfg.max_iters
                             say(f"max_minutes: {announced:,} steps fit now, at this run's speed so far")
@@ -486,6 +492,8 @@ def train(cfg, clock=None):
                         say("-" * 10)
             save_atomic(seed_state_dict(model.state_dict(), cfg.n_head, cfg.block_size), cfg.save_path)
             say(f"模型已保存到{cfg.save_path}")
+            if cfg._measured:  # what this machine decided, fixed, so that the run can be repeated
+                say(f"to repeat this run exactly: {repeat_command(cfg, world)}")
         except KeyboardInterrupt:  # training is done and in ckpt.pt: resuming only generates and saves
             say(f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps. "
                 f"Resume with: {resume_command(cfg, world)}")
@@ -613,6 +621,7 @@ def format_time(seconds):
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that use CUDA graphs
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FUSED_ADAMW = ("cuda", "cpu")  # where AdamW's fused kernel is faster and trains the same model
 
 
 def format_setting(value):
@@ -691,13 +700,14 @@ def parse_args(argv):
     cfg.update(overrides)
     for name, value in overrides.items():
         say(f"override: {name} = {value!r}")
-    return command, SimpleNamespace(**cfg, _argv=list(argv), _explicit=set(overrides))
+    # _measured: the settings this machine decided (dtype, max_iters), which the repeat command fixes
+    return command, SimpleNamespace(**cfg, _argv=list(argv), _explicit=set(overrides), _measured=set())
 
 
 AT_LEAST_1 = ("batch_size", "block_size", "n_embed", "n_head", "n_layer", "max_iters", "eval_interval",
               "eval_iters", "grad_accum_steps", "num_samples", "sample_interval")
 AT_LEAST_0 = ("learning_rate", "min_lr", "weight_decay", "grad_clip", "max_new_token", "temperature", "top_k",
-              "checkpoint_interval", "max_minutes")
+              "checkpoint_interval", "max_minutes", "lr_decay_iters")
 CHOICES = {"lr_schedule": ("constant", "cosine"), "wandb_mode": ("auto", "online", "offline", "disabled"),
            "dtype": ("auto", *DTYPES), "compile": ("auto", "true", "false"), "compile_mode": COMPILE_MODES}
 
@@ -718,6 +728,8 @@ def validate_config(cfg):
     need(0 < cfg.train_data_ratio < 1, "train_data_ratio", "between 0 and 1")
     need(0 <= cfg.dropout < 1, "dropout", "in [0, 1)")
     need(0 <= cfg.warmup_iters <= cfg.max_iters, "warmup_iters", f"between 0 and max_iters={cfg.max_iters}")
+    need(cfg.lr_decay_iters == 0 or cfg.lr_decay_iters >= cfg.warmup_iters, "lr_decay_iters",
+         f"0 (= max_iters) or at least warmup_iters={cfg.warmup_iters}")
     need(cfg.n_embed % cfg.n_head == 0, "n_embed", f"divisible by n_head={cfg.n_head}")
     need(cfg.compile_mode not in GRAPH_MODES or cfg.grad_accum_steps == 1, "compile_mode",
          "default with grad_accum_steps > 1: CUDA graphs cannot accumulate gradients; use grad_accum_steps=1 or compile_mode=default")
@@ -873,15 +885,19 @@ def all_mean(values, dev, world):
     return (t / world).tolist()
 
 
+AUTO_MARGIN = 1.2  # off CUDA, auto leaves float32 only for a dtype at least this much faster
+
+
 def choose_dtype(name, dev, step_seconds=None):
     """The autocast dtype (float32 means none): the one named, or for auto bfloat16 on CUDA
-    (float16 without it), the fastest of `step_seconds` {dtype: seconds} where measured, else float32."""
+    (float16 without it); elsewhere the fastest of `step_seconds` {dtype: seconds} that is
+    AUTO_MARGIN times faster than float32, else float32 (near-ties keep the exact format)."""
     if name == "auto":
         if dev.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if not step_seconds:
-            return torch.float32
-        return min(step_seconds, key=lambda dt: (step_seconds[dt], dt != torch.float32))  # float32 wins ties
+        steps = step_seconds or {}
+        faster = [dt for dt in steps if dt != torch.float32 and steps[torch.float32] >= AUTO_MARGIN * steps[dt]]
+        return min(faster, key=steps.get) if faster else torch.float32
     if name == "float16" and dev.type == "cpu":
         raise UserError("dtype float16 is not supported on the CPU; use float32 or bfloat16")
     if name == "bfloat16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -931,30 +947,35 @@ def time_step(model, optimizer, x, y, dt, dev):
     return t1 - t0, time.perf_counter() - t1
 
 
+PROBE_REPEATS = 3  # the probe keeps each dtype's best: a moment of contention slows one repeat only
+
+
 def probe_dtypes(model, data, micro_batch, block_size, dev, dtypes, budget=2.5):
     """({dtype: seconds of a training step of micro_batch sequences}, seconds of an evaluation batch),
-    measured in about `budget` s on a copy of the model with an AdamW of its own (nothing else changes);
-    a dtype 3x slower than float32 on two short sequences (10x on its first pass) is timed no further."""
+    the best of PROBE_REPEATS interleaved timings, in about `budget` s on a copy of the model with an
+    AdamW of its own (nothing else changes); a dtype 3x slower than dtypes[0] on two short sequences
+    (10x on its first pass) is timed no further."""
     model = copy.deepcopy(model).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=dev.type in FUSED_ADAMW)
     gen = torch.Generator(device=generator_device(dev)).manual_seed(0)
+    base = dtypes[0]
     with fork_rng(dev):
         x, y = get_batch(data, min(micro_batch, 2), min(block_size, 64), gen)  # first passes prepare kernels
         scout = {}
         for dt in dtypes:
             try:
                 scout[dt] = time_step(model, optimizer, x, y, dt, dev)[0]
-                if dt == torch.float32 or scout[dt] < 10 * scout[torch.float32]:
+                if dt == base or scout[dt] < 10 * scout[base]:
                     scout[dt] = min(scout[dt], time_step(model, optimizer, x, y, dt, dev)[0])
             except RuntimeError:  # a device without this autocast dtype (older MPS)
-                if dt == torch.float32:
+                if dt == base:
                     raise
-        dtypes = [dt for dt in scout if scout[dt] <= 3 * scout[torch.float32]]  # small inputs favour float32
-        one = time_step(model, optimizer, *get_batch(data, 1, block_size, gen), dtypes[0], dev)[0]
-        rows = max(1, min(micro_batch, int(budget / (2 * len(dtypes) + 2) / max(one, 1e-6))))
+        dtypes = [dt for dt in scout if scout[dt] <= 3 * scout[base]]  # small inputs favour float32
+        one = time_step(model, optimizer, *get_batch(data, 1, block_size, gen), base, dev)[0]
+        rows = max(1, min(micro_batch, int(budget / (PROBE_REPEATS * len(dtypes) + 2) / max(one, 1e-6))))
         x, y = get_batch(data, rows, block_size, gen)
-        time_step(model, optimizer, x, y, dtypes[0], dev)  # the first pass at this size also allocates
-        times = [(dt, *time_step(model, optimizer, x, y, dt, dev)) for _ in range(2) for dt in dtypes]
+        time_step(model, optimizer, x, y, base, dev)  # the first pass at this size also allocates
+        times = [(dt, *time_step(model, optimizer, x, y, dt, dev)) for _ in range(PROBE_REPEATS) for dt in dtypes]
         steps = {dt: min(t for d, t, _ in times if d == dt) for dt in dtypes}
         update = min(u for _, _, u in times)  # AdamW's update costs the same for any number of rows
         fastest = min(steps, key=steps.get)
@@ -970,31 +991,41 @@ def probe_dtypes(model, data, micro_batch, block_size, dev, dtypes, budget=2.5):
 
 
 def plan_run(cfg, model, data, micro_batch, dev, world, start_iter, clock):
-    """The autocast dtype, and with max_minutes the number of steps. Off CUDA auto is measured (CPUs
-    with the same features disagree on bfloat16), and the timing says how long a CPU run takes."""
+    """The autocast dtype, and with max_minutes the number of steps, decided once per training and
+    kept in cfg (so in the checkpoint and the wandb config). Off CUDA auto is measured (CPUs with the
+    same features disagree on bfloat16), and the timing says how long a CPU run takes."""
     forced = None if cfg.dtype == "auto" else choose_dtype(cfg.dtype, dev)
     if dev.type == "cuda":
         if cfg.max_minutes:
             warn("max_minutes is measured off CUDA only; training max_iters steps")
-        return forced or choose_dtype("auto", dev)
-    dtypes = [torch.float32] if forced == torch.float32 else [torch.float32, forced or torch.bfloat16]
+        cfg.dtype = dtype_name(forced or choose_dtype("auto", dev))
+        return DTYPES[cfg.dtype]
+    kept = forced is not None and cfg.resume and "dtype" not in cfg._explicit  # the checkpoint's dtype
+    dtypes = [forced] if forced == torch.float32 or kept else [torch.float32, forced or torch.bfloat16]
     steps, forward = probe_dtypes(model, data, micro_batch, cfg.block_size, dev, dtypes)
     if world > 1:  # every process must train in the same dtype: decide on the mean timings
         means = all_mean([steps[dt] for dt in dtypes] + [forward], dev, world)
         steps, forward = dict(zip(dtypes, means[:-1])), means[-1]
     chosen = forced or choose_dtype("auto", dev, steps)
     if len(steps) > 1:
-        timing = ", ".join(f"{dtype_name(dt)} {t:.3f}s" for dt, t in steps.items())
-        timing += f" a step of {micro_batch} x {cfg.block_size} tokens"
+        low = forced or torch.bfloat16
+        timing = (f"best of {PROBE_REPEATS}: " + ", ".join(f"{dtype_name(dt)} {t:.3f}s" for dt, t in steps.items())
+                  + f" a step of {micro_batch} x {cfg.block_size} tokens")
+        speedup = f"{dtype_name(low)} is {steps[torch.float32] / steps[low]:.2f}x as fast as float32"
         if forced is None:
-            say(f"dtype auto: {dtype_name(chosen)}, measured faster on this {dev.type} ({timing})")
-        elif steps.get(forced, 0) > steps[torch.float32]:
+            cfg._measured.add("dtype")
+            rule = "" if chosen != torch.float32 else f", under the {AUTO_MARGIN}x that auto needs to leave float32"
+            say(f"dtype auto: {dtype_name(chosen)}; on this {dev.type} {speedup}{rule} ({timing})")
+        elif steps[forced] > steps[torch.float32]:
             say(f"note: {dtype_name(forced)} is slower than float32 on this {dev.type} "
                 f"({steps[torch.float32] / steps[forced]:.2f}x: {timing}); --dtype=auto picks the faster")
-    step = steps.get(chosen, steps[torch.float32]) * cfg.grad_accum_steps  # max_minutes re-fits to the real speed
+    cfg.dtype = dtype_name(chosen)
+    step = steps.get(chosen, steps[dtypes[0]]) * cfg.grad_accum_steps  # max_minutes re-fits to the real speed
     evaluation = 2 * cfg.eval_iters * forward * (cfg.batch_size // world) / micro_batch
     if fits_time(cfg, dev, start_iter):
         fit_steps(cfg, 0, step + evaluation / cfg.eval_interval, evaluation, clock, dev, world)
+        cfg.lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters  # the schedule is kept; re-fits move the stop
+        cfg._measured.add("max_iters")
         say(f"{cfg.max_iters:,} steps fit in about {cfg.max_minutes} minutes on this {dev.type} ({step:.3f}s a step, "
             f"{evaluation:.1f}s an evaluation); --max_iters=N sets them yourself")
     evals = len(range(start_iter, cfg.max_iters, cfg.eval_interval)) + 1
@@ -1087,8 +1118,7 @@ def load_start(cfg, model, tokenizer):
         if state.get("chars") != "".join(tokenizer.chars):
             raise UserError(f"cannot resume from {cfg.ckpt_path}: its vocabulary differs from {cfg.data_path}; "
                             f"resume with the data it was trained on")
-        if cfg.max_minutes and "max_iters" not in cfg._explicit:  # the steps this training was fitted to
-            cfg.max_iters = state.get("config", {}).get("max_iters", cfg.max_iters)
+        keep_settings(cfg, state)
         hint = " ".join(state.get("argv", [])) or "the defaults"
         check_shape(checkpoint_shape(state), model, f"cannot resume from {cfg.ckpt_path}",
                     f"resume with the same shape (that run used: {hint})")
@@ -1099,6 +1129,23 @@ def load_start(cfg, model, tokenizer):
         sd = sd["model"] if isinstance(sd, dict) and isinstance(sd.get("model"), dict) else sd  # a ckpt.pt too
         load_weights(model, sd, cfg.init_from)
     return None
+
+
+def keep_settings(cfg, state):
+    """On resume, the decisions the checkpoint recorded: its dtype (so the run stays exact) and,
+    when fitted to max_minutes, its step count and schedule. An explicit setting still wins."""
+    saved = state.get("config", {})
+    recorded = saved.get("dtype", "auto")
+    if recorded != "auto" and "dtype" not in cfg._explicit:
+        cfg.dtype = recorded
+    elif recorded not in ("auto", cfg.dtype):
+        say(f"note: {cfg.ckpt_path} trained in {recorded}; with --dtype={cfg.dtype} this resumed run "
+            f"is no longer exact (leave --dtype out to keep {recorded})")
+    if cfg.max_minutes:  # the steps and schedule this training was fitted to
+        for name in ("max_iters", "lr_decay_iters"):
+            if name not in cfg._explicit:
+                setattr(cfg, name, saved.get(name, getattr(cfg, name)))
+    cfg._measured |= set(state.get("measured", []))
 
 
 def resume_training(state, optimizer, scaler, cfg, dev, rank, world):
@@ -1112,7 +1159,7 @@ def resume_training(state, optimizer, scaler, cfg, dev, rank, world):
             torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
     else:  # one saved state for all processes would make them draw the same batches
         torch.manual_seed(cfg.seed + rank + 1_000_003 * state["iter_num"])
-    say(f"resuming from {cfg.ckpt_path} at step {state['iter_num']}")
+    say(f"resuming from {cfg.ckpt_path} at step {state['iter_num']}, in {cfg.dtype}")
     if state["iter_num"] >= cfg.max_iters:
         say(f"note: the checkpoint already has {state['iter_num']} steps; raise --max_iters to train more")
     pieces = {"id": state.get("wandb_id"), "group": state.get("wandb_group"), "dirs": state.get("wandb_offline_dirs") or []}
@@ -1200,12 +1247,28 @@ def finish(run, clock, world):
     say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
 
 
-def resume_command(cfg, world):
-    """The command that continues this run, as a user types it."""
+def command_line(args, world):
+    """`python babygpt.py ARGS` (or the torchrun command of this job), as a user types it."""
     script = os.path.relpath(__file__)
     script = os.path.abspath(__file__) if script.startswith("..") else script
     launcher = "python" if world == 1 else f"torchrun --standalone --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}"
-    return " ".join([launcher, script] + [a for a in cfg._argv if not a.startswith("--resume=")] + ["--resume=true"])
+    return " ".join([launcher, script, *args])
+
+
+def resume_command(cfg, world):
+    """The command that continues this run."""
+    return command_line([a for a in cfg._argv if not a.startswith("--resume=")] + ["--resume=true"], world)
+
+
+def repeat_command(cfg, world):
+    """The command that trains this run again from the start with nothing measured: this run's
+    settings with its dtype, step count and schedule written out."""
+    fixed = {"dtype": cfg.dtype, "max_iters": cfg.max_iters}
+    if "max_iters" in cfg._measured:
+        fixed.update(lr_decay_iters=cfg.lr_decay_iters, max_minutes=0)
+    names = {*fixed, "resume"}
+    args = [a for a in cfg._argv if a.split("=")[0][2:] not in names]
+    return command_line(args + [f"--{k}={format_setting(v)}" for k, v in fixed.items()], world)
 
 
 def raise_nonfinite(it, cfg):
@@ -1409,7 +1472,7 @@ class DummyWandb:
     log = finish = staticmethod(lambda *args, **kwargs: None)
 
     def __init__(self):
-        self.summary = {}
+        self.summary, self.config = {}, SimpleNamespace(update=self.log)
 
 
 def wandb_logged_in():
@@ -1487,6 +1550,17 @@ def wandb_log(run, metrics):
         return run
     except Exception as e:
         warn(f"wandb logging failed ({first_line(e)}); continuing without it")
+        return DummyWandb()
+
+
+def wandb_update(run, **settings):
+    """Record settings decided during training (a re-fitted max_iters) in the run's config; on
+    failure, a warning and a DummyWandb from then on."""
+    try:
+        run.config.update(settings, allow_val_change=True)
+        return run
+    except Exception as e:
+        warn(f"wandb config update failed ({first_line(e)}); continuing without wandb")
         return DummyWandb()
 
 

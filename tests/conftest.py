@@ -199,6 +199,7 @@ class FakeWandb(types.ModuleType):
         super().__init__("wandb")
         self.folder = folder
         self.inits, self.logged, self.log_kwargs, self.summaries, self.metrics = [], [], [], [], []
+        self.configs = []  # each run's config: what init was given, with every update on top
 
     def Settings(self, **kwargs):
         return kwargs
@@ -212,14 +213,20 @@ class FakeWandb(types.ModuleType):
         run_id = kwargs.get("id") or f"run{len(self.inits):04d}"
         run_dir = os.path.join(self.folder, "wandb", f"offline-run-{run_id}", "files")
         os.makedirs(run_dir, exist_ok=True)
-        summary = {}
+        summary, config = {}, dict(kwargs.get("config") or {})
         self.summaries.append(summary)
+        self.configs.append(config)
 
         def log(metrics, **kw):
             fake.logged.append(dict(metrics))
             fake.log_kwargs.append(kw)
 
+        def update(values, allow_val_change=False):
+            assert allow_val_change or not set(values) & set(config), "wandb refuses to change a config value"
+            config.update(values)
+
         return types.SimpleNamespace(id=run_id, dir=run_dir, url="http://x", log=log, summary=summary,
+                                     config=types.SimpleNamespace(update=update),
                                      define_metric=lambda *a, **k: fake.metrics.append((a, k)),
                                      finish=lambda: None)
 

@@ -25,7 +25,7 @@ def cfg_for(**kw):
     """The constants as a config (nothing printed), with a tiny shape and `kw` on top."""
     cfg = {k: getattr(babygpt, k) for k in babygpt.CONFIG_KEYS}
     cfg.update(n_layer=2, n_head=2, n_embed=32, block_size=16, batch_size=8, max_iters=10, eval_iters=2)
-    return SimpleNamespace(**{**cfg, **kw})
+    return SimpleNamespace(**{**cfg, "_explicit": set(), "_measured": set(), **kw})
 
 
 @pytest.mark.parametrize("steps,expected", [
@@ -54,8 +54,9 @@ def test_auto_prints_its_measured_decision(monkeypatch, capsys, bf16_seconds):
     got = plan(cfg_for(dtype="auto"))
     assert got == (BF16 if bf16_seconds < 1.0 else F32)
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith(f"dtype auto: {babygpt.dtype_name(got)}, measured")
-    assert f"(float32 1.000s, bfloat16 {bf16_seconds:.3f}s a step of 8 x 16 tokens)" in out[0]
+    assert len(out) == 1 and out[0].startswith(f"dtype auto: {babygpt.dtype_name(got)}; on this cpu bfloat16 is "
+                                               f"{1 / bf16_seconds:.2f}x as fast as float32")
+    assert f"(best of 3: float32 1.000s, bfloat16 {bf16_seconds:.3f}s a step of 8 x 16 tokens)" in out[0]
 
 
 def test_forced_bfloat16_that_is_slower_is_allowed_with_a_note(monkeypatch, capsys):
@@ -69,7 +70,7 @@ def test_forced_float16_off_cuda_is_timed_and_named(monkeypatch, capsys):
     monkeypatch.setattr(babygpt, "probe_dtypes", fake_probe({F32: 1.0, torch.float16: 2.0}))
     got = babygpt.plan_run(cfg_for(dtype="float16"), None, None, 8, torch.device("mps"), 1, 0, babygpt.PhaseClock())
     assert got == torch.float16
-    assert "note: float16 is slower than float32 on this mps (0.50x: float32 1.000s, float16 2.000s" in \
+    assert "note: float16 is slower than float32 on this mps (0.50x: best of 3: float32 1.000s, float16 2.000s" in \
         capsys.readouterr().out
 
 

@@ -112,7 +112,7 @@ def test_grad_clip_with_accumulation_clips_the_total():
 # learning-rate schedule
 
 def lr_cfg(**kw):
-    base = dict(lr_schedule="cosine", learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100)
+    base = dict(lr_schedule="cosine", learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100, lr_decay_iters=0)
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -155,7 +155,7 @@ def test_training_uses_the_schedule(corpus, monkeypatch):
              "--eval_interval=5"]
     assert babygpt.main(args) == 0
     cfg = types.SimpleNamespace(lr_schedule="cosine", learning_rate=2e-3, min_lr=2e-4,
-                                warmup_iters=3, max_iters=10)
+                                warmup_iters=3, max_iters=10, lr_decay_iters=0)
     ckpt = torch.load(folder / "ckpt.pt", map_location="cpu", weights_only=True)
     group = ckpt["optimizer"]["param_groups"][0]
     assert group["lr"] == pytest.approx(babygpt.get_lr(9, cfg))  # the last step's lr
