@@ -120,13 +120,13 @@ def measure_train(kind, shape, args, dev):
                     x, y = reference.seed_get_batch(data, B, T, dev)
                     model(x, y)[1].item()
             model.train()
-    else:  # babygpt's fast path on this device: dtype (probed on a CPU), compile, AdamW fused on CUDA
+    else:  # babygpt's fast path on this device: dtype (probed on a CPU), compile, fused AdamW
         amp, probe = fast_dtype(model, data, shape, dev)
         ctx = babygpt.autocast(dev, amp)
         if dev.type == "cuda":
             torch.set_float32_matmul_precision("high")
         model = babygpt.compile_model(model, compile_cfg(args), dev, 1, babygpt.PhaseClock(), lambda m: None)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=dev.type == "cuda")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=dev.type in babygpt.FUSED_ADAMW)
         scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
         per_pass = babygpt.choose_eval_passes(SimpleNamespace(eval_iters=args.eval_iters, block_size=T,
                                                               batch_size=B), 1, VOCAB, dev)
