@@ -1,7 +1,9 @@
 """Shared helpers: a tiny corpus the tests write themselves, tiny model settings, CLI runners
-(in the foreground and in the background), and one thread per test and per subprocess."""
+(in the foreground, in the background, and after a patch), fakes for wandb and for the dtype
+probe, file snapshots, and one thread per test and per subprocess."""
 
 import contextlib
+import copy
 import hashlib
 import io
 import os
@@ -13,6 +15,7 @@ import threading
 import time
 import traceback
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -36,6 +39,10 @@ POEM_LINES = [
 TINY = ["--n_layer=2", "--n_head=2", "--n_embed=32", "--block_size=16", "--batch_size=8",
         "--eval_iters=2", "--eval_interval=5", "--max_iters=10", "--max_new_token=12",
         "--dtype=float32", "--wandb_mode=disabled", "--dropout=0.0"]
+# TINY with dtype=auto (the probe decides) and no max_iters, with dropout and a learning rate that
+# moves the losses: for runs whose dtype or step count is measured.
+AUTO_ARGS = [a for a in TINY if not a.startswith(("--dtype", "--max_iters"))] + ["--dropout=0.1",
+                                                                                "--learning_rate=1e-2"]
 
 
 def make_corpus(n_poems=60):
@@ -93,6 +100,30 @@ def torchrun_cmd(*args, nproc=2):
             BABYGPT, *args]
 
 
+# `python babygpt.py ARGS` after a patch (Python source) that hooks into babygpt, so that a test can
+# slow a phase down or send a signal at a known moment. babygpt is imported before torch, so the
+# phase line counts from the same moment as in a plain run.
+WRAPPED = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import babygpt
+import torch
+{patch}
+sys.exit(babygpt.main())
+"""
+
+
+def wrapped_cmd(patch, *args):
+    """The command line of `python babygpt.py ARGS` with `patch` applied first."""
+    return [sys.executable, "-c", WRAPPED.format(root=ROOT, patch=patch), *args]
+
+
+def run_wrapped(patch, args, cwd, timeout=120, env=None):
+    """wrapped_cmd(patch, ARGS) run in cwd; returns the CompletedProcess (text mode)."""
+    return subprocess.run(wrapped_cmd(patch, *args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=cli_env(env))
+
+
 def run_cli(args, cwd, timeout=120, env=None, **kwargs):
     """Run `python babygpt.py ARGS` in cwd with cli_env(env); returns the CompletedProcess (text mode)."""
     return subprocess.run(babygpt_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
@@ -117,6 +148,11 @@ class Running:
     def babygpt(cls, args, cwd, **kw):
         """`python babygpt.py ARGS` in the background."""
         return cls(babygpt_cmd(*args), cwd, **kw)
+
+    @classmethod
+    def wrapped(cls, patch, args, cwd, **kw):
+        """`python babygpt.py ARGS` after `patch`, in the background."""
+        return cls(wrapped_cmd(patch, *args), cwd, **kw)
 
     def _pump(self, stream, buf):
         for line in stream:
@@ -177,8 +213,62 @@ def snapshot(folder):
     return snap
 
 
+def same_files(before, after, names=None):
+    """Two snapshots agree on `names` (by default every file): nothing changed, added or removed."""
+    names = names if names is not None else sorted(set(before) | set(after))
+    changed = [n for n in names if before.get(n) != after.get(n)]
+    assert not changed, f"changed, added or removed: {changed}"
+
+
+def temp_files(folder):
+    return [os.path.relpath(os.path.join(d, n), folder) for d, _, files in os.walk(folder)
+            for n in files if n.endswith(".tmp")]
+
+
 def load_ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def same_weights(a, b):
+    """Two state_dicts with the same keys and bit-identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def all_finite(state_dict):
+    return all(torch.isfinite(v).all() for v in state_dict.values() if torch.is_tensor(v))
+
+
+def tiny_model(vocab=30, seed=0, dropout=0.0, cls=None):
+    """A BabyGPT (or `cls`, such as reference.SeedGPT) of the tiny shape, seeded, in training mode."""
+    torch.manual_seed(seed)
+    return (cls or babygpt.BabyGPT)(vocab, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=dropout)
+
+
+def batch(n, vocab=30, seed=1):
+    """n random (inputs, targets) rows of the tiny block size."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(vocab, (n, 16), generator=g), torch.randint(vocab, (n, 16), generator=g)
+
+
+def step_weights(model, batches, lr=0.5, grad_clip=0.0, opt="sgd"):
+    """Weights after one babygpt.train_step on a copy of model."""
+    m = copy.deepcopy(model)
+    if opt == "sgd":
+        optimizer = torch.optim.SGD(m.parameters(), lr=lr)
+    else:
+        optimizer = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01)
+    babygpt.train_step(m, optimizer, batches, grad_clip=grad_clip)
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def assert_close_weights(a, b, atol=1e-6, rtol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
+
+
+def max_change(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def seed_and_baby(vocab_size, block_size, n_embed, n_head, n_layer, seed=0, device="cpu"):
@@ -231,6 +321,31 @@ class FakeWandb(types.ModuleType):
                                      finish=lambda: None)
 
 
+def install_fake_wandb(monkeypatch, folder):
+    """A FakeWandb as the wandb module, with WANDB_MODE unset: returns it."""
+    fake = FakeWandb(str(folder))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    return fake
+
+
+def fake_probe(steps, forward=0.01):
+    """A stand-in for probe_dtypes that measures steps[dtype] a step and `forward` an evaluation batch."""
+    def probe(model, data, micro_batch, block_size, dev, dtypes, budget=2.5):
+        return {dt: steps[dt] for dt in dtypes}, forward
+    return probe
+
+
+def winners(*order):
+    """A stand-in for probe_dtypes whose k-th call measures order[k] clearly faster than the other dtype."""
+    calls = iter(order)
+
+    def probe(model, data, micro_batch, block_size, dev, dtypes, budget=2.5):
+        fast = next(calls)
+        return {dt: (0.01 if dt == fast else 0.03) for dt in dtypes}, 0.001
+    return probe
+
+
 def corpus_data_for(text):
     """(vocab_size, {"train", "val"} token tensors) of `text`, split 90/10 as training does."""
     tok = babygpt.Tokenizer(text)
@@ -243,11 +358,27 @@ def corpus_data_for(text):
 # The tiny run's command line, its log, its errors, and one trained folder for all tests
 
 STEP_RE = re.compile(r"^step (\d+): train loss ([0-9.]+), val loss ([0-9.]+)", re.M)
+LONG = ["--max_iters=1000000", "--eval_interval=100000"]  # trains until interrupted
+DASHES = "-" * 10
 
 
 def tiny(*extra, data="poems.txt"):
     """TINY on the corpus `data` (a path relative to the run's folder), with `extra` on top."""
     return [*TINY, f"--data_path={data}", *extra]
+
+
+def tiny_wandb(*extra, mode="offline", data="poems.txt"):
+    """tiny(...) with --wandb_mode=MODE instead of disabled."""
+    return [a for a in tiny(data=data) if not a.startswith("--wandb_mode")] + [f"--wandb_mode={mode}", *extra]
+
+
+def step_lines(stdout):
+    return [line for line in stdout.splitlines() if line.startswith("step ")]
+
+
+def losses_only(stdout):
+    """The step lines without the speed and time fields, which vary between runs."""
+    return [line.split(", speed")[0] for line in step_lines(stdout)]
 
 
 def losses(stdout):
@@ -272,6 +403,31 @@ def run_main(capsys, args):
 
 def show(res):
     return f"exit code {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+
+
+def succeeded(res):
+    assert res.returncode == 0, show(res)
+    assert "Traceback" not in res.stdout + res.stderr, show(res)
+
+
+def run_many(*jobs):
+    """Independent CLI runs [(args, cwd), ...], two at a time (one per core); results in order."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda job: run_cli(*job), jobs))
+
+
+def parse_samples(stdout, prompts, num_samples=1):
+    """The samples `sample` printed, one list per prompt: each sample is followed by a line of
+    dashes. Header lines before the first sample and lines in ASCII parentheses (the speed
+    report) are skipped; neither "(" nor ")" is in the test vocabulary."""
+    at = stdout.find(prompts[0]) if stdout.startswith(prompts[0]) else stdout.find("\n" + prompts[0]) + 1
+    assert at >= 0 and stdout[at:].startswith(prompts[0]), f"no sample starts with {prompts[0]!r}:\n{stdout}"
+    body = re.sub(r"^\(.*\)$\n?", "", stdout[at:], flags=re.M)
+    parts = body.split("\n" + DASHES + "\n")
+    assert parts[-1].strip() == "", f"text after the last line of dashes: {parts[-1]!r}"
+    samples = parts[:-1]
+    assert len(samples) == len(prompts) * num_samples, f"expected {len(prompts)} x {num_samples} samples:\n{stdout}"
+    return [samples[i:i + num_samples] for i in range(0, len(samples), num_samples)]
 
 
 def one_line_error(res, *needles):

@@ -1,75 +1,37 @@
-"""Issue 4: checkpoints, exact resume, interrupts, atomic writes, `babygpt.py sample`, the exact
-KV cache and the seed's model.pth files.
+"""Weights and checkpoints: ckpt.pt, model.pth in both layouts, atomic writes, files that cannot load, and resume."""
 
-Every CLI run uses the tiny settings of conftest.TINY in a temporary directory.
-"""
-
-import errno
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import time
-import types
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 import babygpt
 import reference
-from conftest import (TINY, FakeWandb, Running, babygpt_cmd, cli_env, load_ckpt, losses, make_corpus, one_line_error,
-                      run_cli, snapshot, tiny)
+from conftest import (AUTO_ARGS, STEP_RE, TINY, fake_probe, load_ckpt, losses, make_corpus, one_line_error,
+                      parse_samples, run_cli, run_main, run_many, run_wrapped, same_files, same_weights, show, snapshot,
+                      tiny, tiny_model, winners)
 
-
-def run_many(*jobs):
-    """Independent CLI runs [(args, cwd), ...], two at a time (one per core); results in order."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(lambda job: run_cli(*job), jobs))
-
-
-DASHES = "-" * 10
+F32, BF16 = torch.float32, torch.bfloat16
 CKPT_KEYS = {"model", "optimizer", "iter_num", "config", "chars", "best_val_loss", "rng"}
 
 
 # -----------------------------------------------------------------------------
-# helpers
-
-def parse_samples(stdout, prompts, num_samples=1):
-    """The samples `sample` printed, one list per prompt: each sample is followed by a line of
-    dashes. Header lines before the first sample and lines in ASCII parentheses (the speed
-    report) are skipped; neither "(" nor ")" is in the test vocabulary."""
-    at = stdout.find(prompts[0]) if stdout.startswith(prompts[0]) else stdout.find("\n" + prompts[0]) + 1
-    assert at >= 0 and stdout[at:].startswith(prompts[0]), f"no sample starts with {prompts[0]!r}:\n{stdout}"
-    body = re.sub(r"^\(.*\)$\n?", "", stdout[at:], flags=re.M)
-    parts = body.split("\n" + DASHES + "\n")
-    assert parts[-1].strip() == "", f"text after the last line of dashes: {parts[-1]!r}"
-    samples = parts[:-1]
-    assert len(samples) == len(prompts) * num_samples, f"expected {len(prompts)} x {num_samples} samples:\n{stdout}"
-    return [samples[i:i + num_samples] for i in range(0, len(samples), num_samples)]
-
-
-def tiny_model(vocab_size, seed=0, cls=babygpt.BabyGPT):
-    torch.manual_seed(seed)
-    return cls(vocab_size, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0).eval()
-
-
-# -----------------------------------------------------------------------------
-# checkpoint contents
+# What ckpt.pt and model.pth hold
 
 def test_checkpoint_contents(trained):
+    """ckpt.pt loads safely and holds all a resume needs (step, AdamW's moments, random state, vocabulary,
+    settings, best val loss), and model.pth the same final weights."""
     ckpt = load_ckpt(trained / "ckpt.pt")  # weights_only=True must accept it
     assert isinstance(ckpt, dict)
     missing = CKPT_KEYS - set(ckpt)
     assert not missing, f"ckpt.pt lacks {missing}"
     assert ckpt["iter_num"] == 10
-    text = make_corpus()
-    assert "".join(ckpt["chars"]) == "".join(sorted(set(text)))
-    cfg = ckpt["config"]
+    assert "".join(ckpt["chars"]) == "".join(sorted(set(make_corpus())))
     for key, value in (("n_layer", 2), ("n_head", 2), ("n_embed", 32), ("block_size", 16)):
-        assert cfg[key] == value
+        assert ckpt["config"][key] == value
     printed = losses((trained / "train.log").read_text(encoding="utf-8"))
     assert sorted(printed) == [0, 5, 10]
     best = min(float(val) for _, val in printed.values())
@@ -77,12 +39,10 @@ def test_checkpoint_contents(trained):
     assert torch.is_tensor(ckpt["rng"]["cpu"])
     model = babygpt.BabyGPT(len(ckpt["chars"]), block_size=16, n_embed=32, n_head=2, n_layer=2)
     assert "state" in ckpt["optimizer"] and "param_groups" in ckpt["optimizer"]
-    # AdamW moments for every parameter: the optimizer really is saved
-    assert len(ckpt["optimizer"]["state"]) == len(list(model.parameters()))
+    assert len(ckpt["optimizer"]["state"]) == len(list(model.parameters()))  # AdamW moments for every weight
 
     sd = load_ckpt(trained / "model.pth")
-    assert all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()), \
-        "model.pth must be a plain state_dict"
+    assert all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()), "model.pth must be a plain state_dict"
     model.load_state_dict(sd)
     ours = babygpt.upgrade_state_dict(sd)  # model.pth is in the seed's layout; ckpt.pt in ours
     assert ours.keys() == ckpt["model"].keys()
@@ -90,27 +50,165 @@ def test_checkpoint_contents(trained):
         assert torch.equal(ours[k], ckpt["model"][k]), k
 
 
+def test_babygpt_state_dict_uses_fused_layout():
+    """ckpt.pt's weights hold one fused qkv matrix per layer (the seed's classes cannot take them) and read back
+    exactly."""
+    n_embed, n_layer = 24, 2
+    model = babygpt.BabyGPT(13, block_size=8, n_embed=n_embed, n_head=3, n_layer=n_layer)
+    sd = model.state_dict()
+    assert "position_embedding_table.weight" in sd
+    assert not any("postion" in k or ".heads." in k or "tril" in k for k in sd)
+    for layer in range(n_layer):
+        assert sd[f"blocks.{layer}.sa.qkv.weight"].shape == (3 * n_embed, n_embed)
+    assert "lm_head.bias" in sd  # lm_head with bias, as the seed
+    ref = reference.SeedGPT(13, block_size=8, n_embed=n_embed, n_head=3, n_layer=n_layer)
+    with pytest.raises(RuntimeError):
+        ref.load_state_dict(sd)
+    other = babygpt.BabyGPT(13, block_size=8, n_embed=n_embed, n_head=3, n_layer=n_layer)
+    other.load_state_dict(sd)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in sd.items())
+
+
+def test_model_pth_has_exactly_the_seeds_keys_and_loads_strictly_into_its_classes(trained):
+    """A user's seed code loads our model.pth with strict=True and computes our model's logits."""
+    ckpt = load_ckpt(trained / "ckpt.pt")
+    sd = load_ckpt(trained / "model.pth")
+    vocab = len(ckpt["chars"])
+    ref = reference.SeedGPT(vocab, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0)
+    assert set(sd) == set(ref.state_dict())  # per-head key/query/value, tril, postion_embedding_table
+    ref.load_state_dict(torch.load(trained / "model.pth"), strict=True)  # as the seed's code does
+    ours = babygpt.BabyGPT(vocab, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0)
+    ours.load_state_dict(ckpt["model"])
+    idx = torch.randint(vocab, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ref.eval()(idx)[0], ours.eval()(idx)[0], atol=1e-5, rtol=1e-5)
+    for layer in range(2):
+        for head in range(2):
+            assert torch.equal(sd[f"blocks.{layer}.sa.heads.{head}.tril"], torch.tril(torch.ones(16, 16)))
+
+
+def test_seed_state_dict_round_trips_and_shares_one_mask():
+    """Our weights written in the seed's layout read back bit for bit, and the causal mask is stored once."""
+    torch.manual_seed(0)
+    model = babygpt.BabyGPT(30, block_size=8, n_embed=12, n_head=3, n_layer=2)
+    sd = model.state_dict()
+    seed = babygpt.seed_state_dict(sd, n_head=3, block_size=8)
+    back = babygpt.upgrade_state_dict(seed)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert len({seed[k].data_ptr() for k in seed if k.endswith(".tril")}) == 1
+
+
+def test_weights_saved_from_a_compiled_or_ddp_model_load():
+    """A state_dict saved from a torch.compile'd or DDP-wrapped model (keys `_orig_mod.`, `module.`) loads as is."""
+    sd = tiny_model(30).state_dict()
+    for prefix in ("_orig_mod.", "module."):
+        other = tiny_model(30, seed=1)
+        babygpt.load_weights(other, {prefix + k: v for k, v in sd.items()}, "model.pth")
+        assert same_weights(other.state_dict(), sd), prefix
+
+
+def test_seed_layout_state_dict_loads_from_a_file(tmp_path):
+    """A model.pth saved by the seed's own script loads into BabyGPT and computes the seed model's logits."""
+    torch.manual_seed(0)
+    ref = reference.SeedGPT(29, block_size=8, n_embed=16, n_head=2, n_layer=2, dropout=0.0).eval()
+    keys = ref.state_dict().keys()
+    assert "postion_embedding_table.weight" in keys and "blocks.1.sa.heads.1.tril" in keys
+    path = tmp_path / "seed_model.pth"
+    torch.save(ref.state_dict(), path)
+    baby = babygpt.BabyGPT(29, block_size=8, n_embed=16, n_head=2, n_layer=2, dropout=0.0).eval()
+    babygpt.load_weights(baby, torch.load(path, weights_only=True), str(path))
+    idx = torch.randint(29, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(baby(idx)[0], ref(idx)[0], rtol=0, atol=1e-5)
+
+
+def seed_setup(folder):
+    """poems.txt, and a model.pth saved by the seed's own classes: (tokenizer, seed model)."""
+    text = make_corpus()
+    (folder / "poems.txt").write_text(text, encoding="utf-8")
+    tok = babygpt.Tokenizer(text)
+    seed_model = tiny_model(tok.vocab_size, seed=3, cls=reference.SeedGPT).eval()
+    torch.save(seed_model.state_dict(), folder / "model.pth")
+    return tok, seed_model
+
+
+def test_sample_with_seed_model_pth(tmp_path):
+    """`sample` on a model.pth from the seed's script writes the seed model's own greedy text."""
+    tok, seed_model = seed_setup(tmp_path)
+    prompts = ["春江", "往事"]
+    proc = run_cli(["sample", *tiny(), "--prompts=春江,往事", "--max_new_token=25", "--temperature=0"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for prompt, group in zip(prompts, parse_samples(proc.stdout, prompts)):
+        want = tok.decode(seed_model.generate(torch.tensor([tok.encode(prompt)]), 25, temperature=0)[0].tolist())
+        assert group == [want]
+
+
+def test_train_from_seed_model_pth(tmp_path):
+    """--init_from=model.pth with the seed's file starts training from its weights, not from fresh ones."""
+    tok, seed_model = seed_setup(tmp_path)
+    proc, fresh = run_many(  # a learning rate so small that one step leaves the weights as they were
+        (tiny("--init_from=model.pth", "--max_iters=1", "--eval_interval=1",
+              "--learning_rate=1e-12", "--save_path=out.pth"), tmp_path),
+        (tiny("--max_iters=1", "--eval_interval=1", "--learning_rate=1e-12",
+              "--save_path=fresh.pth", "--ckpt_path=fresh.pt"), tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    model = babygpt.BabyGPT(tok.vocab_size, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0).eval()
+    model.load_state_dict(load_ckpt(tmp_path / "out.pth"))
+    idx = torch.randint(tok.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], seed_model(idx)[0], rtol=1e-5, atol=1e-5)
+    assert fresh.returncode == 0, fresh.stderr
+    assert losses(proc.stdout)[0] != losses(fresh.stdout)[0]  # step 0 is the seed weights' loss
+
+
+def test_a_model_pth_with_another_head_count_is_never_loaded_silently(tmp_path, monkeypatch, capsys):
+    """A model.pth trained with 4 heads is refused for --n_head=2 (same weights, another function), and
+    `sample` builds the 4 heads the file records."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "poems.txt").write_text(make_corpus(), encoding="utf-8")
+    assert run_main(capsys, tiny("--n_head=4")).returncode == 0
+    os.remove("ckpt.pt")
+    heads = {k.split(".")[4] for k in load_ckpt(tmp_path / "model.pth") if ".heads." in k}
+    assert heads == {"0", "1", "2", "3"}
+    one_line_error(run_main(capsys, tiny("--n_head=2", "--init_from=model.pth", "--save_path=b.pth")), "n_head")
+    res = run_main(capsys, tiny("--n_head=4", "--init_from=model.pth", "--save_path=b.pth", "--ckpt_path=b.pt"))
+    assert res.returncode == 0, show(res)
+    res = run_main(capsys, tiny("--n_head=4", "--init_from=b.pt", "--save_path=c.pth", "--ckpt_path=c.pt"))
+    assert res.returncode == 0, show(res)  # a ckpt.pt's weights start a training too
+    res = run_main(capsys, ["sample", *tiny("--n_head=2", "--temperature=0", "--prompts=春江")])
+    assert res.returncode == 0, show(res)
+    ref = reference.SeedGPT(len(set(make_corpus())), block_size=16, n_embed=32, n_head=4, n_layer=2, dropout=0.0)
+    ref.load_state_dict(load_ckpt(tmp_path / "model.pth"))
+    tok = babygpt.Tokenizer(make_corpus())
+    want = tok.decode(ref.eval().generate(torch.tensor([tok.encode("春江")]), 12, temperature=0)[0].tolist())
+    assert want in res.stdout, res.stdout
+
+
+def test_val_loss_script_scores_a_trained_model_better_than_an_untrained_one(work):
+    """scripts/val_loss.py scores a trained model.pth better than an untrained one, and names a missing file in one
+    line."""
+    script = os.path.join(os.path.dirname(babygpt.__file__), "scripts", "val_loss.py")
+    vocab = len(set((work / "poems.txt").read_text(encoding="utf-8")))
+    fresh = tiny_model(vocab)
+    torch.save(babygpt.seed_state_dict(fresh.state_dict(), 2, 16), work / "fresh.pth")
+    scores = []
+    for name in ("model.pth", "fresh.pth"):
+        proc = subprocess.run([sys.executable, script, name, "--data_path=poems.txt", "--windows=200"], cwd=work,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        scores.append(float(re.search(r"val loss ([0-9.]+) over 200 random windows of 16", proc.stdout)[1]))
+    assert scores[0] < scores[1] - 0.5, scores
+    proc = subprocess.run([sys.executable, script, "gone.pth", "--data_path=poems.txt"], cwd=work,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "gone.pth" in proc.stderr
+
+
 # -----------------------------------------------------------------------------
-# exact resume
-
-def test_resume_with_other_shape_is_an_error(work):
-    before = snapshot(work)
-    proc = run_cli(tiny("--resume=true", "--max_iters=20", "--n_layer=3"), cwd=work)
-    line = one_line_error(proc)
-    assert "n_layer" in line
-    assert snapshot(work) == before  # ckpt.pt and model.pth untouched (bytes and mtime)
-
-
-# -----------------------------------------------------------------------------
-# interrupts
-
-LONG = ["--max_iters=1000000", "--eval_interval=100000"]
-
-
-# -----------------------------------------------------------------------------
-# atomic writes
+# Atomic writes
 
 def test_save_atomic_writes_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    """A checkpoint is written beside its target, flushed to disk, then renamed over it: a crash never leaves
+    half a ckpt.pt."""
     path = tmp_path / "ckpt.pt"
     events = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -127,271 +225,256 @@ def test_save_atomic_writes_and_leaves_no_temp_file(tmp_path, monkeypatch):
     assert "fsync" in events[:events.index(replaces[0])], "fsync the data before the rename"
 
 
-def test_save_atomic_keeps_old_file_when_disk_is_full(tmp_path, monkeypatch):
-    path = tmp_path / "model.pth"
-    old = {"w": torch.ones(3)}
-    babygpt.save_atomic(old, str(path))
-    old_bytes = path.read_bytes()
+def test_save_atomic_that_cannot_create_its_file_says_so(tmp_path, monkeypatch):
+    """A checkpoint that cannot even be created (the folder turned read-only mid-run) is one error naming the
+    file, and the previous ckpt.pt stays as it was."""
+    path = tmp_path / "ckpt.pt"
+    babygpt.save_atomic({"w": torch.ones(3)}, str(path))
+    old = path.read_bytes()
 
-    def failing_save(obj, f, *args, **kwargs):
-        f.write(b"\x00half a checkpoint" * 1000)
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", failing_save)
-    # an OSError, or babygpt's one-line UserError naming the file
-    with pytest.raises((OSError, babygpt.UserError)) as info:
+    def refuse(name, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", name)
+    monkeypatch.setattr(babygpt, "open", refuse, raising=False)
+    with pytest.raises(babygpt.UserError, match=r"cannot write .*ckpt\.pt \(Permission denied.*unchanged"):
         babygpt.save_atomic({"w": torch.zeros(3)}, str(path))
-    if isinstance(info.value, OSError):
-        assert info.value.errno == errno.ENOSPC
-    else:
-        assert "model.pth" in str(info.value)
-    monkeypatch.undo()
-    assert path.read_bytes() == old_bytes
-    assert torch.equal(load_ckpt(path)["w"], torch.ones(3))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"], "temporary file left behind"
+    assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
 
 # -----------------------------------------------------------------------------
-# the sample command
+# Files that cannot be loaded: one line, nothing changed
 
-def test_sample_from_checkpoint_without_corpus(work):
-    (work / "poems.txt").unlink()  # the vocabulary comes from ckpt.pt
+OTHER = "other.txt"
+
+
+def _setup(work, steps):
+    for step in steps:
+        kind, _, name = step.partition(":")
+        path = work / name
+        if kind == "rm":
+            path.unlink()
+        elif kind == "truncate":
+            data = path.read_bytes()
+            path.write_bytes(data[:len(data) // 2])
+        elif kind == "text":
+            path.write_text("this is not a checkpoint\n", encoding="utf-8")
+        elif kind == "empty":
+            path.write_bytes(b"")
+        elif kind == "dir":
+            path.unlink()
+            path.mkdir()
+        elif kind == "list":
+            torch.save([torch.zeros(3)], path)
+        elif kind == "drop":  # weights of the right shape, one of them missing
+            sd = torch.load(path, weights_only=True)
+            del sd["lm_head.bias"]
+            torch.save(sd, path)
+        elif kind == "dict":
+            torch.save({"weights": torch.zeros(3), "iter_num": 3}, path)
+        elif kind == "other":  # the same text plus characters the trained model never saw
+            (work / OTHER).write_text(make_corpus() + "火星人\n", encoding="utf-8")
+        else:
+            raise AssertionError(step)
+
+
+CKPT_CASES = {
+    # id: (set-up steps, command-line arguments, words the message must contain)
+    "sample-nothing": (["rm:ckpt.pt", "rm:model.pth"], ["sample"], ["ckpt.pt", "model.pth", "train"]),
+    "sample-ckpt-truncated": (["truncate:ckpt.pt"], ["sample"], ["ckpt.pt", "truncated"]),
+    "sample-ckpt-empty": (["empty:ckpt.pt"], ["sample"], ["ckpt.pt"]),
+    "sample-ckpt-text": (["text:ckpt.pt"], ["sample"], ["ckpt.pt"]),
+    "sample-ckpt-directory": (["dir:ckpt.pt"], ["sample"], ["ckpt.pt", "directory"]),
+    "sample-ckpt-not-babygpt": (["list:ckpt.pt"], ["sample"], ["ckpt.pt", "not a babygpt"]),
+    "sample-pth-truncated": (["rm:ckpt.pt", "truncate:model.pth"], ["sample"], ["model.pth"]),
+    "sample-pth-text": (["rm:ckpt.pt", "text:model.pth"], ["sample"], ["model.pth"]),
+    "sample-pth-not-weights": (["rm:ckpt.pt", "list:model.pth"], ["sample"], ["model.pth", "no model weights"]),
+    "sample-pth-other-vocab": (["rm:ckpt.pt", "other:"], ["sample", f"--data_path={OTHER}"],
+                               ["model.pth", "vocabulary", OTHER]),
+    "sample-pth-no-data": (["rm:ckpt.pt"], ["sample", "--data_path=gone.txt"], ["model.pth", "gone.txt"]),
+    "resume-missing": (["rm:ckpt.pt"], ["--resume=true"], ["ckpt.pt", "does not exist"]),
+    "resume-truncated": (["truncate:ckpt.pt"], ["--resume=true"], ["ckpt.pt", "truncated"]),
+    "resume-text": (["text:ckpt.pt"], ["--resume=true"], ["ckpt.pt"]),
+    "resume-model.pth": ([], ["--resume=true", "--ckpt_path=model.pth"], ["model.pth", "not a babygpt"]),
+    "resume-not-babygpt": (["dict:ckpt.pt"], ["--resume=true"], ["ckpt.pt", "not a babygpt"]),
+    "resume-other-shape": ([], ["--resume=true", "--n_embed=48"], ["ckpt.pt", "n_embed=32", "48"]),
+    "resume-other-block": ([], ["--resume=true", "--block_size=8"], ["ckpt.pt", "block_size=16", "8"]),
+    "resume-other-layers": ([], ["--resume=true", "--n_layer=3"], ["ckpt.pt", "n_layer=2", "3"]),
+    "resume-other-vocab": (["other:"], ["--resume=true", f"--data_path={OTHER}"], ["ckpt.pt", "vocabulary", OTHER]),
+    "init-missing": ([], ["--init_from=nothere.pth"], ["nothere.pth", "does not exist"]),
+    "init-truncated": (["truncate:model.pth"], ["--init_from=model.pth"], ["model.pth", "truncated"]),
+    "init-text": ([], ["--init_from=poems.txt"], ["poems.txt"]),
+    "init-not-weights": (["list:model.pth"], ["--init_from=model.pth"], ["model.pth", "no model weights"]),
+    "init-foreign-weights": (["dict:model.pth"], ["--init_from=model.pth"], ["model.pth", "not hold babygpt weights"]),
+    "init-missing-weight": (["drop:model.pth"], ["--init_from=model.pth"], ["model.pth", "does not fit this model"]),
+    "init-other-shape": ([], ["--init_from=model.pth", "--n_embed=48"], ["model.pth", "n_embed=32", "48"]),
+    "init-other-layers": ([], ["--init_from=model.pth", "--n_layer=1"], ["model.pth", "n_layer=2", "1"]),
+    "init-other-vocab": (["other:"], ["--init_from=model.pth", f"--data_path={OTHER}"], ["model.pth", "vocab_size"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CKPT_CASES))
+def test_bad_checkpoint_or_model_file(work, capsys, case):
+    """A missing, truncated, foreign or mis-shaped ckpt.pt or model.pth (for sample, --resume or --init_from) gets
+    one short line saying what and why, and no file changes."""
+    steps, args, needles = CKPT_CASES[case]
+    _setup(work, steps)
     before = snapshot(work)
-    prompts = ["春", "春江潮水连海平"]  # different lengths
-    args = ["sample", *tiny(), f"--prompts={','.join(prompts)}", "--max_new_token=20",
-            "--temperature=0"]
-    # model.pth would need the deleted corpus: success means the vocabulary came from ckpt.pt
-    proc, again = run_many((args, work), (args, work))
-    assert proc.returncode == 0, proc.stderr
-    samples = parse_samples(proc.stdout, prompts)
-    assert len(samples) == len(prompts)
-    for prompt, group in zip(prompts, samples):
-        assert len(group) == 1
-        assert group[0].startswith(prompt)
-        assert len(group[0]) == len(prompt) + 20
-    assert snapshot(work) == before  # sampling writes nothing
-    assert parse_samples(again.stdout, prompts) == samples  # greedy is deterministic
+    cmd = [args[0]] if args[0] == "sample" else []
+    rest = args[1:] if cmd else args
+    res = run_main(capsys, cmd + tiny() + rest)
+    line = one_line_error(res, *needles)
+    assert "size mismatch" not in line and len(line) < 400, f"not a short message: {line}"
+    assert not STEP_RE.search(res.stdout)
+    same_files(before, snapshot(work))
 
 
-def test_sample_num_samples_and_top_k(work):
-    # top_k=1 keeps only the most likely token: the same text as greedy decoding
-    proc, top1, greedy = run_many(
-        (["sample", *tiny(), "--prompts=往事,明月", "--max_new_token=15", "--num_samples=2",
-          "--top_k=5", "--temperature=0.8"], work),
-        (["sample", *tiny(), "--prompts=往事", "--max_new_token=15", "--top_k=1",
-          "--temperature=1.0"], work),
-        (["sample", *tiny(), "--prompts=往事", "--max_new_token=15", "--temperature=0"], work))
-    assert proc.returncode == 0, proc.stderr
-    samples = parse_samples(proc.stdout, ["往事", "明月"], num_samples=2)
-    assert [len(g) for g in samples] == [2, 2]
-    for prompt, group in zip(["往事", "明月"], samples):
-        for s in group:
-            assert s.startswith(prompt) and len(s) == len(prompt) + 15
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
 
-    assert top1.returncode == 0 and greedy.returncode == 0, top1.stderr + greedy.stderr
-    assert parse_samples(top1.stdout, ["往事"]) == parse_samples(greedy.stdout, ["往事"])
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
 
 
-def test_sample_falls_back_to_model_pth(work):
-    args = ["--prompts=春江,往事", "--max_new_token=20", "--temperature=0"]
-    # no file at ckpt_path (the default ckpt.pt stays for the comparison run)
-    from_ckpt, from_pth = run_many((["sample", *tiny(), *args], work),
-                                   (["sample", *tiny(), *args, "--ckpt_path=gone.pt"], work))
-    assert from_ckpt.returncode == 0, from_ckpt.stderr
-    assert from_pth.returncode == 0, from_pth.stderr
-    # model.pth holds the final weights, as does the final ckpt.pt: the same greedy text
-    prompts = ["春江", "往事"]
-    assert parse_samples(from_pth.stdout, prompts) == parse_samples(from_ckpt.stdout, prompts)
-    # and without the corpus, model.pth alone (no vocabulary) is a clear error
-    (work / "poems.txt").unlink()
-    proc = run_cli(["sample", *tiny(), *args, "--ckpt_path=gone.pt"], cwd=work)
-    assert "poems.txt" in one_line_error(proc)
-
-
-def test_sample_asks_for_prompts_on_a_terminal(work):
-    """With no prompts and a terminal on stdin, sample asks (请输入文字: ) until end of input."""
-    import pty
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(babygpt_cmd("sample", *tiny(), "--prompts=", "--max_new_token=5"),
-                            cwd=work, stdin=follower, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cli_env())
-    os.close(follower)
-    os.write(leader, "明月\n雪\n春江\n".encode() + b"\x04")  # 雪 is not in the corpus
-    try:
-        out, err = proc.communicate(timeout=60)
-    finally:
-        os.close(leader)
-    assert proc.returncode == 0, err
-    assert out.count("请输入文字: ") >= 3
-    assert re.search(r"明月\S{5}\n-{10}", out) and re.search(r"春江\S{5}\n-{10}", out)
-    assert "not in the vocabulary: 雪" in out
-    assert re.search(r"tokens/sec", out)
-
-
-def test_sample_without_prompts_and_without_terminal_is_an_error(work):
-    proc = run_cli(["sample", *tiny(), "--prompts="], cwd=work, stdin=subprocess.DEVNULL)
-    assert "prompts" in one_line_error(proc)
-
-
-# -----------------------------------------------------------------------------
-# exact KV cache
-
-def _embedded_tokens(model):
-    count = [0]
-    handle = model.token_embedding_table.register_forward_hook(
-        lambda mod, inp, out: count.__setitem__(0, count[0] + inp[0].numel()))
-    return count, handle
-
-
-@pytest.mark.parametrize("prompt_len,new", [(4, 8), (4, 50), (16, 10), (20, 30)],
-                         ids=["short", "past_block", "full_block_prompt", "prompt_past_block"])
-def test_kv_cache_greedy_is_exact(prompt_len, new):
-    vocab = 40
-    seed_model = tiny_model(vocab, seed=1, cls=reference.SeedGPT)
-    model = babygpt.BabyGPT(vocab, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0).eval()
-    model.load_state_dict(seed_model.state_dict())  # the seed layout
-    g = torch.Generator().manual_seed(prompt_len * 100 + new)
-    idx = torch.randint(vocab, (2, prompt_len), generator=g)
-
-    cached = model.generate(idx, new, temperature=0, kv_cache=True)
-    plain = model.generate(idx, new, temperature=0, kv_cache=False)
-    seed_out = seed_model.generate(idx, new, temperature=0)
-    assert cached.shape == (2, prompt_len + new)
-    assert torch.equal(cached[:, :prompt_len], idx)
-    assert torch.equal(cached, plain), "KV cache changes greedy output"
-    assert torch.equal(cached, seed_out), "greedy output differs from the seed model's"
-    assert len(set(cached[:, prompt_len:].flatten().tolist())) > 1  # not a degenerate case
-
-
-def test_kv_cache_is_used_while_text_fits():
-    model = tiny_model(40, seed=2)
-    idx = torch.randint(40, (2, 4), generator=torch.Generator().manual_seed(0))
-    count, handle = _embedded_tokens(model)
-    model.generate(idx, 10, temperature=0, kv_cache=True)
-    with_cache = count[0]
-    count[0] = 0
-    model.generate(idx, 10, temperature=0, kv_cache=False)
-    handle.remove()
-    # with a cache each new token is embedded once: the prompt, then one token per step
-    assert with_cache <= 2 * (4 + 10)
-    assert count[0] > with_cache
-
-
-# -----------------------------------------------------------------------------
-# the seed's model.pth files
-
-def seed_setup(folder):
-    text = make_corpus()
-    (folder / "poems.txt").write_text(text, encoding="utf-8")
-    tok = babygpt.Tokenizer(text)
-    seed_model = tiny_model(tok.vocab_size, seed=3, cls=reference.SeedGPT)
-    torch.save(seed_model.state_dict(), folder / "model.pth")
-    return tok, seed_model
-
-
-def test_seed_state_dict_loads_exactly():
-    seed_model = tiny_model(40, seed=4, cls=reference.SeedGPT)
-    sd = seed_model.state_dict()
-    assert any(".heads." in k for k in sd) and any("postion_embedding_table" in k for k in sd)
-    model = babygpt.BabyGPT(40, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0).eval()
-    model.load_state_dict(sd)
-    idx = torch.randint(40, (3, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        for T in (1, 7, 16):
-            a, _ = seed_model(idx[:, :T])
-            b, _ = model(idx[:, :T])
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-
-
-def test_sample_with_seed_model_pth(tmp_path):
-    tok, seed_model = seed_setup(tmp_path)
-    prompts = ["春江", "往事"]
-    proc = run_cli(["sample", *tiny(), "--prompts=春江,往事", "--max_new_token=25",
-                    "--temperature=0"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    samples = parse_samples(proc.stdout, prompts)
-    for prompt, group in zip(prompts, samples):
-        idx = torch.tensor([tok.encode(prompt)])
-        want = tok.decode(seed_model.generate(idx, 25, temperature=0)[0].tolist())
-        assert group == [want]
-
-
-def test_train_from_seed_model_pth(tmp_path):
-    tok, seed_model = seed_setup(tmp_path)
-    # a learning rate so small that one step leaves the weights as they were
-    proc, fresh = run_many(
-        (tiny("--init_from=model.pth", "--max_iters=1", "--eval_interval=1",
-              "--learning_rate=1e-12", "--save_path=out.pth"), tmp_path),
-        (tiny("--max_iters=1", "--eval_interval=1", "--learning_rate=1e-12",
-              "--save_path=fresh.pth", "--ckpt_path=fresh.pt"), tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    model = babygpt.BabyGPT(tok.vocab_size, block_size=16, n_embed=32, n_head=2, n_layer=2,
-                            dropout=0.0).eval()
-    model.load_state_dict(load_ckpt(tmp_path / "out.pth"))
-    idx = torch.randint(tok.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        torch.testing.assert_close(model(idx)[0], seed_model(idx)[0], rtol=1e-5, atol=1e-5)
-    # the step-0 losses are those of the seed weights, not of a fresh model
-    assert fresh.returncode == 0, fresh.stderr
-    assert losses(proc.stdout)[0] != losses(fresh.stdout)[0]
-
-
-# -----------------------------------------------------------------------------
-# bad input: one line, exit 1, no traceback, nothing modified
-
-OTHER_TEXT = "abcdefg hijklmn\nopq rst uvw xyz\n" * 40
-
-
-def test_bad_input_cli(work):
-    """Two bad inputs through a real process: exit status 1, one line, nothing modified."""
-    data = (work / "ckpt.pt").read_bytes()
-    (work / "ckpt.pt").write_bytes(data[:len(data) // 2])
+@pytest.mark.parametrize("case", ["sample-ckpt", "sample-model.pth", "resume", "init_from"])
+def test_pickled_code_is_never_run(work, capsys, case):
+    """A downloaded ckpt.pt or model.pth that carries code is refused in one line; its code never runs."""
+    marker = work / "PWNED"
+    evil = {"model": {"w": torch.zeros(2), "x": _Evil(str(marker))}, "iter_num": 1, "chars": "ab", "config": {}}
+    target = "model.pth" if case in ("sample-model.pth", "init_from") else "ckpt.pt"
+    torch.save(evil if target == "ckpt.pt" else evil["model"], work / target)
+    if case == "sample-model.pth":
+        (work / "ckpt.pt").unlink()
+    args = {"sample-ckpt": ["sample", *tiny()], "sample-model.pth": ["sample", *tiny()],
+            "resume": tiny("--resume=true"), "init_from": tiny("--init_from=model.pth")}[case]
     before = snapshot(work)
-    truncated, negative = run_many((["sample", *tiny()], work),
-                                   (["sample", *tiny(), "--temperature=-1"], work))
-    assert "ckpt.pt" in one_line_error(truncated)
-    assert "temperature" in one_line_error(negative)
-    assert snapshot(work) == before
+    res = run_main(capsys, args)
+    one_line_error(res, target)
+    assert not marker.exists(), "loading the file ran code from its pickle"
+    same_files(before, snapshot(work))
+    torch.load(work / target, weights_only=False)  # the file really does carry code: an unsafe load runs it
+    assert marker.is_dir()
 
 
 # -----------------------------------------------------------------------------
-# wandb across a resume (in-process, with a stand-in for wandb: no network)
+# Resume: the same run as one never stopped
 
-@pytest.mark.parametrize("mode", ["offline", "online"])
-def test_resume_and_wandb_runs(corpus, monkeypatch, mode):
-    """Online, a resumed training continues the same run; offline, each piece is a new run in
-    the group named after the first piece's id, and its name says where it resumed."""
+RESUME_ARGS = ["--dropout=0.1", "--learning_rate=3e-3", "--lr_schedule=cosine", "--warmup_iters=2",
+               "--min_lr=1e-4", "--checkpoint_interval=0", "--max_iters=10", "--eval_interval=4"]
+
+# Ctrl-C arrives while step STOP_AT trains (get_lr is called once per step, with its number)
+SIGINT_AT_STEP = """
+real_lr = babygpt.get_lr
+def get_lr(it, cfg):
+    if it == {step}:
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_lr(it, cfg)
+babygpt.get_lr = get_lr
+"""
+
+# the process dies (as under kill -9) right after its N-th checkpoint reaches the disk
+DIE_AFTER_CHECKPOINT = """
+real_replace, written = os.replace, []
+def replace(src, dst):
+    real_replace(src, dst)
+    if str(dst).endswith("ckpt.pt"):
+        written.append(dst)
+        if len(written) == {n}:
+            os._exit(9)
+os.replace = replace
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(losses, model.pth) of the 10-step run that the pieces below must reproduce."""
+    folder = tmp_path_factory.mktemp("whole")
+    (folder / "poems.txt").write_text(make_corpus(), encoding="utf-8")
+    res = run_cli(tiny(*RESUME_ARGS), cwd=folder)
+    assert res.returncode == 0, res.stderr
+    return losses(res.stdout), load_ckpt(folder / "model.pth")
+
+
+@pytest.mark.parametrize("how", ["interrupt", "killed"])
+def test_an_interrupted_or_killed_run_resumes_to_the_same_model(corpus, uninterrupted, how):
+    """A run stopped by Ctrl-C mid-run, or killed after a checkpoint, resumed with the printed command prints the
+    losses and trains the weights of the run never stopped."""
+    whole_losses, whole_model = uninterrupted
     folder = corpus.parent
-    fake = FakeWandb(str(folder))
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    monkeypatch.chdir(folder)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    args = [a for a in tiny(data=corpus.name) if not a.startswith("--wandb_mode")] + [f"--wandb_mode={mode}"]
-    assert babygpt.main([*args, "--max_iters=5"]) == 0
-    assert babygpt.main([*args, "--max_iters=10", "--resume=true"]) == 0
-    first, second = fake.inits
-    assert first["group"] == first["id"]
-    assert second["group"] == first["id"]
-    if mode == "online":
-        assert second["id"] == first["id"] and second["resume"] == "allow"
-        assert "resumed" not in second["name"]
+    if how == "interrupt":  # Ctrl-C during step 6: the run stops after it, at step 7
+        first = run_wrapped(SIGINT_AT_STEP.format(step=6), tiny(*RESUME_ARGS, "--resume=false"), folder)
+        assert first.returncode == 0, first.stderr
+        assert load_ckpt(folder / "ckpt.pt")["iter_num"] == 7
+        hint = re.search(r"Resume with: (.*)$", first.stdout, re.M)  # the command to type
+        command = hint[1].split() if hint else []
+        assert command[:1] == ["python"] and os.path.samefile(os.path.join(folder, command[1]), babygpt.__file__)
+        assert command.count("--resume=true") == 1 and "--resume=false" not in command, first.stdout
+        assert command[2:-1] == tiny(*RESUME_ARGS), command
+    else:  # killed right after the checkpoint of step 4's evaluation (step 0's is the first)
+        first = run_wrapped(DIE_AFTER_CHECKPOINT.format(n=2), tiny(*RESUME_ARGS), folder)
+        assert first.returncode == 9, first.stderr
+        assert load_ckpt(folder / "ckpt.pt")["iter_num"] == 4
+    assert not (folder / "model.pth").exists()
+    second = run_cli(tiny(*RESUME_ARGS, "--resume=true"), cwd=folder)
+    assert second.returncode == 0, second.stderr
+    assert {**losses(first.stdout), **losses(second.stdout)} == whole_losses
+    assert same_weights(load_ckpt(folder / "model.pth"), whole_model), "the resumed run trained another model"
+
+
+def test_a_resume_keeps_the_dtype_its_first_start_measured(corpus, monkeypatch, capsys):
+    """A resumed run on a busy CPU, where the probe now says float32, goes on in the bfloat16 it started in and ends
+    with the weights of the run done straight."""
+    monkeypatch.chdir(corpus.parent)
+    args = AUTO_ARGS + [f"--data_path={corpus.name}"]
+    monkeypatch.setattr(babygpt, "probe_dtypes", winners(BF16))
+    straight = run_main(capsys, args + ["--max_iters=20", "--dtype=bfloat16", "--ckpt_path=whole.pt",
+                                        "--save_path=whole.pth"])
+    assert straight.returncode == 0, show(straight)
+    monkeypatch.setattr(babygpt, "probe_dtypes", winners(BF16, F32))  # the second start disagrees
+    first = run_main(capsys, args + ["--max_iters=10"])
+    assert first.returncode == 0 and "dtype auto: bfloat16" in first.stdout, show(first)
+    assert load_ckpt("ckpt.pt")["config"]["dtype"] == "bfloat16"  # what it trained in, not "auto"
+    second = run_main(capsys, args + ["--max_iters=20", "--resume=true"])
+    assert second.returncode == 0, show(second)
+    assert "resuming from ckpt.pt at step 10, in bfloat16" in second.stdout and "note:" not in second.stdout
+    repeat = re.search(r"^to repeat this run exactly: .* --dtype=bfloat16 --max_iters=20$", second.stdout, re.M)
+    assert repeat and "--resume" not in repeat[0], show(second)  # the whole training's dtype was measured
+    assert {**losses(first.stdout), **losses(second.stdout)} == losses(straight.stdout)
+    assert same_weights(load_ckpt("model.pth"), load_ckpt("whole.pth"))
+
+
+@pytest.mark.parametrize("dtype,note", [("float32", True), ("bfloat16", False)])
+def test_an_explicit_dtype_on_resume_says_the_run_is_no_longer_exact(corpus, monkeypatch, capsys, dtype, note):
+    """Resuming a bfloat16 ckpt.pt with --dtype=float32 trains in float32, as asked, and says in one line that the
+    run now differs from one never stopped; the same dtype says nothing."""
+    monkeypatch.chdir(corpus.parent)
+    args = AUTO_ARGS + [f"--data_path={corpus.name}"]
+    monkeypatch.setattr(babygpt, "probe_dtypes", winners(BF16, BF16))
+    assert run_main(capsys, args + ["--max_iters=5", "--dtype=bfloat16"]).returncode == 0
+    res = run_main(capsys, args + ["--max_iters=10", "--resume=true", f"--dtype={dtype}"])
+    assert res.returncode == 0, show(res)
+    said = [line for line in res.stdout.splitlines() if "no longer exact" in line]
+    if note:
+        assert said == ["note: ckpt.pt trained in bfloat16; with --dtype=float32 this resumed run is no longer "
+                        "exact (leave --dtype out to keep bfloat16)"], show(res)
+        assert load_ckpt("ckpt.pt")["config"]["dtype"] == "float32"
     else:
-        assert second["id"] != first["id"] and not second.get("resume")
-        assert second["name"].endswith("resumed at step 5")
-    assert [m["iteration"] for m in fake.logged if "iteration" in m] == [0, 5, 10]
-    assert all("step" not in kw for kw in fake.log_kwargs)  # never step=: it drops rows on resume
+        assert said == [], show(res)
 
 
-def test_an_offline_piece_is_never_continued_online(corpus, monkeypatch):
-    """Its id exists only on this disk: continuing it online would collide when it is synced."""
-    folder = corpus.parent
-    fake = FakeWandb(str(folder))
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    monkeypatch.chdir(folder)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    args = [a for a in tiny(data=corpus.name) if not a.startswith("--wandb_mode")]
-    assert babygpt.main([*args, "--max_iters=5", "--wandb_mode=offline"]) == 0
-    assert babygpt.main([*args, "--max_iters=10", "--resume=true", "--wandb_mode=online"]) == 0
-    first, second = fake.inits
-    assert second["id"] != first["id"] and second["group"] == first["id"]
-    assert second["name"].endswith("resumed at step 5")
+def test_a_fitted_run_resumes_to_the_steps_it_was_fitted_to(corpus, monkeypatch, capsys):
+    """A max_minutes run stopped early and resumed trains to the step count it was fitted to, not a new fit,
+    unless the user types --max_iters."""
+    monkeypatch.chdir(corpus.parent)
+    monkeypatch.setattr(babygpt, "probe_dtypes", fake_probe({F32: 0.5, BF16: 1.0}, forward=0.01))
+    args = [a for a in TINY if not a.startswith("--max_iters")] + [f"--data_path={corpus.name}", "--max_minutes=5"]
+    assert run_main(capsys, args + ["--max_iters=3"]).returncode == 0  # stands for a run stopped early
+    state = load_ckpt("ckpt.pt")
+    state["config"]["max_iters"] = 500  # as a fitted run of 500 steps would have saved
+    torch.save(state, "ckpt.pt")
+    _, cfg = babygpt.parse_args(args + ["--resume=true"])
+    model = babygpt.BabyGPT(state["model"]["token_embedding_table.weight"].shape[0], 16, 32, 2, 2)
+    babygpt.load_start(cfg, model, babygpt.Tokenizer(state["chars"]))
+    assert cfg.max_iters == 500
+    _, cfg = babygpt.parse_args(args + ["--resume=true", "--max_iters=40"])
+    babygpt.load_start(cfg, model, babygpt.Tokenizer(state["chars"]))
+    assert cfg.max_iters == 40

@@ -1,0 +1,199 @@
+"""Several processes under torchrun (DDP with gloo on the CPU): one model trained together, clean stops on faults."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import babygpt
+from conftest import (WRAPPED, ROOT, LONG, Running, all_finite, assert_close_weights, batch, cli_env, load_ckpt,
+                      losses, max_change, run_main, same_files, same_weights, snapshot, step_weights, succeeded,
+                      temp_files, tiny, tiny_model, torchrun_cmd)
+
+
+# -----------------------------------------------------------------------------
+# One model, trained on different batches
+
+def _ddp_worker(rank, world, init_file, start_path, out_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for accum in (1, 2):  # 2 micro-batches per process exercise DDP's no_sync path
+            model = tiny_model()
+            model.load_state_dict(torch.load(start_path, weights_only=True))
+            ddp = DistributedDataParallel(model)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+            x, y = batch(8)
+            per = 8 // world
+            xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+            m = per // accum
+            micro = [(xs[i * m:(i + 1) * m], ys[i * m:(i + 1) * m]) for i in range(accum)]
+            babygpt.train_step(ddp, optimizer, micro)
+            torch.save(model.state_dict(), f"{out_path}.{accum}.{rank}")
+        dist.barrier()  # both are done before either tears down (gloo could abort otherwise)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gradient_equivalence(tmp_path):
+    """Two processes with half the batch each (in 1 or 2 micro-batches) take the step one process takes with the
+    whole batch, not the step of its own half."""
+    model = tiny_model()
+    start = tmp_path / "start.pt"
+    torch.save(model.state_dict(), start)
+    x, y = batch(8)
+    expected = step_weights(model, [(x, y)], lr=0.5)
+    assert max_change(expected, model.state_dict()) > 1e-4
+    half_only = step_weights(model, [(x[:4], y[:4])], lr=0.5)
+    assert max_change(expected, half_only) > 1e-4  # one process's half alone is not enough
+
+    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(start), str(tmp_path / "out")),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 90
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("DDP workers hung")
+    for accum in (1, 2):
+        for rank in range(2):
+            assert_close_weights(torch.load(tmp_path / f"out.{accum}.{rank}", weights_only=True), expected)
+
+
+# each rank writes its first training batch and its final weights next to the run
+RECORD_RANKS = """
+rank = os.environ["RANK"]
+real_batch, real_train, batches = babygpt.get_batch, babygpt.train, []
+def get_batch(data, batch_size, block_size, generator=None):
+    x, y = real_batch(data, batch_size, block_size, generator)
+    if generator is None and not batches:
+        batches.append(x.clone())
+    return x, y
+def train(cfg, *args):
+    model = real_train(cfg, *args)
+    torch.save({"batch": batches[0], "model": model.state_dict()}, f"rank{rank}.pt")
+    return model
+babygpt.get_batch, babygpt.train = get_batch, train
+"""
+
+
+def test_two_processes_train_one_model_on_different_batches(corpus, capsys, monkeypatch):
+    """Under torchrun each process draws batches of its own, all end with the same weights, one model.pth is
+    saved, and the logged losses are the processes' mean."""
+    folder = corpus.parent
+    args = [*tiny("--max_iters=6", "--eval_interval=3", "--learning_rate=3e-3", data=corpus.name), "--device=cpu"]
+    script = folder / "wrapped.py"
+    script.write_text(WRAPPED.format(root=ROOT, patch=RECORD_RANKS), encoding="utf-8")
+    proc = subprocess.run(torchrun_cmd(*args)[:-len(args) - 1] + [str(script), *args], cwd=folder,
+                          capture_output=True, text=True, timeout=120, env=cli_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(ranks[0]["batch"], ranks[1]["batch"]), "both processes drew the same batches"
+    assert same_weights(ranks[0]["model"], ranks[1]["model"]), "the processes trained apart"
+    sd = load_ckpt(folder / "model.pth")
+    assert not any(k.startswith("module.") for k in sd) and proc.stdout.count("模型已保存到") == 1
+    assert same_weights(babygpt.upgrade_state_dict(sd), ranks[0]["model"])
+    together = losses(proc.stdout)
+    assert sorted(together) == [0, 3, 6]
+    monkeypatch.chdir(folder)
+    res = run_main(capsys, args[:-1] + ["--max_iters=1", "--save_path=one.pth", "--ckpt_path=one.pt"])
+    alone = losses(res.stdout)[0]  # the mean of two processes' losses is near one process's own
+    assert together[0][0] == pytest.approx(alone[0], abs=0.15) and together[0][1] == pytest.approx(alone[1], abs=0.15)
+
+
+# -----------------------------------------------------------------------------
+# Faults: every process exits, none hangs, nothing is lost
+
+def _torchrun(args):
+    return torchrun_cmd(*args, "--device=cpu")
+
+
+def _processes_mentioning(text):
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append((int(pid), cmd))
+    return found
+
+
+def _assert_no_orphans(folder, timeout=10):
+    deadline = time.time() + timeout
+    while (left := _processes_mentioning(str(folder))) and time.time() < deadline:
+        time.sleep(0.2)
+    for pid, _ in left:  # clean up before failing (processes this test started)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left running: {left}"
+
+
+def _no_babygpt_traceback(output):
+    # torchrun itself prints a ChildFailedError traceback when a worker exits non-zero; what
+    # matters is that no babygpt frame (an unhandled error inside babygpt) appears
+    assert 'babygpt.py", line' not in output, output
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("--n_head=3", "n_embed must be divisible by n_head=3 (got 32)"),
+    ("--batch_size=9", "batch_size (9) must be divisible by the number of processes (2)"),
+], ids=["bad-constant", "batch-not-divisible"])
+def test_torchrun_bad_setting(corpus, arg, message):
+    """A bad setting under torchrun makes every process print the same one-line error and exit, none left hanging."""
+    folder = corpus.parent
+    run = Running(_torchrun(tiny(arg, data=str(corpus))), folder)
+    rc = run.wait(timeout=60)
+    assert rc != 0, run.output
+    _no_babygpt_traceback(run.output)
+    errors = [ln for ln in run.output.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 2 and all(message in ln for ln in errors), run.output
+    _assert_no_orphans(folder)
+    assert not list(folder.glob("*.pt*"))
+
+
+def test_torchrun_nan(work):
+    """A loss that becomes NaN under torchrun stops every process, keeps model.pth and a finite ckpt.pt."""
+    before = snapshot(work)
+    run = Running(_torchrun(tiny("--learning_rate=1e6", data=str(work / "poems.txt"))), work)
+    rc = run.wait(timeout=90)
+    assert rc != 0, run.output
+    _no_babygpt_traceback(run.output)
+    assert "the loss became NaN or infinite" in run.output, run.output
+    _assert_no_orphans(work)
+    same_files(before, snapshot(work), ["model.pth", "poems.txt"])
+    assert all_finite(load_ckpt(work / "ckpt.pt")["model"]), "ckpt.pt holds NaN/inf weights"
+    assert not temp_files(work)
+
+
+def test_torchrun_sigterm(corpus):
+    """SIGTERM to torchrun stops every process within seconds, with a checkpoint that torchrun resumes to the end."""
+    folder = corpus.parent
+    run = Running(_torchrun(tiny(*LONG, data=str(corpus))), folder)
+    run.wait_for(r"^step 0: ", timeout=90)
+    time.sleep(1.0)
+    t0 = time.time()
+    run.signal(signal.SIGTERM)
+    run.wait(timeout=45)
+    assert time.time() - t0 < 30, "torchrun took more than 30 s to stop"
+    _no_babygpt_traceback(run.output)
+    _assert_no_orphans(folder)
+    assert not temp_files(folder)
+    done = load_ckpt(folder / "ckpt.pt")["iter_num"]
+    assert 0 < done < 1000000, run.output
+    res = subprocess.run(_torchrun(tiny("--eval_interval=100000", f"--max_iters={done + 3}", "--resume=true",
+                                        data=str(corpus))), cwd=folder, capture_output=True, text=True, timeout=90,
+                         env=cli_env())
+    succeeded(res)
+    assert f"resuming from ckpt.pt at step {done}" in res.stdout and f"step {done + 3}:" in res.stdout, res.stdout
