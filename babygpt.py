@@ -21,8 +21,8 @@ if __name__ == "__main__":  # PyTorch reads this at its first CPU allocation, so
 
 import contextlib
 import copy
+import functools
 import hashlib
-import itertools
 import json
 import math
 import re
@@ -228,17 +228,16 @@ class BabyGPT(nn.Module):
         was_training = self.training
         self.eval()
         caches = None
-        with generation_attention(idx.device):
-            for _ in range(max_new_tokens):
-                if kv_cache and idx.size(1) <= self.block_size:
-                    if caches is None:  # the first step fills the cache with the whole prompt
-                        caches = [KVCache(self.block_size) for _ in self.blocks]
-                        logits = self.next_token_logits(idx, caches)
-                    else:
-                        logits = self.next_token_logits(idx[:, -1:], caches)
+        for _ in range(max_new_tokens):
+            if kv_cache and idx.size(1) <= self.block_size:
+                if caches is None:  # the first step fills the cache with the whole prompt
+                    caches = [KVCache(self.block_size) for _ in self.blocks]
+                    logits = self.next_token_logits(idx, caches)
                 else:
-                    logits = self.next_token_logits(idx[:, -self.block_size:])
-                idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
+                    logits = self.next_token_logits(idx[:, -1:], caches)
+            else:
+                logits = self.next_token_logits(idx[:, -self.block_size:])
+            idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
         self.train(was_training)
         return idx
 
@@ -250,13 +249,10 @@ class BabyGPT(nn.Module):
             x = block(x, caches[i] if caches else None)
         return self.lm_head(self.ln_final(x[:, -1, :]))  # only the last position is needed
 
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        """Also accepts the seed's layout (per-head modules, `postion_embedding_table`)."""
-        return super().load_state_dict(upgrade_state_dict(state_dict), strict=strict, assign=assign)
-
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
-    """Pick the next token (B, 1) from last-position logits (B, vocab): greedy, or sampled."""
+    """Pick the next token (B, 1) from last-position logits (B, vocab): greedy, or sampled (on the
+    generator's device when one is given)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
@@ -264,7 +260,7 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
         kth = torch.topk(logits, top_k).values[:, [-1]]  # (B, 1): the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    where = generator_device(probs.device)  # the CPU for MPS
+    where = probs.device if generator is None else generator.device
     return torch.multinomial(probs.to(where), 1, generator=generator).to(probs.device)
 
 
@@ -299,31 +295,21 @@ def get_batch(data, batch_size, block_size, generator=None):
 
 
 @torch.no_grad()
-def estimate_loss(model, data, batch_size, block_size, eval_iters, generator=None, ctx=None,
-                  on_batch=None, batches_per_pass=1):
-    """Mean loss over eval_iters random batches of each split, with dropout off. batches_per_pass
-    batches go through the model together (same batches, same mean); the host waits once, at the
-    end. on_batch(done, total), if given, is called before each pass; it may raise to stop."""
+def estimate_loss(model, data, cfg, batch_size, generator=None, batches_per_pass=1):
+    """Mean loss over cfg.eval_iters random batches of each split, with dropout off. batches_per_pass
+    batches go through the model together (same batches, same mean); the host waits once, at the end."""
     was_training = model.training
     model.eval()
-    splits = ("train", "val")
     losses = []
-    try:
-        for s, split in enumerate(splits):
-            done = 0
-            while done < eval_iters:
-                n = min(batches_per_pass, eval_iters - done)
-                if on_batch is not None:
-                    on_batch(s * eval_iters + done, len(splits) * eval_iters)
-                pairs = [get_batch(data[split], batch_size, block_size, generator) for _ in range(n)]
-                x, y = (torch.cat(t) for t in zip(*pairs)) if n > 1 else pairs[0]  # (n * B, T)
-                with ctx or nullcontext():
-                    _, loss = model(x, y)
-                losses.append(loss.float() * n)  # the sum of n batch means
-                done += n
-    finally:
-        model.train(was_training)
-    means = torch.stack(losses).view(len(splits), -1).sum(1) / eval_iters  # (2,): train, val
+    for split in ("train", "val"):
+        for done in range(0, cfg.eval_iters, batches_per_pass):
+            n = min(batches_per_pass, cfg.eval_iters - done)
+            pairs = [get_batch(data[split], batch_size, cfg.block_size, generator) for _ in range(n)]
+            x, y = (torch.cat(t) for t in zip(*pairs)) if n > 1 else pairs[0]  # (n * B, T)
+            _, loss = model(x, y)
+            losses.append(loss.float() * n)  # the sum of n batch means
+    model.train(was_training)
+    means = torch.stack(losses).view(2, -1).sum(1) / cfg.eval_iters  # (2,): train, val
     train_loss, val_loss = means.tolist()  # the one host sync
     return {"train": train_loss, "val": val_loss}
 
@@ -361,161 +347,98 @@ def get_lr(it, cfg):
 
 
 # -----------------------------------------------------------------------------
-# TRAINING SECTION BEGIN
+# The training loop
 
 def train(cfg, clock=None):
     """The seed's script: read the text, tokenize and split it, build the model and AdamW, train
     with an evaluation every eval_interval steps, then generate and save model.pth."""
-    clock = clock or PhaseClock()
-    rank, world, dev = setup_distributed(cfg)  # one process, unless started by torchrun
-    clock.dev = dev
-    torch.manual_seed(cfg.seed + rank)  # each process draws batches of its own
-    if rank == 0:
-        check_output_paths(cfg)
+    run = Run(cfg, clock)  # this process: its device and torchrun rank, clock, wandb run, checkpoints
 
     # ---- the text, its tokenizer, and the train/validation split
-    text = load_corpus(cfg.data_path, world)
+    text = load_corpus(cfg.data_path, run.world)
     tokenizer = Tokenizer(text)
     check_prompts(cfg, tokenizer, cfg.data_path)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     n = int(cfg.train_data_ratio * len(ids))
-    data = {"train": ids[:n], "val": ids[n:]}
+    data = {"train": ids[:n].to(run.dev), "val": ids[n:].to(run.dev)}
     check_split(data, cfg)
-    data = {split: part.to(dev) for split, part in data.items()}
 
-    # ---- the model and its optimizer (with --resume, as the checkpoint left them)
+    # ---- the model and AdamW (--resume: as ckpt.pt left them; --init_from: a model.pth's weights)
     model = BabyGPT(tokenizer.vocab_size, cfg.block_size, cfg.n_embed, cfg.n_head, cfg.n_layer, cfg.dropout)
-    state = load_start(cfg, model, tokenizer)  # ckpt.pt with --resume, weights with --init_from
-    model.to(dev)
+    checkpoint = load_start(cfg, model, tokenizer)
+    model.to(run.dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  fused=dev.type in FUSED_ADAMW)
+                                  fused=run.dev.type in FUSED_ADAMW)
+    train_model = run.prepare(model, optimizer, tokenizer, data, checkpoint)  # dtype, steps, compile, DDP, wandb
 
-    # ---- set-up helpers: the dtype measured here, the resumed state, compilation, DDP, wandb
-    start_iter = state["iter_num"] if state else 0
-    micro_batch = cfg.batch_size // (world * cfg.grad_accum_steps)  # sequences per forward pass
-    amp = plan_run(cfg, model, data["train"], micro_batch, dev, world, start_iter, clock)
-    ctx = autocast(dev, amp)
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-    best_val, evaluated, pieces = resume_training(state, optimizer, scaler, cfg, dev, rank, world) if state \
-        else (math.inf, False, {})
-    eval_batch, passes = cfg.batch_size // world, choose_eval_passes(cfg, world, tokenizer.vocab_size, dev)
-    train_model = compile_model(model, cfg, dev, world, clock, lambda m: warm_up(
-        m, data, cfg, micro_batch, eval_batch, passes, ctx, scaler, dev))
-    if world > 1:  # DDP averages the gradients of all processes
-        train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    run, pieces = start_wandb(cfg, dev, amp, pieces, start_iter) if rank == 0 else (DummyWandb(), pieces)
+    # ---- the loop. Ctrl-C (or SIGTERM) stops it after the current step, or at once during an
+    # evaluation; ckpt.pt is saved and the command to resume printed. A second Ctrl-C quits at once.
+    it = run.start_iter
+    with STOP.while_training(run.world):
+        while True:
+            last_step = it >= cfg.max_iters  # with max_minutes, an evaluation may move max_iters
 
-    def save_checkpoint(step, evaluated):  # all that --resume needs; the first process writes it
-        clock.phase("checkpoints")
-        if rank == 0:
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "iter_num": step, "evaluated": evaluated,
-                         "best_val_loss": best_val, "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},
-                         "argv": list(cfg._argv), "measured": sorted(cfg._measured),
-                         "chars": "".join(tokenizer.chars), "rng": rng_state(dev),
-                         "wandb_id": pieces.get("id"), "wandb_group": pieces.get("group"),
-                         "wandb_offline_dirs": pieces.get("dirs", [])}, cfg.ckpt_path)
-
-    eval_gen = torch.Generator(device=generator_device(dev))  # evaluation's own random batches
-    samples = []  # the generated texts logged to wandb so far, as (iteration, prompt, text)
-    tokens, mark, last_saved, it = 0, time.time(), -math.inf, start_iter
-    fitted, announced = fits_time(cfg, dev, start_iter), cfg.max_iters
-    check_each_step = dev.type == "cpu" and world == 1  # loss.item() costs a GPU sync, but no CPU time
-    start_time = time.time()
-    with StopRequests() as stop:  # the first Ctrl-C stops after this step and saves a checkpoint
-        try:
-            for it in itertools.count(start_iter):  # up to max_iters, which max_minutes may re-fit
-                last_step = it >= cfg.max_iters
-
-                # ---- evaluate and log (at step 0, every eval_interval steps, and at the last step)
-                if (it % cfg.eval_interval == 0 or last_step) and not (it == start_iter and evaluated):
-                    clock.phase("evaluation")  # waits for the device: the speed below is then true
-                    speed = tokens / (time.time() - mark)  # training tokens/sec since the last evaluation
-                    eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + rank)  # the same batches on resume
-                    losses = estimate_loss(train_model, data, eval_batch, cfg.block_size, cfg.eval_iters, eval_gen,
-                                           ctx, stop.during_evaluation(world), passes)
-                    train_loss, val_loss = all_mean([losses["train"], losses["val"]], dev, world)
-                    if not math.isfinite(train_loss + val_loss):
-                        raise_nonfinite(it, cfg)
+            # ---- once in a while: evaluate, print, log to wandb, save a checkpoint
+            if (it % cfg.eval_interval == 0 or last_step) and not run.evaluated(it):
+                speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation
+                with STOP.at_once(), run.ctx:
+                    losses = estimate_loss(train_model, data, cfg, run.eval_batch, run.eval_generator(it),
+                                           run.eval_passes)
+                    train_loss, val_loss = run.mean_losses(losses, it)  # over all processes; NaN stops
                     say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                        f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - start_time)}")
-                    best_val = min(best_val, val_loss)
+                        f"speed: {speed:.2f} tokens/sec, time: {format_time(run.training_time())}")
                     metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
                                "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
-                    samples = add_samples(metrics, samples, run, model, tokenizer, cfg, dev, ctx, it)
-                    run = wandb_log(run, metrics)
-                    if fitted and it > start_iter and not last_step:  # re-fit the stop to the speed so far
-                        before = cfg.max_iters
-                        fit_steps(cfg, it, (time.time() - start_time) / (it - start_iter), 0, clock, dev, world)
-                        if cfg.max_iters != before:
-                            run = wandb_update(run, max_iters=cfg.max_iters)
-                        if abs(cfg.max_iters - announced) >= 0.05 * announced:  # news, not every 50 steps
-                            announced = cfg.max_iters
-                            say(f"max_minutes: {announced:,} steps fit now, at this run's speed so far")
+                    if run.samples_due(it, last_step):  # the first, the last, every sample_interval steps
+                        metrics["samples"] = run.samples_table(it)  # generated texts, as a wandb table
+                    run.log(metrics)
+                    run.refit(it, last_step)  # max_minutes: the steps that fit at this run's speed so far
+                    if last_step or run.checkpoint_due():  # the first, then each checkpoint_interval s, the last
+                        run.save_checkpoint(it, evaluated=True)
+            if last_step or STOP.agreed(it, run.dev):  # under torchrun the processes stop together
+                break
 
-                    # ---- checkpoint (the first, then every checkpoint_interval seconds, and the last)
-                    if last_step or time.time() - last_saved >= cfg.checkpoint_interval:
-                        save_checkpoint(it, evaluated=True)
-                        last_saved = time.time()
-                    tokens, mark = 0, time.time()
-                if last_step:
-                    break
-
-                # ---- stop? (Ctrl-C or SIGTERM; under torchrun every process agrees)
-                if stop.agreed(it, world, dev):
-                    raise Interrupted
-
-                # ---- one training step
-                clock.phase("training")
-                for group in optimizer.param_groups:
-                    group["lr"] = get_lr(it, cfg)
-                batches = [get_batch(data["train"], micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
-                loss = train_step(train_model, optimizer, batches, ctx, scaler, cfg.grad_clip)
-                tokens += cfg.batch_size * cfg.block_size
-                if check_each_step and not math.isfinite(loss.item()):
-                    raise_nonfinite(it, cfg)
-        except Interrupted:
-            save_checkpoint(it, evaluated=False)
-            say(f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}. "
-                f"Resume with: {resume_command(cfg, world)}")
-            finish(run, clock, world)
-            return model
+            # -------------------- TRAINING SECTION BEGIN --------------------
+            run.clock.phase("training")
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(it, cfg)
+            batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
+            loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
+            run.check_loss(loss, it)  # on one CPU process a NaN stops the run at its step
+            # -------------------- TRAINING SECTION END ----------------------
+            it += 1
 
     # ---- generate from the prompts, as the seed did, and save model.pth in the seed's layout
-    clock.phase("generation and saving")
-    if rank == 0:
-        try:
-            with ctx:
-                for texts in generate_texts(model, tokenizer, cfg.prompts, cfg, dev):
-                    for text in texts:
-                        say(text)
-                        say("-" * 10)
+    completed = last_step and not STOP.stopped  # a Ctrl-C may have ended the last evaluation
+    if completed and run.rank == 0:
+        run.clock.phase("generation and saving")
+        with STOP.at_once(), run.ctx:  # a Ctrl-C here leaves model.pth as it was; ckpt.pt has every step
+            for texts in generate_texts(model, tokenizer, cfg.prompts, cfg, run.dev):
+                say("\n".join(f"{text}\n{'-' * 10}" for text in texts))  # each text, then ten dashes
             save_atomic(seed_state_dict(model.state_dict(), cfg.n_head, cfg.block_size), cfg.save_path)
-            say(f"模型已保存到{cfg.save_path}")
-            if cfg._measured:  # what this machine decided, fixed, so that the run can be repeated
-                say(f"to repeat this run exactly: {repeat_command(cfg, world)}")
-        except KeyboardInterrupt:  # training is done and in ckpt.pt: resuming only generates and saves
-            say(f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps. "
-                f"Resume with: {resume_command(cfg, world)}")
-    finish(run, clock, world)
+            say(f"模型已保存到{cfg.save_path}")  # per-head query/key/value weights, as the seed's classes load them
+    run.finish(it, completed)  # stopped: save ckpt.pt and say how to resume; the phase line
     return model
 
-# TRAINING SECTION END
+
 # -----------------------------------------------------------------------------
 # Sampling
 
 def generate_texts(model, tokenizer, prompts, cfg, dev, generator=None):
     """For each prompt, num_samples continuations that start with the prompt. Prompts of one
     length share a batch: a one-token step costs about the same for several rows as for one."""
+    if generator is None and dev.type == "mps":  # torch.multinomial has open bugs on MPS: draw on the CPU
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
     results = [None] * len(prompts)
     by_length = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
     for group in by_length.values():
         rows = [tokenizer.encode(prompts[i]) for i in group for _ in range(cfg.num_samples)]
-        out = model.generate(torch.tensor(rows, dtype=torch.long, device=dev), cfg.max_new_token,
-                             temperature=cfg.temperature, top_k=cfg.top_k or None,
-                             kv_cache=cfg.kv_cache, generator=generator)
+        with generation_attention(dev):
+            out = model.generate(torch.tensor(rows, dtype=torch.long, device=dev), cfg.max_new_token,
+                                 temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                 kv_cache=cfg.kv_cache, generator=generator)
         texts = [tokenizer.decode(row.tolist()) for row in out]
         for j, i in enumerate(group):
             results[i] = texts[j * cfg.num_samples:(j + 1) * cfg.num_samples]
@@ -525,11 +448,14 @@ def generate_texts(model, tokenizer, prompts, cfg, dev, generator=None):
 def sample(cfg):
     """python babygpt.py sample: continue the prompts (or typed ones) with a trained model."""
     dev = choose_device(cfg.device)
-    amp = choose_dtype(cfg.dtype, dev)  # auto: float32 off CUDA
     torch.manual_seed(cfg.seed)
-    model, tokenizer, source = load_for_sampling(cfg, dev)
+    # ckpt.pt holds the vocabulary and the settings; a model.pth (ours or the seed's) only weights,
+    # so its vocabulary is data_path's. Either way the model's shape comes from the file.
+    weights, tokenizer, shape, source = read_trained_model(cfg)
     check_prompts(cfg, tokenizer, source)
-    model.to(amp)
+    model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
+    load_weights(model, weights, source.split(" ")[0])
+    model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # dtype auto: float32 off CUDA
     say(f"sampling from {source}")
 
     def show(prompts):
@@ -563,7 +489,7 @@ def main(argv=None):
     clock = PhaseClock(None if argv is None else time.time())
     argv = sys.argv[1:] if argv is None else argv
     try:
-        with StopRequests(graceful=False):  # outside the loop, SIGTERM unwinds like Ctrl-C
+        with STOP:  # Ctrl-C and SIGTERM, as train() describes; outside training each quits at once
             command, cfg = parse_args(argv)
             validate_config(cfg)
             if command == "sample":
@@ -591,8 +517,9 @@ class UserError(Exception):
     """A problem with the user's input or files: printed as one line, exit code 1."""
 
 
-class Interrupted(Exception):
-    """Raised inside the loop (even mid-evaluation) when the user asked to stop."""
+class Interrupted(BaseException):
+    """Ends a `with STOP.at_once()` block when the user asks to stop (BaseException: no
+    `except Exception` on the way may swallow it)."""
 
 
 def say(*args, **kwargs):
@@ -775,7 +702,7 @@ def build_corpus(path):
                     found[member.name] = json.load(tar.extractfile(member))
     missing = [f for f in CORPUS_FILES if f not in found]
     if missing:
-        raise UserError(f"{CORPUS_PACKAGE} lacks {missing[0]}; cannot build {path}")
+        raise UserError(f"{CORPUS_PACKAGE} lacks {missing[0]}; cannot build {path}, {hint}")
     text = format_corpus(found[f] for f in CORPUS_FILES)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if digest != CORPUS_SHA256:
@@ -950,12 +877,12 @@ def time_step(model, optimizer, x, y, dt, dev):
 PROBE_REPEATS = 3  # the probe keeps each dtype's best: a moment of contention slows one repeat only
 
 
-def probe_dtypes(model, data, micro_batch, block_size, dev, dtypes, budget=2.5):
+def probe_dtypes(model, data, micro_batch, dev, dtypes, budget=2.5):
     """({dtype: seconds of a training step of micro_batch sequences}, seconds of an evaluation batch),
     the best of PROBE_REPEATS interleaved timings, in about `budget` s on a copy of the model with an
     AdamW of its own (nothing else changes); a dtype 3x slower than dtypes[0] on two short sequences
     (10x on its first pass) is timed no further."""
-    model = copy.deepcopy(model).train()
+    model, block_size = copy.deepcopy(model).train(), model.block_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=dev.type in FUSED_ADAMW)
     gen = torch.Generator(device=generator_device(dev)).manual_seed(0)
     base = dtypes[0]
@@ -990,10 +917,11 @@ def probe_dtypes(model, data, micro_batch, block_size, dev, dtypes, budget=2.5):
     return {dt: t * micro_batch / rows + update for dt, t in steps.items()}, forward * micro_batch / rows
 
 
-def plan_run(cfg, model, data, micro_batch, dev, world, start_iter, clock):
+def plan_run(cfg, model, data, run):
     """The autocast dtype, and with max_minutes the number of steps, decided once per training and
     kept in cfg (so in the checkpoint and the wandb config). Off CUDA auto is measured (CPUs with the
     same features disagree on bfloat16), and the timing says how long a CPU run takes."""
+    micro_batch, dev, world, start_iter = run.micro_batch, run.dev, run.world, run.start_iter
     forced = None if cfg.dtype == "auto" else choose_dtype(cfg.dtype, dev)
     if dev.type == "cuda":
         if cfg.max_minutes:
@@ -1002,7 +930,7 @@ def plan_run(cfg, model, data, micro_batch, dev, world, start_iter, clock):
         return DTYPES[cfg.dtype]
     kept = forced is not None and cfg.resume and "dtype" not in cfg._explicit  # the checkpoint's dtype
     dtypes = [forced] if forced == torch.float32 or kept else [torch.float32, forced or torch.bfloat16]
-    steps, forward = probe_dtypes(model, data, micro_batch, cfg.block_size, dev, dtypes)
+    steps, forward = probe_dtypes(model, data, micro_batch, dev, dtypes)
     if world > 1:  # every process must train in the same dtype: decide on the mean timings
         means = all_mean([steps[dt] for dt in dtypes] + [forward], dev, world)
         steps, forward = dict(zip(dtypes, means[:-1])), means[-1]
@@ -1023,7 +951,7 @@ def plan_run(cfg, model, data, micro_batch, dev, world, start_iter, clock):
     step = steps.get(chosen, steps[dtypes[0]]) * cfg.grad_accum_steps  # max_minutes re-fits to the real speed
     evaluation = 2 * cfg.eval_iters * forward * (cfg.batch_size // world) / micro_batch
     if fits_time(cfg, dev, start_iter):
-        fit_steps(cfg, 0, step + evaluation / cfg.eval_interval, evaluation, clock, dev, world)
+        fit_steps(cfg, 0, step + evaluation / cfg.eval_interval, evaluation, run)
         cfg.lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters  # the schedule is kept; re-fits move the stop
         cfg._measured.add("max_iters")
         say(f"{cfg.max_iters:,} steps fit in about {cfg.max_minutes} minutes on this {dev.type} ({step:.3f}s a step, "
@@ -1041,11 +969,11 @@ def fits_time(cfg, dev, start_iter):
     return bool(cfg.max_minutes) and dev.type != "cuda" and "max_iters" not in cfg._explicit and start_iter == 0
 
 
-def fit_steps(cfg, it, per_step, evaluation, clock, dev, world):
+def fit_steps(cfg, it, per_step, evaluation, run):
     """Set max_iters to the steps that end max_minutes after start-up, at per_step seconds a step
     (its share of evaluations included) from step `it` on, keeping evaluation and 5 s to generate and save."""
-    left, per_step = all_mean([60 * cfg.max_minutes - (time.time() - clock.start) - evaluation - 5, per_step],
-                              dev, world)  # every process must agree
+    left, per_step = all_mean([60 * cfg.max_minutes - (time.time() - run.clock.start) - evaluation - 5, per_step],
+                              run.dev, run.world)  # every process must agree
     fit = (it + int(left / per_step)) // 50 * 50  # rounded, so that runs on one machine usually agree
     cfg.max_iters = max(it + 1, 250, fit)
 
@@ -1082,32 +1010,201 @@ def compile_model(model, cfg, dev, world, clock, warm_up):
     return compiled
 
 
-def warm_up(model, data, cfg, micro_batch, eval_batch, passes, ctx, scaler, dev):
+def warm_up(model, data, run):
     """The passes training will run (one evaluation pass per split, one training forward and
     backward), on batches of their own, leaving every random state and the gradients as they were."""
-    gen = torch.Generator(device=generator_device(dev)).manual_seed(0)
-    with fork_rng(dev):
-        estimate_loss(model, data, eval_batch, cfg.block_size, passes, gen, ctx, batches_per_pass=passes)
-        x, y = get_batch(data["train"], micro_batch, cfg.block_size, gen)
-        with ctx:
-            _, loss = model(x, y)
-        scaler.scale(loss).backward()
+    gen = torch.Generator(device=generator_device(run.dev)).manual_seed(0)
+    one_pass = SimpleNamespace(block_size=run.cfg.block_size, eval_iters=run.eval_passes)
+    with fork_rng(run.dev):
+        with run.ctx:
+            estimate_loss(model, data, one_pass, run.eval_batch, gen, run.eval_passes)
+            _, loss = model(*get_batch(data["train"], run.micro_batch, run.cfg.block_size, gen))
+        run.scaler.scale(loss).backward()
         model.zero_grad(set_to_none=True)
-    sync(dev)
+    sync(run.dev)
 
 
-def choose_eval_passes(cfg, world, vocab_size, dev):
+def choose_eval_passes(cfg, eval_batch, vocab_size, dev):
     """Evaluation batches that go through the model together: on CUDA the largest divisor of
     eval_iters within ~330k tokens and half the free memory; elsewhere one (no gain on a CPU)."""
     if dev.type != "cuda":
         return 1
     tokens = min(20 * 64 * 256, torch.cuda.mem_get_info(dev)[0] // 2 // (12 * vocab_size))  # bf16 + fp32 logits
-    most = max(1, min(cfg.eval_iters, tokens // (cfg.batch_size // world * cfg.block_size)))
+    most = max(1, min(cfg.eval_iters, tokens // (eval_batch * cfg.block_size)))
     return max(d for d in range(1, most + 1) if cfg.eval_iters % d == 0)
 
 
 # -----------------------------------------------------------------------------
-# The training loop's plumbing: resume, time, signals
+# The training loop's plumbing: the run, resume, time, signals
+
+class Run:
+    """This process's part in a training: its torchrun rank and device, number format (ctx,
+    scaler), phase clock, wandb run and checkpoints, set up by prepare() for train()'s loop."""
+
+    def __init__(self, cfg, clock=None):
+        self.cfg, self.clock = cfg, clock or PhaseClock()
+        self.rank, self.world, self.dev = setup_distributed(cfg)  # one process, unless started by torchrun
+        self.clock.dev = self.dev
+        self.micro_batch = cfg.batch_size // (self.world * cfg.grad_accum_steps)  # sequences per forward pass
+        self.eval_batch = cfg.batch_size // self.world
+        torch.manual_seed(cfg.seed + self.rank)  # each process draws batches of its own
+        if self.rank == 0:
+            check_output_paths(cfg)
+
+    def prepare(self, model, optimizer, tokenizer, data, checkpoint):
+        """Decide the dtype and the steps, restore the checkpoint's state, compile, wrap for DDP and
+        start wandb. Returns the model to train: compiled or wrapped, or `model` itself."""
+        cfg, dev = self.cfg, self.dev
+        self.model, self.optimizer, self.tokenizer = model, optimizer, tokenizer
+        self.start_iter = checkpoint["iter_num"] if checkpoint else 0
+        self.dtype = plan_run(cfg, model, data["train"], self)
+        self.ctx = autocast(dev, self.dtype)
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)
+        self.best_val, self.evaluated_first, wandb_runs = math.inf, False, {}
+        if checkpoint:
+            wandb_runs = self.resume(checkpoint)
+        self.eval_passes = choose_eval_passes(cfg, self.eval_batch, tokenizer.vocab_size, dev)
+        warm = functools.partial(warm_up, data=data, run=self)  # compiles on the passes training runs
+        train_model = compile_model(model, cfg, dev, self.world, self.clock, warm)
+        if self.world > 1:  # DDP averages the gradients of all processes
+            train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.wandb, self.wandb_runs = (start_wandb(cfg, dev, wandb_runs, self.start_iter) if self.rank == 0
+                                       else (DummyWandb(), wandb_runs))
+        self.eval_gen = torch.Generator(device=generator_device(dev))
+        self.samples, self.fitted, self.announced = [], fits_time(cfg, dev, self.start_iter), cfg.max_iters
+        self.last_saved, self.last_eval, self.trained_before = -math.inf, self.start_iter, 0.0
+        self.start_time = time.time()
+        return train_model
+
+    def resume(self, checkpoint):
+        """Restore the checkpoint's optimizer, scaler and random state; returns its wandb runs."""
+        cfg, it = self.cfg, checkpoint["iter_num"]
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if "scaler" in checkpoint and self.scaler.is_enabled():
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.world == 1:
+            torch.set_rng_state(checkpoint["rng"]["cpu"])
+            if self.dev.type == "cuda" and "cuda" in checkpoint["rng"]:
+                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.dev)
+        else:  # one saved state for all processes would make them draw the same batches
+            torch.manual_seed(cfg.seed + self.rank + 1_000_003 * it)
+        say(f"resuming from {cfg.ckpt_path} at step {it}, in {cfg.dtype}")
+        if it >= cfg.max_iters:
+            say(f"note: the checkpoint already has {it} steps; raise --max_iters to train more")
+        self.best_val, self.evaluated_first = checkpoint["best_val_loss"], checkpoint.get("evaluated", False)
+        return {"id": checkpoint.get("wandb_id"), "group": checkpoint.get("wandb_group"),
+                "dirs": checkpoint.get("wandb_offline_dirs") or []}
+
+    def evaluated(self, it):
+        """Whether step `it` was evaluated already: the step a checkpoint was saved at an evaluation."""
+        return it == self.start_iter and self.evaluated_first
+
+    def eval_generator(self, it):
+        """Evaluation's own random batches: the same at step `it` however the run got there."""
+        return self.eval_gen.manual_seed(self.cfg.seed + 1_000_003 * (it + 1) + self.rank)
+
+    def tokens_per_sec(self, it):
+        """Training tokens a second since the last evaluation (0 before any step); evaluation begins."""
+        self.clock.phase("evaluation")  # waits for the device: the speed is then true
+        trained = self.clock.seconds["training"]
+        tokens = (it - self.last_eval) * self.cfg.batch_size * self.cfg.block_size
+        speed = tokens / max(trained - self.trained_before, 1e-9) if tokens else 0.0
+        self.last_eval, self.trained_before = it, trained
+        return speed
+
+    def training_time(self):
+        return time.time() - self.start_time
+
+    def mean_losses(self, losses, it):
+        """(train loss, val loss) averaged over the processes; a NaN or infinite one stops the run."""
+        train_loss, val_loss = all_mean([losses["train"], losses["val"]], self.dev, self.world)
+        if not math.isfinite(train_loss + val_loss):
+            raise_nonfinite(it, self.cfg)
+        self.best_val = min(self.best_val, val_loss)
+        return train_loss, val_loss
+
+    def check_loss(self, loss, it):
+        """On one CPU process, stop at the step whose loss is NaN (on a GPU, .item() would cost a sync)."""
+        if self.dev.type == "cpu" and self.world == 1 and not math.isfinite(loss.item()):
+            raise_nonfinite(it, self.cfg)
+
+    def samples_due(self, it, last_step):
+        """Whether wandb gets generated texts now: at the first evaluation, every sample_interval steps
+        and the last; never without wandb or prompts, or once generating them failed."""
+        return (not isinstance(self.wandb, DummyWandb) and self.samples is not None and bool(self.cfg.prompts)
+                and (not self.samples or last_step or it % self.cfg.sample_interval == 0))
+
+    def samples_table(self, it):
+        """A wandb table of every sample so far and this step's, drawn with a generator of its own (so
+        training is unchanged); None, after a warning, once generating them failed."""
+        try:
+            import wandb
+            gen = torch.Generator(device=generator_device(self.dev)).manual_seed(self.cfg.seed + it)
+            texts = generate_texts(self.model, self.tokenizer, self.cfg.prompts, self.cfg, self.dev, gen)
+            self.samples += [[it, p, t] for p, ts in zip(self.cfg.prompts, texts) for t in ts]
+            return wandb.Table(columns=["iteration", "prompt", "text"], data=[list(r) for r in self.samples])
+        except Exception as e:
+            warn(f"wandb samples failed ({first_line(e)}); logging the metrics without them")
+            self.samples = None
+
+    def log(self, metrics):
+        self.wandb = wandb_log(self.wandb, {k: v for k, v in metrics.items() if v is not None})
+
+    def refit(self, it, last_step):
+        """max_minutes: max_iters becomes the steps that fit at this run's speed so far (evaluations
+        included), said when it moved 5% from the count last said, and updated in the wandb config."""
+        if not self.fitted or it == self.start_iter or last_step:
+            return
+        before = self.cfg.max_iters
+        fit_steps(self.cfg, it, self.training_time() / (it - self.start_iter), 0, self)
+        if self.cfg.max_iters != before:
+            self.wandb = wandb_update(self.wandb, max_iters=self.cfg.max_iters)
+        if abs(self.cfg.max_iters - self.announced) >= 0.05 * self.announced:  # news, not every 50 steps
+            self.announced = self.cfg.max_iters
+            say(f"max_minutes: {self.announced:,} steps fit now, at this run's speed so far")
+
+    def checkpoint_due(self):
+        return time.time() - self.last_saved >= self.cfg.checkpoint_interval
+
+    def save_checkpoint(self, it, evaluated):
+        """ckpt.pt: all that --resume needs, written by the first process."""
+        self.clock.phase("checkpoints")
+        cfg = self.cfg
+        if self.rank == 0:
+            save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "scaler": self.scaler.state_dict(), "iter_num": it, "evaluated": evaluated,
+                         "best_val_loss": self.best_val, "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},
+                         "argv": list(cfg._argv), "measured": sorted(cfg._measured),
+                         "chars": "".join(self.tokenizer.chars), "rng": rng_state(self.dev),
+                         "wandb_id": self.wandb_runs.get("id"), "wandb_group": self.wandb_runs.get("group"),
+                         "wandb_offline_dirs": self.wandb_runs.get("dirs", [])}, cfg.ckpt_path)
+        self.last_saved = time.time()
+
+    def finish(self, it, completed):
+        """End the run: a stopped one saves ckpt.pt and says how to resume, a measured one how to
+        repeat it; close wandb (the phase figures go to its summary) and DDP; print the phase line."""
+        cfg = self.cfg
+        if not completed:
+            self.save_checkpoint(it, evaluated=False)
+            say(f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}. "
+                f"Resume with: {resume_command(cfg, self.world)}")
+        elif STOP.requested:  # during the final generation or save
+            say(f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps. "
+                f"Resume with: {resume_command(cfg, self.world)}")
+        elif cfg._measured and self.rank == 0:  # what this machine decided (dtype, steps), written out
+            say(f"to repeat this run exactly: {repeat_command(cfg, self.world)}")
+        seconds, total = self.clock.figures()
+        try:
+            self.wandb.summary.update({**{f"time/{k}": v for k, v in seconds.items()}, "time/total": total})
+            self.wandb.finish()
+        except Exception as e:
+            warn(f"wandb could not finish the run ({first_line(e)})")
+        if self.world > 1:
+            dist.barrier()  # the first process finishes generating and saving before teardown
+            dist.destroy_process_group()
+        seconds, total = self.clock.figures()  # again: closing wandb took time too
+        say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+
 
 def load_start(cfg, model, tokenizer):
     """With --resume the checkpoint, its weights loaded into model; else None (after --init_from)."""
@@ -1122,7 +1219,7 @@ def load_start(cfg, model, tokenizer):
         hint = " ".join(state.get("argv", [])) or "the defaults"
         check_shape(checkpoint_shape(state), model, f"cannot resume from {cfg.ckpt_path}",
                     f"resume with the same shape (that run used: {hint})")
-        model.load_state_dict(state["model"])
+        model.load_state_dict(upgrade_state_dict(state["model"]))
         return state
     if cfg.init_from:
         sd = load_file(cfg.init_from, "init_from")
@@ -1146,24 +1243,6 @@ def keep_settings(cfg, state):
             if name not in cfg._explicit:
                 setattr(cfg, name, saved.get(name, getattr(cfg, name)))
     cfg._measured |= set(state.get("measured", []))
-
-
-def resume_training(state, optimizer, scaler, cfg, dev, rank, world):
-    """Restore the optimizer and random state; (best val loss, step evaluated?, wandb pieces so far)."""
-    optimizer.load_state_dict(state["optimizer"])
-    if "scaler" in state and scaler.is_enabled():
-        scaler.load_state_dict(state["scaler"])
-    if world == 1:
-        torch.set_rng_state(state["rng"]["cpu"])
-        if dev.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
-    else:  # one saved state for all processes would make them draw the same batches
-        torch.manual_seed(cfg.seed + rank + 1_000_003 * state["iter_num"])
-    say(f"resuming from {cfg.ckpt_path} at step {state['iter_num']}, in {cfg.dtype}")
-    if state["iter_num"] >= cfg.max_iters:
-        say(f"note: the checkpoint already has {state['iter_num']} steps; raise --max_iters to train more")
-    pieces = {"id": state.get("wandb_id"), "group": state.get("wandb_group"), "dirs": state.get("wandb_offline_dirs") or []}
-    return state["best_val_loss"], state.get("evaluated", False), pieces
 
 
 class PhaseClock:
@@ -1191,14 +1270,20 @@ class PhaseClock:
 
 
 class StopRequests:
-    """Ctrl-C and SIGTERM within `with`. When graceful, the first asks the training loop to stop
-    after the current step (it saves a checkpoint) and the second quits at once; otherwise each
-    one quits at once, as KeyboardInterrupt. The old handlers come back at the end."""
+    """Ctrl-C and SIGTERM, handled here for the whole process (main enters STOP):
+    - outside training each one quits at once (KeyboardInterrupt: main prints one line, exit 130);
+    - while training (`with STOP.while_training(world)`) the first asks the loop to stop after the
+      current step; the run then saves ckpt.pt and prints how to resume;
+    - inside `with STOP.at_once()` (an evaluation, the final generation and save) the first ends the
+      block at once; under torchrun not in an evaluation, which every process must finish;
+    - the second one always quits at once."""
 
-    def __init__(self, graceful=True):
-        self.graceful, self.requested = graceful, False
+    def __init__(self):
+        self.requested = self.training = self.abortable = False
+        self.world, self.agreed_at = 1, None
 
     def __enter__(self):  # the handlers of SIGINT (Ctrl-C) and SIGTERM, until __exit__
+        self.__init__()
         self.old = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -1207,44 +1292,51 @@ class StopRequests:
             signal.signal(sig, handler)
 
     def on_signal(self, signum, frame):
-        if self.requested or not self.graceful:
+        if self.requested or not (self.training or self.abortable):
             raise KeyboardInterrupt
         self.requested = True
-        say("\nstopping after this step and saving a checkpoint (press Ctrl-C again to quit at once)",
-            file=sys.stderr)
+        if self.training:
+            say("\nstopping after this step and saving a checkpoint (press Ctrl-C again to quit at once)",
+                file=sys.stderr)
+        if self.abortable:
+            raise Interrupted
 
-    def agreed(self, it, world, dev):
+    @contextlib.contextmanager
+    def while_training(self, world):
+        self.training, self.world = True, world
+        try:
+            yield
+        finally:
+            self.training = False
+
+    @contextlib.contextmanager
+    def at_once(self):
+        self.abortable = not self.training or self.world == 1
+        try:
+            yield
+        except Interrupted:
+            pass
+        finally:
+            self.abortable = False
+
+    @property
+    def stopped(self):
+        """Whether training stopped on request (under torchrun: when the processes agreed)."""
+        return self.requested if self.world == 1 else self.agreed_at is not None
+
+    def agreed(self, it, dev):
         """Whether to stop before step `it`; under torchrun the processes compare notes every 10 steps."""
-        if world == 1:
+        if self.world == 1:
             return self.requested
         if it % 10:
             return False
         flag = torch.tensor([float(self.requested)], device=dev)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
-
-    def during_evaluation(self, world):
-        """estimate_loss's on_batch: stop mid-evaluation when asked (one process only: several
-        processes must reach the all-reduce together)."""
-        def on_batch(done, total):
-            if world == 1 and self.requested:
-                raise Interrupted
-        return on_batch
+        self.agreed_at = it if flag.item() > 0 else None
+        return self.agreed_at is not None
 
 
-def finish(run, clock, world):
-    """Close wandb (the phase figures go to its summary) and DDP; print where the time went."""
-    seconds, total = clock.figures()
-    try:
-        run.summary.update({**{f"time/{k}": v for k, v in seconds.items()}, "time/total": total})
-        run.finish()
-    except Exception as e:
-        warn(f"wandb could not finish the run ({first_line(e)})")
-    if world > 1:
-        dist.barrier()  # the first process finishes generating and saving before teardown
-        dist.destroy_process_group()
-    seconds, total = clock.figures()  # again: closing wandb took time too
-    say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+STOP = StopRequests()
 
 
 def command_line(args, world):
@@ -1300,9 +1392,9 @@ def check_prompts(cfg, tokenizer, source):
                             f"{''.join(bad)}; change the prompt (--prompts=春江,往事)")
 
 
-def load_for_sampling(cfg, dev):
-    """(model, tokenizer, source) from ckpt_path if present, else from save_path and the
-    vocabulary of data_path; the model takes its shape from the file."""
+def read_trained_model(cfg):
+    """(weights, tokenizer, shape, source) from ckpt_path if present, else from save_path with the
+    vocabulary of data_path: the shape settings of the model that file holds."""
     if os.path.exists(cfg.ckpt_path):
         state = load_file(cfg.ckpt_path, "checkpoint")
         if not isinstance(state, dict) or "model" not in state or "chars" not in state:
@@ -1324,9 +1416,7 @@ def load_for_sampling(cfg, dev):
     else:
         raise UserError(f"no model to sample from: neither {cfg.ckpt_path} nor {cfg.save_path} "
                         f"exists; train one first with: python babygpt.py")
-    model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
-    load_weights(model, sd, source.split(" ")[0])
-    return model.to(dev).eval(), tokenizer, source
+    return sd, tokenizer, shape, source
 
 
 # -----------------------------------------------------------------------------
@@ -1340,8 +1430,7 @@ def upgrade_state_dict(state_dict):
     its `postion_embedding_table` spelling, and prefixes left by torch.compile or DDP."""
     out, heads = {}, {}
     for key, value in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            key = key[len(prefix):] if key.startswith(prefix) else key
+        key = re.sub(r"^(?:module\.|_orig_mod\.)+", "", key)  # DDP around a compiled model leaves both
         key = key.replace("postion_embedding_table", "position_embedding_table")
         m = re.fullmatch(r"blocks\.(\d+)\.sa\.heads\.(\d+)\.(key|query|value|tril)(\.weight)?", key)
         if m is None:
@@ -1411,7 +1500,7 @@ def load_weights(model, sd, path):
     check_shape(state_dict_shape(sd, path), model, f"{path} does not fit this model",
                 "use the data and shape settings it was trained with")
     try:
-        model.load_state_dict(sd)
+        model.load_state_dict(upgrade_state_dict(sd))
     except RuntimeError as e:
         raise UserError(f"{path} does not fit this model: {first_line(e)}") from None
 
@@ -1496,33 +1585,33 @@ def choose_wandb_mode(cfg):
     return ("online" if wandb_logged_in() else "offline") if mode == "auto" else mode
 
 
-def start_wandb(cfg, dev, amp, pieces, start_iter):
-    """(run, pieces): a wandb run (DummyWandb when off or unavailable, with a warning saying why),
-    and {id, group, dirs} of every piece of this training so far, for the checkpoint. Online, a
-    resumed training continues its run; offline runs cannot be resumed (pieces with one id overwrite
+def start_wandb(cfg, dev, runs, start_iter):
+    """(run, runs): a wandb run (DummyWandb when off or unavailable, with a warning saying why),
+    and {id, group, dirs} of the wandb runs of this training so far, for the checkpoint. Online, a
+    resumed training continues its run; offline runs cannot be resumed (runs with one id overwrite
     each other when synced), so each piece is a new run in the group named after the first's id."""
     mode = choose_wandb_mode(cfg)
     if mode is None:
-        return DummyWandb(), pieces
+        return DummyWandb(), runs
     try:
         import wandb
     except ImportError:
         warn("wandb is not installed; metrics are printed only (pip install wandb)")
-        return DummyWandb(), pieces
+        return DummyWandb(), runs
     timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", 30))  # then fall back to offline
     settings = wandb.Settings(silent=True, console="off", init_timeout=timeout)
     name = f"{cfg.n_layer}L-{cfg.n_embed} {os.path.basename(cfg.data_path)} {dev.type}"
-    last_id, dirs = pieces.get("id"), list(pieces.get("dirs") or [])
+    last_id, dirs = runs.get("id"), list(runs.get("dirs") or [])
     last_was_online = last_id and not any(d.endswith("-" + last_id) for d in dirs)
     for attempt in [mode] + (["offline"] if mode == "online" else []):
         run_id = last_id if attempt == "online" and last_was_online else secrets.token_hex(4)
-        group = pieces.get("group") or last_id or run_id
+        group = runs.get("group") or last_id or run_id
         resumed = start_iter > 0 and run_id != last_id
         try:
             run = wandb.init(project=cfg.wandb_project, config={k: getattr(cfg, k) for k in CONFIG_KEYS},
                              mode=attempt, id=run_id, resume="allow" if attempt == "online" else None,
                              group=group, name=name + (f" resumed at step {start_iter}" if resumed else ""),
-                             tags=[dev.type, dtype_name(amp)], save_code=True, settings=settings)
+                             tags=[dev.type, cfg.dtype], save_code=True, settings=settings)
             run.define_metric("iteration")
             run.define_metric("*", step_metric="iteration")  # every chart's x-axis is the training step
             run.define_metric("val_loss", step_metric="iteration", summary="min")
@@ -1531,7 +1620,7 @@ def start_wandb(cfg, dev, amp, pieces, start_iter):
             warn(f"wandb {attempt} failed ({first_line(e)})"
                  + ("; logging offline instead" if attempt == "online" else "; metrics are printed only"))
     else:
-        return DummyWandb(), pieces
+        return DummyWandb(), runs
     if attempt == "offline":
         folder = os.path.relpath(os.path.dirname(run.dir.rstrip("/")))
         dirs.append(folder)
@@ -1562,26 +1651,6 @@ def wandb_update(run, **settings):
     except Exception as e:
         warn(f"wandb config update failed ({first_line(e)}); continuing without wandb")
         return DummyWandb()
-
-
-def add_samples(metrics, samples, run, model, tokenizer, cfg, dev, ctx, it):
-    """At the first evaluation, every sample_interval steps and the last, generate from the prompts
-    (with a generator of its own, so training is unchanged) and put the table of every sample so
-    far in metrics["samples"]. Returns the rows, or None once this failed (after a warning)."""
-    due = not samples or it == cfg.max_iters or it % cfg.sample_interval == 0  # first, last, every interval
-    if isinstance(run, DummyWandb) or samples is None or not cfg.prompts or not due:
-        return samples
-    try:
-        import wandb
-        gen = torch.Generator(device=generator_device(dev)).manual_seed(cfg.seed + it)
-        with ctx:
-            texts = generate_texts(model, tokenizer, cfg.prompts, cfg, dev, gen)
-        samples = samples + [[it, p, t] for p, ts in zip(cfg.prompts, texts) for t in ts]
-        metrics["samples"] = wandb.Table(columns=["iteration", "prompt", "text"], data=[list(r) for r in samples])
-        return samples
-    except Exception as e:
-        warn(f"wandb samples failed ({first_line(e)}); logging the metrics without them")
-        return None
 
 
 if __name__ == "__main__":

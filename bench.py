@@ -93,8 +93,7 @@ def fast_dtype(model, data, shape, dev):
     off CUDA, dtype auto times float32 and bfloat16 steps and choose_dtype picks from them."""
     if shape.dtype != "auto" or dev.type == "cuda":
         return babygpt.choose_dtype(shape.dtype, dev), None
-    steps, _ = babygpt.probe_dtypes(model, data, shape.batch_size, shape.block_size, dev,
-                                    [torch.float32, torch.bfloat16])
+    steps, _ = babygpt.probe_dtypes(model, data, shape.batch_size, dev, [torch.float32, torch.bfloat16])
     return babygpt.choose_dtype("auto", dev, steps), {babygpt.dtype_name(d): s for d, s in steps.items()}
 
 
@@ -128,15 +127,16 @@ def measure_train(kind, shape, args, dev):
         model = babygpt.compile_model(model, compile_cfg(args), dev, 1, babygpt.PhaseClock(), lambda m: None)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=dev.type in babygpt.FUSED_ADAMW)
         scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-        per_pass = babygpt.choose_eval_passes(SimpleNamespace(eval_iters=args.eval_iters, block_size=T,
-                                                              batch_size=B), 1, VOCAB, dev)
+        evaluation = SimpleNamespace(eval_iters=args.eval_iters, block_size=T)
+        per_pass = babygpt.choose_eval_passes(evaluation, B, VOCAB, dev)
 
         def step():
             babygpt.train_step(model, optimizer, [babygpt.get_batch(data, B, T)], ctx, scaler)
 
         def evaluate(iters):
-            babygpt.estimate_loss(model, {"train": data, "val": data}, B, T, iters, ctx=ctx,
-                                  batches_per_pass=per_pass)
+            with ctx:
+                babygpt.estimate_loss(model, {"train": data, "val": data}, SimpleNamespace(eval_iters=iters, block_size=T),
+                                      B, None, per_pass)
 
     # the preset's steps are much cheaper on a CPU: time 5x as many
     repeat = 5 if args.shape == "preset" and dev.type == "cpu" else 1
@@ -182,7 +182,7 @@ def measure_sample(shape, args, dev):
     """2 prompts x 100 characters, sampled as the seed did and as babygpt does."""
     seed_model = build("seed", shape, dev).eval()
     model = build("fast", shape, dev)
-    model.load_state_dict(seed_model.state_dict())
+    model.load_state_dict(babygpt.upgrade_state_dict(seed_model.state_dict()))
     model.eval()
     chars = "".join(chr(0x4E00 + i) for i in range(VOCAB))
     tokenizer = babygpt.Tokenizer(chars)

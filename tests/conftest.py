@@ -278,7 +278,7 @@ def seed_and_baby(vocab_size, block_size, n_embed, n_head, n_layer, seed=0, devi
                             n_layer=n_layer, dropout=0.0)
     baby = babygpt.BabyGPT(vocab_size, block_size=block_size, n_embed=n_embed, n_head=n_head,
                            n_layer=n_layer, dropout=0.0)
-    baby.load_state_dict(ref.state_dict())
+    baby.load_state_dict(babygpt.upgrade_state_dict(ref.state_dict()))
     return ref.to(device).eval(), baby.to(device).eval()
 
 
@@ -331,7 +331,7 @@ def install_fake_wandb(monkeypatch, folder):
 
 def fake_probe(steps, forward=0.01):
     """A stand-in for probe_dtypes that measures steps[dtype] a step and `forward` an evaluation batch."""
-    def probe(model, data, micro_batch, block_size, dev, dtypes, budget=2.5):
+    def probe(model, data, micro_batch, dev, dtypes, budget=2.5):
         return {dt: steps[dt] for dt in dtypes}, forward
     return probe
 
@@ -340,7 +340,7 @@ def winners(*order):
     """A stand-in for probe_dtypes whose k-th call measures order[k] clearly faster than the other dtype."""
     calls = iter(order)
 
-    def probe(model, data, micro_batch, block_size, dev, dtypes, budget=2.5):
+    def probe(model, data, micro_batch, dev, dtypes, budget=2.5):
         fast = next(calls)
         return {dt: (0.01 if dt == fast else 0.03) for dt in dtypes}, 0.001
     return probe
@@ -471,3 +471,19 @@ def work(trained, tmp_path, monkeypatch):
         shutil.copy2(trained / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+# -----------------------------------------------------------------------------
+# Calls into babygpt's plumbing with plain arguments, as tests think of them
+
+def evaluate(model, data, batch_size, block_size, eval_iters, generator=None, ctx=None, batches_per_pass=1):
+    """babygpt.estimate_loss on eval_iters batches of batch_size x block_size, under ctx (autocast)."""
+    with ctx or contextlib.nullcontext():
+        return babygpt.estimate_loss(model, data, types.SimpleNamespace(block_size=block_size, eval_iters=eval_iters),
+                                     batch_size, generator, batches_per_pass)
+
+
+def fake_run(micro_batch=8, dev=torch.device("cpu"), clock=None, start_iter=0, world=1, **more):
+    """What plan_run, fit_steps and warm_up read of babygpt.Run."""
+    return types.SimpleNamespace(micro_batch=micro_batch, dev=dev, clock=clock or babygpt.PhaseClock(),
+                                 start_iter=start_iter, world=world, **more)

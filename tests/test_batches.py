@@ -9,7 +9,7 @@ from torch.overrides import TorchFunctionMode
 
 import babygpt
 import reference
-from conftest import (assert_close_weights, batch, corpus_data_for, install_fake_wandb, load_ckpt, losses, make_corpus,
+from conftest import (evaluate, assert_close_weights, batch, corpus_data_for, install_fake_wandb, load_ckpt, losses, make_corpus,
                       max_change, run_main, show, step_weights, tiny, tiny_model, tiny_wandb)
 
 
@@ -94,7 +94,7 @@ def test_estimate_loss_measures_each_split_with_dropout_off(start_training):
     torch.manual_seed(0)
     model = babygpt.BabyGPT(5, block_size=8, n_embed=16, n_head=2, n_layer=1, dropout=0.5).train(start_training)
     data = {"train": torch.zeros(200, dtype=torch.long), "val": torch.arange(200) % 5}
-    out = babygpt.estimate_loss(model, data, 4, 8, 3, torch.Generator().manual_seed(1))
+    out = evaluate(model, data, 4, 8, 3, torch.Generator().manual_seed(1))
     assert all(m.training is start_training for m in model.modules())
     assert set(out) == {"train", "val"} and all(type(v) is float for v in out.values())
     model.eval()
@@ -104,23 +104,6 @@ def test_estimate_loss_measures_each_split_with_dropout_off(start_training):
             want = sum(model(*babygpt.get_batch(data[split], 4, 8, gen))[1].item() for _ in range(3)) / 3
             assert out[split] == pytest.approx(want, abs=1e-5), split
     assert abs(out["train"] - out["val"]) > 0.01  # the splits really differ here
-
-
-def test_estimate_loss_reports_each_pass_and_can_be_stopped():
-    """Ctrl-C during a long evaluation stops it between batches, with dropout back on for what follows."""
-    vocab, data = corpus_data_for(make_corpus())
-    model = tiny_model(vocab, dropout=0.2)
-    seen = []
-    babygpt.estimate_loss(model, data, 4, 16, 6, torch.Generator().manual_seed(0),
-                          on_batch=lambda done, total: seen.append((done, total)), batches_per_pass=2)
-    assert seen == [(0, 12), (2, 12), (4, 12), (6, 12), (8, 12), (10, 12)]
-
-    def stop(done, total):
-        if done >= 4:
-            raise babygpt.Interrupted
-    with pytest.raises(babygpt.Interrupted):
-        babygpt.estimate_loss(model, data, 4, 16, 6, torch.Generator().manual_seed(0), on_batch=stop)
-    assert model.training
 
 
 # -----------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def test_checkpoint_contents(trained):
 
     sd = load_ckpt(trained / "model.pth")
     assert all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()), "model.pth must be a plain state_dict"
-    model.load_state_dict(sd)
+    model.load_state_dict(babygpt.upgrade_state_dict(sd))
     ours = babygpt.upgrade_state_dict(sd)  # model.pth is in the seed's layout; ckpt.pt in ours
     assert ours.keys() == ckpt["model"].keys()
     for k in ours:  # model.pth is written after the final checkpoint, from the same weights
@@ -65,7 +65,7 @@ def test_babygpt_state_dict_uses_fused_layout():
     with pytest.raises(RuntimeError):
         ref.load_state_dict(sd)
     other = babygpt.BabyGPT(13, block_size=8, n_embed=n_embed, n_head=3, n_layer=n_layer)
-    other.load_state_dict(sd)
+    other.load_state_dict(babygpt.upgrade_state_dict(sd))
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in sd.items())
 
 
@@ -78,7 +78,7 @@ def test_model_pth_has_exactly_the_seeds_keys_and_loads_strictly_into_its_classe
     assert set(sd) == set(ref.state_dict())  # per-head key/query/value, tril, postion_embedding_table
     ref.load_state_dict(torch.load(trained / "model.pth"), strict=True)  # as the seed's code does
     ours = babygpt.BabyGPT(vocab, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0)
-    ours.load_state_dict(ckpt["model"])
+    ours.load_state_dict(babygpt.upgrade_state_dict(ckpt["model"]))
     idx = torch.randint(vocab, (3, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ref.eval()(idx)[0], ours.eval()(idx)[0], atol=1e-5, rtol=1e-5)
@@ -101,7 +101,7 @@ def test_seed_state_dict_round_trips_and_shares_one_mask():
 def test_weights_saved_from_a_compiled_or_ddp_model_load():
     """A state_dict saved from a torch.compile'd or DDP-wrapped model (keys `_orig_mod.`, `module.`) loads as is."""
     sd = tiny_model(30).state_dict()
-    for prefix in ("_orig_mod.", "module."):
+    for prefix in ("_orig_mod.", "module.", "module._orig_mod."):
         other = tiny_model(30, seed=1)
         babygpt.load_weights(other, {prefix + k: v for k, v in sd.items()}, "model.pth")
         assert same_weights(other.state_dict(), sd), prefix
@@ -153,7 +153,7 @@ def test_train_from_seed_model_pth(tmp_path):
               "--save_path=fresh.pth", "--ckpt_path=fresh.pt"), tmp_path))
     assert proc.returncode == 0, proc.stderr
     model = babygpt.BabyGPT(tok.vocab_size, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0).eval()
-    model.load_state_dict(load_ckpt(tmp_path / "out.pth"))
+    model.load_state_dict(babygpt.upgrade_state_dict(load_ckpt(tmp_path / "out.pth")))
     idx = torch.randint(tok.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], seed_model(idx)[0], rtol=1e-5, atol=1e-5)

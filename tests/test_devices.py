@@ -13,7 +13,7 @@ import torch
 
 import babygpt
 from babygpt import UserError
-from conftest import (TINY, cli_env, corpus_data_for, fake_probe, losses, make_corpus, one_line_error, run_main,
+from conftest import (fake_run, evaluate, TINY, cli_env, corpus_data_for, fake_probe, losses, make_corpus, one_line_error, run_main,
                       same_files, seed_and_baby, show, snapshot, tiny, tiny_model)
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -33,7 +33,7 @@ def cfg_for(**kw):
 
 
 def plan(cfg, micro_batch=8, dev=CPU):
-    return babygpt.plan_run(cfg, None, None, micro_batch, dev, 1, 0, babygpt.PhaseClock())
+    return babygpt.plan_run(cfg, None, None, fake_run(micro_batch, dev, babygpt.PhaseClock()))
 
 
 # -----------------------------------------------------------------------------
@@ -117,10 +117,10 @@ def _train(vocab, data, ctx, steps=30, device="cpu", compile_model=False):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     step_model = torch.compile(model) if compile_model else model
     gen = torch.Generator(device=device).manual_seed(1)
-    before = babygpt.estimate_loss(model, data, 8, 16, 10, torch.Generator(device=device).manual_seed(2))
+    before = evaluate(model, data, 8, 16, 10, torch.Generator(device=device).manual_seed(2))
     for _ in range(steps):
         babygpt.train_step(step_model, opt, [babygpt.get_batch(data["train"], 8, 16, gen)], ctx)
-    after = babygpt.estimate_loss(model, data, 8, 16, 10, torch.Generator(device=device).manual_seed(2))
+    after = evaluate(model, data, 8, 16, 10, torch.Generator(device=device).manual_seed(2))
     return before, after  # judged in fp32 on the same evaluation batches
 
 
@@ -140,8 +140,8 @@ def test_estimate_loss_under_autocast_matches_fp32():
     """The losses printed by a bfloat16 run are float numbers within 0.02 of the float32 ones."""
     vocab, data = corpus_data()
     model = tiny_model(vocab, dropout=0.2)
-    fp32 = babygpt.estimate_loss(model, data, 8, 16, 5, torch.Generator().manual_seed(3))
-    bf16 = babygpt.estimate_loss(model, data, 8, 16, 5, torch.Generator().manual_seed(3), babygpt.autocast(CPU, BF16))
+    fp32 = evaluate(model, data, 8, 16, 5, torch.Generator().manual_seed(3))
+    bf16 = evaluate(model, data, 8, 16, 5, torch.Generator().manual_seed(3), babygpt.autocast(CPU, BF16))
     assert model.training
     for split in ("train", "val"):
         assert type(bf16[split]) is float
@@ -199,7 +199,7 @@ def test_the_probe_leaves_no_trace_on_the_run():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         torch.manual_seed(1)
         if probe:
-            steps, forward = babygpt.probe_dtypes(model, data["train"], 8, 16, CPU, [F32, BF16], budget=0.3)
+            steps, forward = babygpt.probe_dtypes(model, data["train"], 8, CPU, [F32, BF16], budget=0.3)
             assert set(steps) == {F32, BF16} and all(t > 0 for t in steps.values()) and forward > 0
         babygpt.train_step(model, optimizer, [babygpt.get_batch(data["train"], 8, 16)])
         runs.append(model.state_dict())
@@ -216,7 +216,7 @@ def test_the_probe_times_a_much_slower_dtype_on_a_few_tokens_only(monkeypatch):
         return passes * (20 if dt == BF16 else 1), update
     monkeypatch.setattr(babygpt, "time_step", time_step)
     vocab, data = corpus_data()
-    steps, _ = babygpt.probe_dtypes(tiny_model(vocab, dropout=0.2), data["train"], 8, 16, CPU, [F32, BF16], budget=0.5)
+    steps, _ = babygpt.probe_dtypes(tiny_model(vocab, dropout=0.2), data["train"], 8, CPU, [F32, BF16], budget=0.5)
     assert max(n for dt, n in shapes if dt == BF16) <= 2 * 16 and len([s for s in shapes if s[0] == BF16]) == 1
     assert steps[BF16] > 5 * steps[F32] and babygpt.choose_dtype("auto", CPU, steps) == F32
 
@@ -233,15 +233,15 @@ def test_probe_drops_a_dtype_the_device_cannot_autocast(monkeypatch):
     monkeypatch.setattr(babygpt, "time_step", time_step)
     vocab, data = corpus_data()
     model = tiny_model(vocab, dropout=0.2)
-    steps, forward = babygpt.probe_dtypes(model, data["train"], 8, 16, CPU, [F32, BF16], budget=0.3)
+    steps, forward = babygpt.probe_dtypes(model, data["train"], 8, CPU, [F32, BF16], budget=0.3)
     assert set(steps) == {F32} and all(p.grad is None for p in model.parameters())
-    assert babygpt.plan_run(cfg_for(dtype="auto"), model, data["train"], 8, CPU, 1, 0, babygpt.PhaseClock()) == F32
+    assert babygpt.plan_run(cfg_for(dtype="auto"), model, data["train"], fake_run(8, CPU, babygpt.PhaseClock())) == F32
 
     def broken(model, optimizer, x, y, dt, dev):
         raise RuntimeError("float32 failed here")
     monkeypatch.setattr(babygpt, "time_step", broken)
     with pytest.raises(RuntimeError, match="float32 failed here"):
-        babygpt.probe_dtypes(model, data["train"], 8, 16, CPU, [F32, BF16], budget=0.3)
+        babygpt.probe_dtypes(model, data["train"], 8, CPU, [F32, BF16], budget=0.3)
 
 
 def test_a_moment_of_contention_does_not_change_the_probes_decision(monkeypatch, capsys):
@@ -257,7 +257,7 @@ def test_a_moment_of_contention_does_not_change_the_probes_decision(monkeypatch,
     monkeypatch.setattr(babygpt, "time_step", time_step)
     _, cfg = babygpt.parse_args(["--n_layer=1", "--n_head=1", "--n_embed=8", "--block_size=8", "--wandb_mode=disabled"])
     data = torch.randint(0, 20, (500,))
-    got = babygpt.plan_run(cfg, babygpt.BabyGPT(20, 8, 8, 1, 1), data, 8, CPU, 1, 0, babygpt.PhaseClock())
+    got = babygpt.plan_run(cfg, babygpt.BabyGPT(20, 8, 8, 1, 1), data, fake_run(8, CPU, babygpt.PhaseClock()))
     out = capsys.readouterr().out
     assert got == F32 and cfg.dtype == "float32", out
     assert re.search(r"dtype auto: float32; on this cpu bfloat16 is 0\.97x as fast as float32, under the 1\.2x .*"
@@ -301,7 +301,7 @@ def test_forced_float32_measures_float32_only(monkeypatch, capsys):
     """--dtype=float32 times no other format and prints nothing about formats."""
     seen = []
 
-    def probe(model, data, micro_batch, block_size, dev, dtypes, budget=2.5):
+    def probe(model, data, micro_batch, dev, dtypes, budget=2.5):
         seen.append(list(dtypes))
         return {F32: 0.01}, 0.001
     monkeypatch.setattr(babygpt, "probe_dtypes", probe)
@@ -349,8 +349,7 @@ def plan_on_fake_cpu(monkeypatch, capsys, args, per_row, update=0.01):
     _, cfg = babygpt.parse_args(args)
     capsys.readouterr()
     data = torch.randint(0, 20, (4 * cfg.block_size,), generator=torch.Generator().manual_seed(0))
-    babygpt.plan_run(cfg, model(cfg.block_size), data, cfg.batch_size // cfg.grad_accum_steps, CPU, 1, 0,
-                     babygpt.PhaseClock(time.time()))
+    babygpt.plan_run(cfg, model(cfg.block_size), data, fake_run(cfg.batch_size // cfg.grad_accum_steps, CPU, babygpt.PhaseClock(time.time())))
     step = cfg.batch_size * per_row + update  # every sequence of the batch, then one AdamW update
     evaluation = 2 * cfg.eval_iters * cfg.batch_size * per_row / 20
     return cfg, capsys.readouterr().out, step, evaluation
@@ -407,11 +406,11 @@ def test_max_minutes_trains_at_least_250_steps_and_yields_to_max_iters(monkeypat
     _, cfg = babygpt.parse_args(["--preset=cpu", "--dtype=float32"])
     capsys.readouterr()
     clock = babygpt.PhaseClock(time.time())
-    babygpt.plan_run(cfg, None, None, 8, CPU, 1, 0, clock)
+    babygpt.plan_run(cfg, None, None, fake_run(8, CPU, clock))
     assert cfg.max_iters == 250
     assert capsys.readouterr().out.startswith("250 steps fit in about 10 minutes on this cpu (10.000s a step")
     _, cfg = babygpt.parse_args(["--preset=cpu", "--dtype=float32", "--max_iters=300"])
-    babygpt.plan_run(cfg, None, None, 8, CPU, 1, 0, clock)
+    babygpt.plan_run(cfg, None, None, fake_run(8, CPU, clock))
     assert cfg.max_iters == 300 and "fit" not in capsys.readouterr().out
 
 
@@ -426,7 +425,7 @@ def test_a_re_fit_gives_the_steps_left_in_the_minutes_at_the_measured_speed(it, 
     save), and never fewer than already trained."""
     _, cfg = babygpt.parse_args(["--preset=cpu"])
     clock = babygpt.PhaseClock(time.time() - 300)
-    babygpt.fit_steps(cfg, it, per_step, 0, clock, CPU, 1)
+    babygpt.fit_steps(cfg, it, per_step, 0, fake_run(clock=clock))
     assert cfg.max_iters == expected
 
 
@@ -545,7 +544,8 @@ def test_warm_up_runs_trainings_passes_and_leaves_no_trace():
         real_forward = model.forward
         model.forward = lambda *a, **k: calls.append(a[0].shape) or real_forward(*a, **k)
         if warm:
-            babygpt.warm_up(model, data, cfg, 4, 8, 3, nullcontext(), torch.amp.GradScaler(enabled=False), CPU)
+            babygpt.warm_up(model, data, fake_run(4, CPU, cfg=cfg, ctx=nullcontext(), eval_batch=8, eval_passes=3,
+                                                  scaler=torch.amp.GradScaler(enabled=False)))
             assert calls == [(24, 16), (24, 16), (4, 16)]
         babygpt.train_step(model, optimizer, [babygpt.get_batch(data["train"], 4, 16)])
         runs.append(model.state_dict())
@@ -559,9 +559,9 @@ def test_evaluation_in_larger_passes_gives_the_same_losses():
     """Evaluating several batches per pass (as on a GPU) prints the same losses as one batch at a time."""
     vocab, data = corpus_data()
     model = tiny_model(vocab, dropout=0.2)
-    one = babygpt.estimate_loss(model, data, 8, 16, 6, torch.Generator().manual_seed(4))
+    one = evaluate(model, data, 8, 16, 6, torch.Generator().manual_seed(4))
     for n in (2, 3, 4):  # 4 does not divide 6: the last pass is smaller
-        got = babygpt.estimate_loss(model, data, 8, 16, 6, torch.Generator().manual_seed(4), batches_per_pass=n)
+        got = evaluate(model, data, 8, 16, 6, torch.Generator().manual_seed(4), batches_per_pass=n)
         for split in ("train", "val"):
             assert got[split] == pytest.approx(one[split], abs=1e-5), (n, split)
     assert model.training
@@ -571,15 +571,15 @@ def test_choose_eval_passes_is_one_off_cuda_and_divides_eval_iters(monkeypatch):
     """A GPU evaluates up to 20 batches per pass, fewer when its memory is small, always a divisor of eval_iters;
     a CPU one at a time."""
     cfg = SimpleNamespace(eval_iters=100, block_size=256, batch_size=64)
-    assert babygpt.choose_eval_passes(cfg, 1, 6104, CPU) == 1
+    assert babygpt.choose_eval_passes(cfg, cfg.batch_size, 6104, CPU) == 1
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (70 * 2**30, 80 * 2**30))
-    n = babygpt.choose_eval_passes(cfg, 1, 6104, torch.device("cuda"))
+    n = babygpt.choose_eval_passes(cfg, cfg.batch_size, 6104, torch.device("cuda"))
     assert n == 20 and 100 % n == 0
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (2 * 2**30, 8 * 2**30))
-    small = babygpt.choose_eval_passes(cfg, 1, 6104, torch.device("cuda"))
+    small = babygpt.choose_eval_passes(cfg, cfg.batch_size, 6104, torch.device("cuda"))
     assert 1 <= small < n and 100 % small == 0  # a small GPU gets smaller passes
     odd = SimpleNamespace(eval_iters=7, block_size=256, batch_size=64)
-    assert babygpt.choose_eval_passes(odd, 1, 6104, torch.device("cuda")) in (1, 7)
+    assert babygpt.choose_eval_passes(odd, odd.batch_size, 6104, torch.device("cuda")) in (1, 7)
 
 
 # -----------------------------------------------------------------------------
@@ -700,7 +700,7 @@ def test_cuda_compiled_training_loop_matches_eager(mode):
         gen = torch.Generator(device=dev).manual_seed(1)
         evals = []
         for _ in range(3):
-            evals.append(babygpt.estimate_loss(model, data, 8, 16, 10, torch.Generator(device=dev).manual_seed(2),
+            evals.append(evaluate(model, data, 8, 16, 10, torch.Generator(device=dev).manual_seed(2),
                                                ctx, batches_per_pass=5))
             for _ in range(20):
                 babygpt.train_step(model, opt, [babygpt.get_batch(data["train"], 8, 16, gen)], ctx)

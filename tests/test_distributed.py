@@ -27,7 +27,7 @@ def _ddp_worker(rank, world, init_file, start_path, out_path):
     try:
         for accum in (1, 2):  # 2 micro-batches per process exercise DDP's no_sync path
             model = tiny_model()
-            model.load_state_dict(torch.load(start_path, weights_only=True))
+            model.load_state_dict(babygpt.upgrade_state_dict(torch.load(start_path, weights_only=True)))
             ddp = DistributedDataParallel(model)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
             x, y = batch(8)

@@ -122,7 +122,7 @@ def test_kv_cache_greedy_is_exact(prompt_len, new):
     vocab = 40
     seed_model = tiny_model(vocab, seed=1, cls=reference.SeedGPT).eval()
     model = babygpt.BabyGPT(vocab, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0).eval()
-    model.load_state_dict(seed_model.state_dict())  # the seed layout
+    model.load_state_dict(babygpt.upgrade_state_dict(seed_model.state_dict()))  # the seed layout
     g = torch.Generator().manual_seed(prompt_len * 100 + new)
     idx = torch.randint(vocab, (2, prompt_len), generator=g)
 

@@ -18,7 +18,7 @@ def test_generate_texts_passes_temperature_and_top_k_to_the_model():
     torch.manual_seed(3)
     ref = reference.SeedGPT(vocab, block_size=8, n_embed=16, n_head=2, n_layer=1, dropout=0.0).eval()
     model = babygpt.BabyGPT(vocab, block_size=8, n_embed=16, n_head=2, n_layer=1, dropout=0.0)
-    model.load_state_dict(ref.state_dict())
+    model.load_state_dict(babygpt.upgrade_state_dict(ref.state_dict()))
     tok = babygpt.Tokenizer("abcdefghijkl")
     greedy = tok.decode(ref.generate(torch.tensor([tok.encode("ab")]), 20, temperature=0)[0].tolist())
     base = dict(max_new_token=20, num_samples=1, kv_cache=True)

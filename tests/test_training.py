@@ -81,7 +81,7 @@ def test_tiny_cli_run_end_to_end(corpus, tmp_path, monkeypatch):
     assert re.fullmatch(r"total [\d.]+s: start-up [\d.]+s, .*, generation and saving [\d.]+s\n", summary), summary
 
     sd = torch.load(tmp_path / "model.pth", weights_only=True)  # a plain state_dict that loads safely
-    babygpt.BabyGPT(len(vocab), block_size=16, n_embed=32, n_head=2, n_layer=2).load_state_dict(sd)
+    babygpt.BabyGPT(len(vocab), block_size=16, n_embed=32, n_head=2, n_layer=2).load_state_dict(babygpt.upgrade_state_dict(sd))
 
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))  # wandb: the metrics the seed logged
     assert len(runs) == 1, os.listdir(tmp_path)
@@ -263,3 +263,42 @@ def test_a_run_that_measured_nothing_prints_no_repeat_command(corpus, capsys, mo
     monkeypatch.chdir(corpus.parent)
     res = run_main(capsys, tiny(data=corpus.name))
     assert res.returncode == 0 and "to repeat this run" not in res.stdout, show(res)
+
+
+def test_a_stop_during_the_last_evaluation_keeps_the_run_resumable(work, capsys, monkeypatch):
+    """Ctrl-C lands in the evaluation of the last step: the run must not go on to write model.pth as if it
+    had finished; it saves ckpt.pt unevaluated at that step and prints how to resume."""
+    real, calls = babygpt.estimate_loss, []
+
+    def estimate_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # steps 0, 5, then the last one, 10: as the signal handler does in STOP.at_once()
+            babygpt.STOP.requested = True
+            raise babygpt.Interrupted
+        return real(*args, **kwargs)
+    monkeypatch.setattr(babygpt, "estimate_loss", estimate_loss)
+    (work / "model.pth").unlink()
+    res = run_main(capsys, tiny())
+    assert res.returncode == 0, show(res)
+    assert not (work / "model.pth").exists() and "模型已保存" not in res.stdout, show(res)
+    assert "interrupted at step 10" in res.stdout and "--resume=true" in res.stdout, show(res)
+    state = load_ckpt(work / "ckpt.pt")
+    assert state["iter_num"] == 10 and state["evaluated"] is False
+
+
+def test_speed_counts_the_tokens_trained_since_the_previous_line(corpus, capsys, monkeypatch):
+    """Every step takes the same time, so every line after step 0 must print about the same speed, not one
+    that grows with the steps trained since the start."""
+    monkeypatch.chdir(corpus.parent)
+    real = babygpt.train_step
+
+    def train_step(*args, **kwargs):
+        time.sleep(0.02)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(babygpt, "train_step", train_step)
+    res = run_main(capsys, tiny(f"--data_path={corpus.name}", "--max_iters=15"))
+    assert res.returncode == 0, show(res)
+    speeds = [float(s) for s in re.findall(r"speed: ([0-9.]+) tokens/sec", res.stdout)]
+    assert speeds[0] == 0 and len(speeds) == 4, res.stdout
+    assert max(speeds[1:]) < 1.3 * min(speeds[1:]), speeds
+    assert max(speeds[1:]) < 8 * 16 / 0.02, speeds  # never more tokens a second than a 0.02 s step allows
