@@ -102,17 +102,22 @@ def test_time_figures_go_to_the_wandb_summary(corpus, monkeypatch, capsys):
     assert {k: round(summary[k], 1) for k in printed} == pytest.approx(printed, abs=0.11)
 
 
-def test_ckpt_and_wandb_config_hold_the_values_used(corpus, monkeypatch, capsys):
-    """The dashboard and ckpt.pt show the dtype the run trained in and the step count it was finally fitted to,
-    never 'auto' or the first estimate."""
-    monkeypatch.chdir(corpus.parent)
-    fake = install_fake_wandb(monkeypatch, corpus.parent)
+def fitted_offline_run(corpus, monkeypatch, capsys):
+    """A max_minutes run logged offline, whose probe picks bfloat16 and whose fits give 100, then 120 steps."""
     monkeypatch.setattr(babygpt, "probe_dtypes", winners(*[torch.bfloat16] * 10))
     counts = iter([100, 120, 120, 120, 120, 120, 120])
     monkeypatch.setattr(babygpt, "fit_steps", lambda cfg, *rest: setattr(cfg, "max_iters", next(counts)))
     args = [a for a in AUTO_ARGS if not a.startswith("--wandb_mode")] + [
         f"--data_path={corpus.name}", "--max_minutes=1", "--eval_interval=20", "--wandb_mode=offline"]
-    res = run_main(capsys, args)
+    return run_main(capsys, args)
+
+
+def test_ckpt_and_wandb_config_hold_the_values_used(corpus, monkeypatch, capsys):
+    """The dashboard and ckpt.pt show the dtype the run trained in and the step count it was finally fitted to,
+    never 'auto' or the first estimate."""
+    monkeypatch.chdir(corpus.parent)
+    fake = install_fake_wandb(monkeypatch, corpus.parent)
+    res = fitted_offline_run(corpus, monkeypatch, capsys)
     assert res.returncode == 0, show(res)
     assert fake.inits[0]["config"]["dtype"] == "bfloat16" and fake.inits[0]["config"]["max_iters"] == 100
     assert fake.configs[0]["dtype"] == "bfloat16" and fake.configs[0]["max_iters"] == 120  # updated on re-fit
@@ -265,12 +270,7 @@ def test_wandb_that_cannot_record_a_re_fit_or_finish_never_stops_training(corpus
             run.finish = fail(ConnectionError("gone"))
         return run
     fake.init = init
-    monkeypatch.setattr(babygpt, "probe_dtypes", winners(*[torch.bfloat16] * 10))
-    counts = iter([100, 120, 120, 120, 120, 120, 120])
-    monkeypatch.setattr(babygpt, "fit_steps", lambda cfg, *rest: setattr(cfg, "max_iters", next(counts)))
-    args = [a for a in AUTO_ARGS if not a.startswith("--wandb_mode")] + [
-        f"--data_path={corpus.name}", "--max_minutes=1", "--eval_interval=20", "--wandb_mode=offline"]
-    res = run_main(capsys, args)
+    res = fitted_offline_run(corpus, monkeypatch, capsys)
     assert res.returncode == 0, show(res)
     warning = {"config": "warning: wandb config update failed (config locked); continuing without wandb",
                "finish": "warning: wandb could not finish the run (gone)"}[broken]
