@@ -1303,6 +1303,7 @@ class StopRequests:
 
     @contextlib.contextmanager
     def while_training(self, world):
+        self.requested, self.agreed_at = False, None  # before training a signal quits, so this is a new run's
         self.training, self.world = True, world
         try:
             yield
