@@ -1191,7 +1191,7 @@ class Run:
         elif STOP.requested:  # during the final generation or save
             say(f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps. "
                 f"Resume with: {resume_command(cfg, self.world)}")
-        elif cfg._measured and self.rank == 0:  # what this machine decided (dtype, steps), written out
+        elif cfg._measured:  # what this machine decided (dtype, steps), written out
             say(f"to repeat this run exactly: {repeat_command(cfg, self.world)}")
         seconds, total = self.clock.figures()
         try:

@@ -9,7 +9,7 @@ from torch.overrides import TorchFunctionMode
 
 import babygpt
 import reference
-from conftest import (evaluate, assert_close_weights, batch, corpus_data_for, install_fake_wandb, load_ckpt, losses, make_corpus,
+from conftest import (evaluate, assert_close_weights, batch, install_fake_wandb, load_ckpt, losses,
                       max_change, run_main, show, step_weights, tiny, tiny_model, tiny_wandb)
 
 
