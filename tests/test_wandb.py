@@ -272,7 +272,7 @@ def test_wandb_that_cannot_record_a_re_fit_or_finish_never_stops_training(corpus
     fake.init = init
     res = fitted_offline_run(corpus, monkeypatch, capsys)
     assert res.returncode == 0, show(res)
-    warning = {"config": "warning: wandb config update failed (config locked); continuing without wandb",
+    warning = {"config": "warning: wandb config update failed (config locked); continuing without it",
                "finish": "warning: wandb could not finish the run (gone)"}[broken]
     assert res.stderr.strip().splitlines() == [warning], show(res)
     assert "step 120:" in res.stdout and "模型已保存到model.pth" in res.stdout
