@@ -333,7 +333,7 @@ def test_wandb_server_unreachable(corpus):
     folder = corpus.parent
     proc, seconds = _run_wandb(folder, tiny("--wandb_mode=online"), {
         "WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567",
-        "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "5"})
+        "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "2"})
     succeeded(proc)
     assert seconds < 60, f"training took {seconds:.0f}s to start and finish"
     assert STEP_RE.search(proc.stdout), proc.stdout
