@@ -75,7 +75,7 @@ max_new_token = 100           # characters generated per prompt
 temperature = 1.0             # 0 = greedy; above 1 more adventurous
 top_k = 0                     # 0 = off; else sample among the k likeliest characters
 num_samples = 1               # continuations per prompt
-kv_cache = True               # reuse keys and values while generating (same output, faster)
+kv_cache = True               # reuse keys and values while generating (same logits up to rounding, faster)
 # system
 device = "auto"               # auto = cuda, else mps, else cpu
 dtype = "auto"                # auto (measured on this machine), float32, bfloat16, float16
@@ -91,7 +91,7 @@ resume = False                # continue from ckpt_path
 init_from = ""                # start from the weights of a model.pth (ours or the seed's)
 wandb_mode = "auto"           # auto = online when logged in, else offline; online, offline, disabled
 wandb_project = "babygpt"     # the Weights & Biases project
-sample_interval = 500         # log generated samples to wandb every this many steps
+sample_interval = 500         # log generated samples to wandb at the evaluations every this many steps
 
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if k.islower() and not k.startswith("_") and isinstance(v, (bool, int, float, str, list))]
@@ -287,7 +287,7 @@ class KVCache:
 
 def get_batch(data, batch_size, block_size, generator=None):
     """batch_size random windows of data: inputs x (B, T) and targets y = x shifted by one."""
-    where = generator.device if generator is not None else data.device  # MPS draws on the CPU
+    where = generator.device if generator is not None else data.device  # on MPS, a CPU generator
     ix = torch.randint(len(data) - block_size, (batch_size, 1), device=where, generator=generator)
     ix = ix.to(data.device)                                               # (B, 1) window starts
     windows = data[ix + torch.arange(block_size + 1, device=data.device)]  # (B, T + 1), one gather
@@ -317,7 +317,7 @@ def estimate_loss(model, data, cfg, batch_size, generator=None, batches_per_pass
 def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
     """One optimizer step over micro-batches [(x, y), ...]; returns the last micro-batch's loss.
     Each micro-batch loss is divided by their number, so the summed gradient is the gradient of
-    the mean loss: accumulation trains the same model. DDP averages on the last micro-batch only."""
+    the mean loss: accumulation trains the same model. DDP all-reduces once, on the last micro-batch."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     for i, (x, y) in enumerate(batches):
         last = i == len(batches) - 1
@@ -381,7 +381,7 @@ def train(cfg, clock=None):
             # ---- once in a while: evaluate, print, log to wandb, save a checkpoint
             if (it % cfg.eval_interval == 0 or last_step) and not run.evaluated(it):
                 speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation
-                with STOP.at_once(), run.ctx:
+                with STOP.at_once(), run.ctx:  # a Ctrl-C ends this block at once; the loop then stops below
                     losses = estimate_loss(train_model, data, cfg, run.eval_batch, run.eval_generator(it),
                                            run.eval_passes)
                     train_loss, val_loss = run.mean_losses(losses, it)  # over all processes; NaN stops
@@ -389,7 +389,7 @@ def train(cfg, clock=None):
                         f"speed: {speed:.2f} tokens/sec, time: {format_time(run.training_time())}")
                     metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
                                "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg),
-                               "samples": run.samples_table(it, last_step)}  # texts generated now, or None
+                               "samples": run.samples_table(it, last_step)}  # every sample_interval steps, or None
                     run.log(metrics)  # to wandb, leaving out None
                     run.refit(it, last_step)  # max_minutes: the steps that fit at this run's speed so far
                     if last_step or run.checkpoint_due():  # the first, then each checkpoint_interval s, the last
@@ -401,6 +401,7 @@ def train(cfg, clock=None):
             run.clock.phase("training")
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(it, cfg)
+            # grad_accum_steps micro-batches of run.micro_batch = batch_size / (grad_accum_steps x processes)
             batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
             loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
             run.check_loss(loss, it)  # on one CPU process a NaN stops the run at its step
@@ -411,7 +412,7 @@ def train(cfg, clock=None):
     completed = last_step and not STOP.stopped  # a Ctrl-C may have ended the last evaluation
     if completed and run.rank == 0:
         run.clock.phase("generation and saving")
-        with STOP.at_once(), run.ctx:  # a Ctrl-C here leaves model.pth as it was; ckpt.pt has every step
+        with STOP.at_once(), run.ctx:  # a Ctrl-C here leaves model.pth as it was; ckpt.pt holds the last step
             for texts in generate_texts(model, tokenizer, cfg.prompts, cfg, run.dev):
                 say("\n".join(f"{text}\n{'-' * 10}" for text in texts))  # each text, then ten dashes
             save_atomic(seed_state_dict(model.state_dict(), cfg.n_head, cfg.block_size), cfg.save_path)
@@ -454,7 +455,7 @@ def sample(cfg):
     check_prompts(cfg, tokenizer, source)
     model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
     load_weights(model, weights, source.split(" ")[0], shape)  # the seed's layout converted
-    model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # dtype auto: float32 off CUDA
+    model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # auto: bfloat16 on CUDA, else float32 (not timed)
     say(f"sampling from {source}")
 
     def show(prompts):
@@ -1126,7 +1127,8 @@ class Run:
             self.samples = None
 
     def log(self, metrics):  # never with step=: wandb drops rows whose step goes back after a resume
-        self.wandb = wandb_call(self.wandb, "logging", lambda w: w.log({k: v for k, v in metrics.items() if v is not None}))
+        logged = {k: v for k, v in metrics.items() if v is not None}
+        self.wandb = wandb_call(self.wandb, "logging", lambda w: w.log(logged))
 
     def refit(self, it, last_step):
         """max_minutes: max_iters becomes the steps that fit at this run's speed so far (evaluations
@@ -1136,8 +1138,8 @@ class Run:
         before = self.cfg.max_iters
         fit_steps(self.cfg, it, self.training_time() / (it - self.start_iter), 0, self)
         if self.cfg.max_iters != before:
-            self.wandb = wandb_call(self.wandb, "config update",
-                                    lambda run: run.config.update({"max_iters": self.cfg.max_iters}, allow_val_change=True))
+            update = {"max_iters": self.cfg.max_iters}
+            self.wandb = wandb_call(self.wandb, "config update", lambda w: w.config.update(update, allow_val_change=True))
         if abs(self.cfg.max_iters - self.announced) >= 0.05 * self.announced:  # news, not every 50 steps
             self.announced = self.cfg.max_iters
             say(f"max_minutes: {self.announced:,} steps fit now, at this run's speed so far")
