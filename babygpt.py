@@ -1465,8 +1465,9 @@ def load_weights(model, sd, path, shape=None, fix="use the data and shape settin
         raise UserError(f"{path} does not fit this model: it was trained with {', '.join(diffs)}; {fix}")
     try:
         model.load_state_dict(upgrade_state_dict(sd))
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit this model: {first_line(e)}") from None
+    except RuntimeError as e:  # a missing, extra or resized tensor: the line after torch's heading names it
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        raise UserError(f"{path} does not fit this model: {lines[min(1, len(lines) - 1)][:160]}") from None
 
 
 def read_checkpoint(path):

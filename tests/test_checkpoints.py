@@ -478,3 +478,18 @@ def test_a_fitted_run_resumes_to_the_steps_it_was_fitted_to(corpus, monkeypatch,
     _, cfg = babygpt.parse_args(args + ["--resume=true", "--max_iters=40"])
     babygpt.load_start(cfg, model, babygpt.Tokenizer(state["chars"]))
     assert cfg.max_iters == 40
+
+
+def test_a_checkpoint_missing_a_tensor_is_a_one_line_error_on_resume(corpus, monkeypatch, capsys):
+    """A ckpt.pt of the right shape that lacks a tensor stops --resume with a one-line error naming it,
+    not a traceback from load_state_dict."""
+    monkeypatch.chdir(corpus.parent)
+    args = TINY + [f"--data_path={corpus.name}"]
+    assert run_main(capsys, args).returncode == 0
+    state = load_ckpt("ckpt.pt")
+    del state["model"]["ln_final.weight"]
+    torch.save(state, "ckpt.pt")
+    res = run_main(capsys, args + ["--resume=true"])
+    assert res.returncode == 1, res
+    assert "error: ckpt.pt does not fit this model" in res.stderr and "ln_final.weight" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
