@@ -2,6 +2,7 @@
 
 import os
 import re
+import runpy
 import subprocess
 import sys
 
@@ -184,23 +185,27 @@ def test_a_model_pth_with_another_head_count_is_never_loaded_silently(tmp_path, 
     assert want in res.stdout, res.stdout
 
 
-def test_val_loss_script_scores_a_trained_model_better_than_an_untrained_one(work):
+def test_val_loss_script_scores_a_trained_model_better_than_an_untrained_one(work, monkeypatch, capsys):
     """scripts/val_loss.py scores a trained model.pth better than an untrained one, and names a missing file in one
-    line."""
+    line (run in this process: its main() as `python scripts/val_loss.py ARGS` runs it)."""
     script = os.path.join(os.path.dirname(babygpt.__file__), "scripts", "val_loss.py")
     vocab = len(set((work / "poems.txt").read_text(encoding="utf-8")))
     fresh = tiny_model(vocab)
     torch.save(babygpt.seed_state_dict(fresh.state_dict(), 2, 16), work / "fresh.pth")
-    scores = []
-    for name in ("model.pth", "fresh.pth"):
-        proc = subprocess.run([sys.executable, script, name, "--data_path=poems.txt", "--windows=200"], cwd=work,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        scores.append(float(re.search(r"val loss ([0-9.]+) over 200 random windows of 16", proc.stdout)[1]))
+    monkeypatch.chdir(work)
+
+    def val_loss(*args):
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        runpy.run_path(script, run_name="__main__")
+        return capsys.readouterr().out
+
+    scores = [float(re.search(r"val loss ([0-9.]+) over 200 random windows of 16", val_loss(name, "--data_path=poems.txt",
+                                                                                          "--windows=200"))[1])
+              for name in ("model.pth", "fresh.pth")]
     assert scores[0] < scores[1] - 0.5, scores
-    proc = subprocess.run([sys.executable, script, "gone.pth", "--data_path=poems.txt"], cwd=work,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "gone.pth" in proc.stderr
+    with pytest.raises(SystemExit) as stop:  # sys.exit("error: ..."): that line on stderr, exit code 1
+        val_loss("gone.pth", "--data_path=poems.txt")
+    assert str(stop.value.code).startswith("error: ") and "gone.pth" in str(stop.value.code)
 
 
 # -----------------------------------------------------------------------------

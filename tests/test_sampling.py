@@ -8,7 +8,7 @@ import torch
 
 import babygpt
 import reference
-from conftest import babygpt_cmd, cli_env, one_line_error, parse_samples, run_cli, run_many, snapshot, tiny
+from conftest import babygpt_cmd, cli_env, one_line_error, parse_samples, run_cli, run_main, snapshot, tiny
 
 
 def test_generate_texts_passes_temperature_and_top_k_to_the_model():
@@ -31,14 +31,20 @@ def test_generate_texts_passes_temperature_and_top_k_to_the_model():
     assert len(sampled) > 1
 
 
-def test_sample_from_checkpoint_without_corpus(work):
+def sample_here(capsys, monkeypatch, work, *runs):
+    """`python babygpt.py ARGS` for each ARGS in runs, in this process (no torch import each time), in `work`."""
+    monkeypatch.chdir(work)
+    return [run_main(capsys, args) for args in runs]
+
+
+def test_sample_from_checkpoint_without_corpus(work, capsys, monkeypatch):
     """`sample` needs only ckpt.pt (its vocabulary is inside), writes nothing, and greedy prompts of
     different lengths give the same texts every time."""
     (work / "poems.txt").unlink()
     before = snapshot(work)
     prompts = ["春", "春江潮水连海平"]  # different lengths
     args = ["sample", *tiny(), f"--prompts={','.join(prompts)}", "--max_new_token=20", "--temperature=0"]
-    proc, again = run_many((args, work), (args, work))
+    proc, again = sample_here(capsys, monkeypatch, work, args, args)
     assert proc.returncode == 0, proc.stderr
     samples = parse_samples(proc.stdout, prompts)
     assert len(samples) == len(prompts)
@@ -50,14 +56,15 @@ def test_sample_from_checkpoint_without_corpus(work):
     assert parse_samples(again.stdout, prompts) == samples  # greedy is deterministic
 
 
-def test_sample_num_samples_and_top_k(work):
+def test_sample_num_samples_and_top_k(work, capsys, monkeypatch):
     """--num_samples=2 prints two texts per prompt of max_new_token characters each, and --top_k=1 writes
     the greedy text."""
-    proc, top1, greedy = run_many(
-        (["sample", *tiny(), "--prompts=往事,明月", "--max_new_token=15", "--num_samples=2",
-          "--top_k=5", "--temperature=0.8"], work),
-        (["sample", *tiny(), "--prompts=往事", "--max_new_token=15", "--top_k=1", "--temperature=1.0"], work),
-        (["sample", *tiny(), "--prompts=往事", "--max_new_token=15", "--temperature=0"], work))
+    proc, top1, greedy = sample_here(
+        capsys, monkeypatch, work,
+        ["sample", *tiny(), "--prompts=往事,明月", "--max_new_token=15", "--num_samples=2", "--top_k=5",
+         "--temperature=0.8"],
+        ["sample", *tiny(), "--prompts=往事", "--max_new_token=15", "--top_k=1", "--temperature=1.0"],
+        ["sample", *tiny(), "--prompts=往事", "--max_new_token=15", "--temperature=0"])
     assert proc.returncode == 0, proc.stderr
     samples = parse_samples(proc.stdout, ["往事", "明月"], num_samples=2)
     assert [len(g) for g in samples] == [2, 2]
@@ -68,19 +75,19 @@ def test_sample_num_samples_and_top_k(work):
     assert parse_samples(top1.stdout, ["往事"]) == parse_samples(greedy.stdout, ["往事"])
 
 
-def test_sample_falls_back_to_model_pth(work):
+def test_sample_falls_back_to_model_pth(work, capsys, monkeypatch):
     """Without ckpt.pt, `sample` writes from model.pth the same greedy text as from the final ckpt.pt; without
     the corpus too, one line says which text it needs."""
     args = ["--prompts=春江,往事", "--max_new_token=20", "--temperature=0"]
-    from_ckpt, from_pth = run_many((["sample", *tiny(), *args], work),
-                                   (["sample", *tiny(), *args, "--ckpt_path=gone.pt"], work))
+    from_ckpt, from_pth = sample_here(capsys, monkeypatch, work, ["sample", *tiny(), *args],
+                                      ["sample", *tiny(), *args, "--ckpt_path=gone.pt"])
     assert from_ckpt.returncode == 0, from_ckpt.stderr
     assert from_pth.returncode == 0, from_pth.stderr
     assert "sampling from model.pth" in from_pth.stdout
     prompts = ["春江", "往事"]
     assert parse_samples(from_pth.stdout, prompts) == parse_samples(from_ckpt.stdout, prompts)
     (work / "poems.txt").unlink()
-    proc = run_cli(["sample", *tiny(), *args, "--ckpt_path=gone.pt"], cwd=work)
+    proc, = sample_here(capsys, monkeypatch, work, ["sample", *tiny(), *args, "--ckpt_path=gone.pt"])
     assert "poems.txt" in one_line_error(proc)
 
 
