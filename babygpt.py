@@ -580,10 +580,12 @@ def usage():
 def parse_value(name, text, default):
     """Convert a command-line string to the type of the constant it overrides."""
     kind = type(default)
-    if kind is bool and text.strip().lower() not in TRUE + FALSE:
-        raise UserError(f"--{name} expects true or false, got {text!r}")
-    if kind is bool or kind is list:
-        return text.strip().lower() in TRUE if kind is bool else [p for p in text.split(",") if p]
+    if kind is bool:
+        if text.strip().lower() not in TRUE + FALSE:
+            raise UserError(f"--{name} expects true or false, got {text!r}")
+        return text.strip().lower() in TRUE
+    if kind is list:
+        return [p for p in text.split(",") if p]
     try:
         return kind(text)
     except ValueError:
@@ -1559,24 +1561,27 @@ def start_wandb(cfg, dev, runs, start_iter):
     training continues its run; offline runs cannot be resumed (runs with one id overwrite each
     other when synced), so each piece is a new run in the group named after the first's id."""
     mode = choose_wandb_mode(cfg)
+    if mode is None:
+        return DummyWandb(), runs
     try:
-        if mode:
-            import wandb
+        import wandb
     except ImportError:
         warn("wandb is not installed; metrics are printed only (pip install wandb)")
-        mode = None
+        return DummyWandb(), runs
+    timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", 30))  # then fall back to offline
+    settings = wandb.Settings(silent=True, console="off", init_timeout=timeout)
+    name = f"{cfg.n_layer}L-{cfg.n_embed} {os.path.basename(cfg.data_path)} {dev.type}"
     last_id, dirs = runs.get("id"), list(runs.get("dirs") or [])
     last_was_online = last_id and not any(d.endswith("-" + last_id) for d in dirs)
-    for attempt in {None: [], "online": ["online", "offline"], "offline": ["offline"]}[mode]:
+    for attempt in [mode] + (["offline"] if mode == "online" else []):
         run_id = last_id if attempt == "online" and last_was_online else secrets.token_hex(4)
         group = runs.get("group") or last_id or run_id
-        name = f"{cfg.n_layer}L-{cfg.n_embed} {os.path.basename(cfg.data_path)} {dev.type}"
+        resumed = start_iter > 0 and run_id != last_id
         try:
             run = wandb.init(project=cfg.wandb_project, config={k: getattr(cfg, k) for k in CONFIG_KEYS},
-                             mode=attempt, id=run_id, resume="allow" if attempt == "online" else None, group=group,
-                             name=name + (f" resumed at step {start_iter}" if start_iter and run_id != last_id else ""),
-                             tags=[dev.type, cfg.dtype], save_code=True, settings=wandb.Settings(
-                                 silent=True, console="off", init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 30))))
+                             mode=attempt, id=run_id, resume="allow" if attempt == "online" else None,
+                             group=group, name=name + (f" resumed at step {start_iter}" if resumed else ""),
+                             tags=[dev.type, cfg.dtype], save_code=True, settings=settings)
             run.define_metric("iteration")
             run.define_metric("*", step_metric="iteration")  # every chart's x-axis is the training step
             run.define_metric("val_loss", step_metric="iteration", summary="min")

@@ -199,9 +199,8 @@ def test_val_loss_script_scores_a_trained_model_better_than_an_untrained_one(wor
         runpy.run_path(script, run_name="__main__")
         return capsys.readouterr().out
 
-    scores = [float(re.search(r"val loss ([0-9.]+) over 200 random windows of 16", val_loss(name, "--data_path=poems.txt",
-                                                                                          "--windows=200"))[1])
-              for name in ("model.pth", "fresh.pth")]
+    printed = [val_loss(name, "--data_path=poems.txt", "--windows=200") for name in ("model.pth", "fresh.pth")]
+    scores = [float(re.search(r"val loss ([0-9.]+) over 200 random windows of 16", out)[1]) for out in printed]
     assert scores[0] < scores[1] - 0.5, scores
     with pytest.raises(SystemExit) as stop:  # sys.exit("error: ..."): that line on stderr, exit code 1
         val_loss("gone.pth", "--data_path=poems.txt")
