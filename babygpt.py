@@ -104,7 +104,6 @@ PRESETS = {
                 lr_schedule="cosine", warmup_iters=100, min_lr=2e-4),
 }
 
-
 # -----------------------------------------------------------------------------
 # Tokenizer: one token per character
 
@@ -127,7 +126,6 @@ class Tokenizer:
     def unknown(self, s):
         """The characters of `s` the model has never seen, in order of appearance."""
         return list(dict.fromkeys(c for c in s if c not in self.stoi))
-
 
 # -----------------------------------------------------------------------------
 # Model: the seed's GPT. Its per-head modules are computed together here: one q/k/v matmul
@@ -157,7 +155,6 @@ class MultiHeadAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)   # (B, T, nh * hs): the heads side by side
         return self.dropout(self.proj(y))        # (B, T, C)
 
-
 class FeedForward(nn.Module):
     def __init__(self, n_embed, dropout):
         super().__init__()
@@ -170,7 +167,6 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.net(x)  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
-
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: attention then MLP."""
@@ -186,7 +182,6 @@ class Block(nn.Module):
         x = x + self.sa(self.ln1(x), cache)  # residual connection: each block adds to x
         x = x + self.ffwd(self.ln2(x))
         return x
-
 
 class BabyGPT(nn.Module):
     def __init__(self, vocab_size, block_size=block_size, n_embed=n_embed, n_head=n_head,
@@ -249,7 +244,6 @@ class BabyGPT(nn.Module):
             x = block(x, caches[i] if caches else None)
         return self.lm_head(self.ln_final(x[:, -1, :]))  # only the last position is needed
 
-
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     """Pick the next token (B, 1) from last-position logits (B, vocab): greedy, or sampled (on the
     generator's device when one is given)."""
@@ -262,7 +256,6 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     probs = F.softmax(logits, dim=-1)
     where = probs.device if generator is None else generator.device
     return torch.multinomial(probs.to(where), 1, generator=generator).to(probs.device)
-
 
 class KVCache:
     """Keys and values of one layer for the tokens generated so far."""
@@ -281,7 +274,6 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
-
 # -----------------------------------------------------------------------------
 # Batches, evaluation and one training step
 
@@ -292,7 +284,6 @@ def get_batch(data, batch_size, block_size, generator=None):
     ix = ix.to(data.device)                                               # (B, 1) window starts
     windows = data[ix + torch.arange(block_size + 1, device=data.device)]  # (B, T + 1), one gather
     return windows[:, :-1], windows[:, 1:]
-
 
 @torch.no_grad()
 def estimate_loss(model, data, cfg, batch_size, generator=None, batches_per_pass=1):
@@ -312,7 +303,6 @@ def estimate_loss(model, data, cfg, batch_size, generator=None, batches_per_pass
     means = torch.stack(losses).view(2, -1).sum(1) / cfg.eval_iters  # (2,): train, val
     train_loss, val_loss = means.tolist()  # the one host sync
     return {"train": train_loss, "val": val_loss}
-
 
 def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
     """One optimizer step over micro-batches [(x, y), ...]; returns the last micro-batch's loss.
@@ -334,7 +324,6 @@ def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
     optimizer.zero_grad(set_to_none=True)
     return loss
 
-
 def get_lr(it, cfg):
     """The learning rate of step `it`: constant (the seed), or warmup then cosine decay."""
     if cfg.lr_schedule == "constant":
@@ -344,7 +333,6 @@ def get_lr(it, cfg):
     decay_iters = cfg.lr_decay_iters or cfg.max_iters  # past it, min_lr
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
-
 
 # -----------------------------------------------------------------------------
 # The training loop
@@ -420,7 +408,6 @@ def train(cfg, clock=None):
     run.finish(it, completed)  # stopped: save ckpt.pt and say how to resume; the phase line
     return model
 
-
 # -----------------------------------------------------------------------------
 # Sampling
 
@@ -443,7 +430,6 @@ def generate_texts(model, tokenizer, prompts, cfg, dev, generator=None):
         for j, i in enumerate(group):
             results[i] = texts[j * cfg.num_samples:(j + 1) * cfg.num_samples]
     return results
-
 
 def sample(cfg):
     """python babygpt.py sample: continue the prompts (or typed ones) with a trained model."""
@@ -483,7 +469,6 @@ def sample(cfg):
         elif prompt:
             show([prompt])
 
-
 def main(argv=None):
     """The command line: parse, validate, then train or sample. Returns the exit code."""
     clock = PhaseClock(None if argv is None else time.time())
@@ -508,7 +493,6 @@ def main(argv=None):
         print("\ninterrupted; files on disk are intact", file=sys.stderr, flush=True)
         return 130
 
-
 # =============================================================================
 # ---- plumbing: nothing below is needed to understand the model ----
 # =============================================================================
@@ -516,31 +500,24 @@ def main(argv=None):
 class UserError(Exception):
     """A problem with the user's input or files: printed as one line, exit code 1."""
 
-
 class Interrupted(BaseException):
-    """Ends a `with STOP.at_once()` block when the user asks to stop (BaseException: no
-    `except Exception` on the way may swallow it)."""
-
+    """Ends a `with STOP.at_once()` block on Ctrl-C (a BaseException: no `except Exception` swallows it)."""
 
 def say(*args, **kwargs):
     """print() on the first process only (torchrun's rank 0), flushed so piped logs stay in order."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(*args, **kwargs, flush=True)
 
-
 def warn(msg):
     say(f"warning: {msg}", file=sys.stderr)
-
 
 def first_line(e):
     """An exception as a short one-line reason."""
     return (re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() or [type(e).__name__])[0][:120]
 
-
 def format_time(seconds):
     tenths = int(round(seconds * 10))  # round once, so 59.96 s reads 1m 0.0s, not 0m 60.0s
     return f"{tenths // 600}m {tenths % 600 / 10:.1f}s"
-
 
 # -----------------------------------------------------------------------------
 # Configuration: constants, presets and --name=value overrides
@@ -551,13 +528,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FUSED_ADAMW = ("cuda", "cpu")  # where AdamW's fused kernel is faster and trains the same model
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
-
 def format_setting(value):
     """A setting as it is typed on the command line: true, 春江,往事, 0.0003."""
     if isinstance(value, (bool, list)):
         return str(value).lower() if isinstance(value, bool) else ",".join(value)
     return f"{value:g}" if isinstance(value, float) else str(value)
-
 
 def usage():
     """--help: every constant as it is typed, with its default and its one-line comment."""
@@ -576,7 +551,6 @@ def usage():
                       *(f"  {s}{' ' * (width - wide(s))}{c}".rstrip() for s, c in settings), "",
                       f"presets: {presets}", "lists are comma-separated (--prompts=春江,往事); booleans are true or false"])
 
-
 def parse_value(name, text, default):
     """Convert a command-line string to the type of the constant it overrides."""
     kind = type(default)
@@ -590,7 +564,6 @@ def parse_value(name, text, default):
         return kind(text)
     except ValueError:
         raise UserError(f"--{name} expects {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-
 
 def parse_args(argv):
     """Return (command, cfg) from `[train|sample] [--name=value ...]`."""
@@ -623,14 +596,12 @@ def parse_args(argv):
     # _measured: the settings this machine decided (dtype, max_iters), which the repeat command fixes
     return command, SimpleNamespace(**cfg, _argv=list(argv), _explicit=set(overrides), _measured=set())
 
-
 AT_LEAST_1 = ("batch_size", "block_size", "n_embed", "n_head", "n_layer", "max_iters", "eval_interval",
               "eval_iters", "grad_accum_steps", "num_samples", "sample_interval")
 AT_LEAST_0 = ("learning_rate", "min_lr", "weight_decay", "grad_clip", "max_new_token", "temperature", "top_k",
               "checkpoint_interval", "max_minutes", "lr_decay_iters")
 CHOICES = {"lr_schedule": ("constant", "cosine"), "wandb_mode": ("auto", "online", "offline", "disabled"),
            "dtype": ("auto", *DTYPES), "compile": ("auto", "true", "false"), "compile_mode": COMPILE_MODES}
-
 
 def validate_config(cfg):
     """Reject values that cannot work before anything expensive happens."""
@@ -653,7 +624,6 @@ def validate_config(cfg):
     need(cfg.compile_mode not in GRAPH_MODES or cfg.grad_accum_steps == 1, "compile_mode",
          "default with grad_accum_steps > 1: CUDA graphs cannot accumulate gradients; use grad_accum_steps=1 or compile_mode=default")
 
-
 # -----------------------------------------------------------------------------
 # Data: the corpus file
 
@@ -664,13 +634,11 @@ CORPUS_FILES = ([f"package/dist/songci/ci.song.{n}.json" for n in range(0, 22000
 CORPUS_SHA256 = "381caa194f11cdf19d8b15b61a9cc84988c1f80d083360dcce89e026ade0050a"
 OWN_TEXT = "or train on your own text with --data_path=FILE"
 
-
 def format_corpus(poem_lists):
     """One block per poem: '<rhythmic> <author>', then one line per paragraph; blank line between."""
     blocks = ["\n".join([f"{p['rhythmic']} {p['author']}"] + list(p["paragraphs"]))
               for poems in poem_lists for p in poems]
     return "\n\n".join(blocks) + "\n"
-
 
 def build_corpus(path):
     """Build ci.txt from the pinned chinese-poetry npm package, checked by sha256."""
@@ -700,7 +668,6 @@ def build_corpus(path):
                         f"or use --data_path=FILE")
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
     say(f"built {path}: {text.count(chr(10) + chr(10)) + 1} poems, {len(text)} characters")
-
 
 def load_corpus(path, world=1):
     """Read the training text; build the default ci.txt first if it is missing (under torchrun one
@@ -733,7 +700,6 @@ def load_corpus(path, world=1):
         say(f"note: {path} differs from the pinned corpus; training on it as a custom corpus")
     return text
 
-
 def check_split(data, cfg):
     """Each split must hold more than block_size tokens."""
     for name, part in data.items():
@@ -743,7 +709,6 @@ def check_split(data, cfg):
                             f"needs at least {cfg.block_size + 1}; use a longer corpus (at least {need} "
                             f"characters), a smaller block_size or another train_data_ratio")
 
-
 # -----------------------------------------------------------------------------
 # Devices, processes, number formats and compilation
 
@@ -751,7 +716,6 @@ def sync(dev):
     """Wait for the device's queued work, so wall-clock timings mean something."""
     if dev.type in ("cuda", "mps"):
         getattr(torch, dev.type).synchronize()
-
 
 def choose_device(name, local_rank=None):
     """auto: cuda (this process's GPU under torchrun), else mps, else cpu; or the named device."""
@@ -771,7 +735,6 @@ def choose_device(name, local_rank=None):
                             f"use fewer processes (--nproc_per_node) or another --device")
     return dev
 
-
 def setup_distributed(cfg):
     """(rank, world size, device) of this process; (0, 1, device) without torchrun."""
     distributed = "RANK" in os.environ  # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
@@ -787,7 +750,6 @@ def setup_distributed(cfg):
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return rank, world, dev
 
-
 def all_mean(values, dev, world):
     """Average a list of floats over all processes."""
     if world == 1:
@@ -796,15 +758,12 @@ def all_mean(values, dev, world):
     dist.all_reduce(t)
     return (t / world).tolist()
 
-
 AUTO_MARGIN = 1.2  # off CUDA, auto leaves float32 only for a dtype at least this much faster
 PROBE_REPEATS = 3  # the probe keeps each dtype's best: a moment of contention slows one repeat only
 
-
 def choose_dtype(name, dev, step_seconds=None):
-    """The autocast dtype (float32 means none): the one named, or for auto bfloat16 on CUDA
-    (float16 without it); elsewhere the fastest of `step_seconds` {dtype: seconds} that is
-    AUTO_MARGIN times faster than float32, else float32 (near-ties keep the exact format)."""
+    """The autocast dtype (float32: none) named; auto is bfloat16 on CUDA (float16 without it), elsewhere the
+    fastest of step_seconds {dtype: s} that is AUTO_MARGIN x faster than float32 (near-ties keep the exact one)."""
     if name == "auto" and dev.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if name == "auto":
@@ -817,19 +776,15 @@ def choose_dtype(name, dev, step_seconds=None):
         raise UserError("this GPU has no bfloat16 support; use --dtype=float16 or --dtype=float32")
     return DTYPES[name]
 
-
 def dtype_name(dt):
     return str(dt).replace("torch.", "")
-
 
 def autocast(dev, dt):
     return nullcontext() if dt == torch.float32 else torch.autocast(device_type=dev.type, dtype=dt)
 
-
 def generator_device(dev):
     """Where random draws happen: on the CPU for MPS, where torch.multinomial has open bugs."""
     return torch.device("cpu") if dev.type == "mps" else dev
-
 
 def generation_attention(dev):
     """Generation's attention kernels: on CUDA not cuDNN's, which prepares anew for each key length."""
@@ -838,13 +793,11 @@ def generation_attention(dev):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
-
 def fork_rng(dev):
     """A context that puts back every random state of the CPU and of `dev` when it ends."""
     if dev.type == "cpu":
         return torch.random.fork_rng(devices=[])
     return torch.random.fork_rng(devices=[dev.index or 0], device_type=dev.type)
-
 
 def time_step(model, optimizer, x, y, dt, dev):
     """Seconds of a training step's forward and backward pass (under autocast to dt), and of AdamW's update."""
@@ -859,12 +812,9 @@ def time_step(model, optimizer, x, y, dt, dev):
     sync(dev)
     return t1 - t0, time.perf_counter() - t1
 
-
 def probe_dtypes(model, data, micro_batch, dev, dtypes, budget=2.5):
-    """({dtype: seconds of a training step of micro_batch sequences}, seconds of an evaluation batch),
-    the best of PROBE_REPEATS interleaved timings, in about `budget` s on a copy of the model with an
-    AdamW of its own (nothing else changes); a dtype 3x slower than dtypes[0] on two short sequences
-    (10x on its first pass) is timed no further."""
+    """({dtype: seconds of a training step of micro_batch sequences}, seconds of an evaluation batch): the best
+    of PROBE_REPEATS interleaved timings in about `budget` s, on a copy of the model and an AdamW of its own."""
     model, block_size, base = copy.deepcopy(model).train(), model.block_size, dtypes[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=dev.type in FUSED_ADAMW)
     gen = torch.Generator(device=generator_device(dev)).manual_seed(0)
@@ -875,12 +825,12 @@ def probe_dtypes(model, data, micro_batch, dev, dtypes, budget=2.5):
         for dt in dtypes:
             try:
                 scout[dt] = step(x, y, dt, dev)[0]
-                if dt == base or scout[dt] < 10 * scout[base]:
+                if dt == base or scout[dt] < 10 * scout[base]:  # 10x slower at once: one pass says enough
                     scout[dt] = min(scout[dt], step(x, y, dt, dev)[0])
             except RuntimeError:  # a device without this autocast dtype (older MPS)
                 if dt == base:
                     raise
-        dtypes = [dt for dt in scout if scout[dt] <= 3 * scout[base]]  # small inputs favour float32
+        dtypes = [dt for dt in scout if scout[dt] <= 3 * scout[base]]  # 3x slower: no further (small inputs favour float32)
         one = step(*get_batch(data, 1, block_size, gen), base, dev)[0]
         rows = max(1, min(micro_batch, int(budget / (PROBE_REPEATS * len(dtypes) + 2) / max(one, 1e-6))))
         x, y = get_batch(data, rows, block_size, gen)
@@ -899,58 +849,44 @@ def probe_dtypes(model, data, micro_batch, dev, dtypes, budget=2.5):
     steps.update({dt: scout[dt] / scout[fastest] * steps[fastest] for dt in scout if dt not in steps})
     return {dt: t * micro_batch / rows + update for dt, t in steps.items()}, forward * micro_batch / rows
 
-
 def plan_run(cfg, model, data, run):
-    """The autocast dtype, and with max_minutes the number of steps, decided once per training and
-    kept in cfg (so in the checkpoint and the wandb config). Off CUDA auto is measured (CPUs with the
-    same features disagree on bfloat16), and the timing says how long a CPU run takes."""
+    """The autocast dtype and, with max_minutes, the step count: decided once per training and kept in cfg (so
+    in ckpt.pt and the wandb config). Off CUDA auto is measured: CPUs with the same features disagree on bfloat16."""
     dev, world, micro_batch = run.dev, run.world, run.micro_batch
-    forced = None if cfg.dtype == "auto" else choose_dtype(cfg.dtype, dev)
+    run.fitted = bool(cfg.max_minutes) and dev.type != "cuda" and "max_iters" not in cfg._explicit and not run.start_iter
     if dev.type == "cuda":
         if cfg.max_minutes:
             warn("max_minutes is measured off CUDA only; training max_iters steps")
-        cfg.dtype = dtype_name(forced or choose_dtype("auto", dev))
+        cfg.dtype = dtype_name(choose_dtype(cfg.dtype, dev))
         return DTYPES[cfg.dtype]
-    kept = forced is not None and cfg.resume and "dtype" not in cfg._explicit  # the checkpoint's dtype
-    dtypes = [forced] if forced == torch.float32 or kept else [torch.float32, forced or torch.bfloat16]
+    dtypes = [torch.float32, torch.bfloat16] if cfg.dtype == "auto" else [choose_dtype(cfg.dtype, dev)]
     steps, forward = probe_dtypes(model, data, micro_batch, dev, dtypes)
     if world > 1:  # every process must train in the same dtype: decide on the mean timings
-        *means, forward = all_mean([steps[dt] for dt in dtypes] + [forward], dev, world)
-        steps = dict(zip(dtypes, means))
-    chosen = forced or choose_dtype("auto", dev, steps)
+        *means, forward = all_mean(list(steps.values()) + [forward], dev, world)
+        steps = dict(zip(steps, means))
+    chosen = choose_dtype(cfg.dtype, dev, steps)
     if len(steps) > 1:
-        low, f32 = forced or torch.bfloat16, steps[torch.float32]
-        timing = (f"best of {PROBE_REPEATS}: " + ", ".join(f"{dtype_name(dt)} {t:.3f}s" for dt, t in steps.items())
-                  + f" a step of {micro_batch} x {cfg.block_size} tokens")
-        if forced is None:
-            cfg._measured.add("dtype")
-            rule = f", under the {AUTO_MARGIN}x that auto needs to leave float32" if chosen == torch.float32 else ""
-            say(f"dtype auto: {dtype_name(chosen)}; on this {dev.type} {dtype_name(low)} is {f32 / steps[low]:.2f}x "
-                f"as fast as float32{rule} ({timing})")
-        elif steps[forced] > f32:
-            say(f"note: {dtype_name(forced)} is slower than float32 on this {dev.type} "
-                f"({f32 / steps[forced]:.2f}x: {timing}); --dtype=auto picks the faster")
+        cfg._measured.add("dtype")
+        rule = f", under the {AUTO_MARGIN}x that auto needs to leave float32" if chosen == torch.float32 else ""
+        timing = ", ".join(f"{dtype_name(dt)} {t:.3f}s" for dt, t in steps.items())
+        say(f"dtype auto: {dtype_name(chosen)}; on this {dev.type} bfloat16 is "
+            f"{steps[torch.float32] / steps[torch.bfloat16]:.2f}x as fast as float32{rule} "
+            f"(best of {PROBE_REPEATS}: {timing} a step of {micro_batch} x {cfg.block_size} tokens)")
     cfg.dtype = dtype_name(chosen)
-    step = steps.get(chosen, steps[dtypes[0]]) * cfg.grad_accum_steps  # max_minutes re-fits to the real speed
+    step = steps[chosen] * cfg.grad_accum_steps  # max_minutes re-fits to the real speed
     evaluation = 2 * cfg.eval_iters * forward * (cfg.batch_size // world) / micro_batch
-    if fits_time(cfg, dev, run.start_iter):
+    if run.fitted:
         fit_steps(cfg, 0, step + evaluation / cfg.eval_interval, evaluation, run)
         cfg.lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters  # the schedule is kept; re-fits move the stop
         cfg._measured.add("max_iters")
         say(f"{cfg.max_iters:,} steps fit in about {cfg.max_minutes} minutes on this {dev.type} ({step:.3f}s a step, "
             f"{evaluation:.1f}s an evaluation); --max_iters=N sets them yourself")
-    left = max(0, cfg.max_iters - run.start_iter)
-    seconds = left * step + (len(range(run.start_iter, cfg.max_iters, cfg.eval_interval)) + 1) * evaluation
+    evaluations = len(range(run.start_iter, cfg.max_iters, cfg.eval_interval)) + 1
+    seconds = max(0, cfg.max_iters - run.start_iter) * step + evaluations * evaluation
     if dev.type == "cpu" and seconds > 1800:
         hint = "" if cfg.preset == "cpu" else "; python babygpt.py --preset=cpu trains a small model in about 10 minutes"
         say(f"note: on this CPU this run needs about {seconds / 3600:.1f} hours{hint}")
     return chosen
-
-
-def fits_time(cfg, dev, start_iter):
-    """Whether max_iters is fitted to max_minutes: asked for, off CUDA, not set by hand, not resumed."""
-    return bool(cfg.max_minutes) and dev.type != "cuda" and "max_iters" not in cfg._explicit and start_iter == 0
-
 
 def fit_steps(cfg, it, per_step, evaluation, run):
     """Set max_iters to the steps that end max_minutes after start-up, at per_step seconds a step
@@ -960,10 +896,8 @@ def fit_steps(cfg, it, per_step, evaluation, run):
     fit = (it + int(left / per_step)) // 50 * 50  # rounded, so that runs on one machine usually agree
     cfg.max_iters = max(it + 1, 250, fit)
 
-
 def choose_compile_mode(cfg, dev, world):
-    """The torch.compile mode of this run, or None to run eagerly. reduce-overhead replays CUDA
-    graphs, which cannot accumulate gradients or run under DDP."""
+    """The torch.compile mode, or None to run eagerly (CUDA graphs cannot accumulate nor run under DDP)."""
     if not (str(cfg.compile).lower() == "true" or (cfg.compile == "auto" and dev.type == "cuda")):
         return None
     graphs = dev.type == "cuda" and world == 1 and cfg.grad_accum_steps == 1
@@ -973,10 +907,8 @@ def choose_compile_mode(cfg, dev, world):
                         f"gradient hooks; use compile_mode=default under torchrun")
     return mode
 
-
 def compile_model(model, cfg, dev, world, clock, warm_up):
-    """torch.compile(model), compiled now by warm_up(compiled) as the compile phase; the model
-    itself stays eager (generation, state_dict). If compiling fails, a warning and `model`."""
+    """torch.compile(model), compiled now by warm_up (the compile phase); on failure a warning and `model`."""
     mode = choose_compile_mode(cfg, dev, world)
     if mode is None:
         return model
@@ -992,7 +924,6 @@ def compile_model(model, cfg, dev, world, clock, warm_up):
     clock.phase("start-up")
     return compiled
 
-
 def warm_up(model, data, run):
     """The passes training will run (one evaluation pass per split, one training forward and
     backward), on batches of their own, leaving every random state and the gradients as they were."""
@@ -1006,7 +937,6 @@ def warm_up(model, data, run):
         model.zero_grad(set_to_none=True)
     sync(run.dev)
 
-
 def choose_eval_passes(cfg, eval_batch, vocab_size, dev):
     """Evaluation batches that go through the model together: on CUDA the largest divisor of
     eval_iters within ~330k tokens and half the free memory; elsewhere one (no gain on a CPU)."""
@@ -1016,13 +946,11 @@ def choose_eval_passes(cfg, eval_batch, vocab_size, dev):
     most = max(1, min(cfg.eval_iters, tokens // (eval_batch * cfg.block_size)))
     return max(d for d in range(1, most + 1) if cfg.eval_iters % d == 0)
 
-
 # -----------------------------------------------------------------------------
 # The training loop's plumbing: the run, resume, time, signals
 
 class Run:
-    """This process's part in a training: its torchrun rank and device, number format (ctx,
-    scaler), phase clock, wandb run and checkpoints, set up by prepare() for train()'s loop."""
+    """This process's part in a training: rank, device, number format, clock, wandb run and checkpoints."""
 
     def __init__(self, cfg, clock=None):
         self.cfg, self.clock = cfg, clock or PhaseClock()
@@ -1035,8 +963,7 @@ class Run:
             check_output_paths(cfg)
 
     def prepare(self, model, optimizer, tokenizer, data, checkpoint):
-        """Decide the dtype and the steps, restore the checkpoint's state, compile, wrap for DDP and
-        start wandb. Returns the model to train: compiled or wrapped, or `model` itself."""
+        """Decide the dtype and steps, resume, compile, wrap for DDP, start wandb; returns the model to train."""
         cfg, dev = self.cfg, self.dev
         self.model, self.optimizer, self.tokenizer = model, optimizer, tokenizer
         self.start_iter = checkpoint["iter_num"] if checkpoint else 0
@@ -1054,7 +981,7 @@ class Run:
         self.wandb, self.wandb_runs = (start_wandb(cfg, dev, wandb_runs, self.start_iter) if self.rank == 0
                                        else (DummyWandb(), wandb_runs))
         self.eval_gen = torch.Generator(device=generator_device(dev))
-        self.samples, self.fitted, self.announced = [], fits_time(cfg, dev, self.start_iter), cfg.max_iters
+        self.samples, self.announced = [], cfg.max_iters
         self.last_saved, self.last_eval, self.trained_before = -math.inf, self.start_iter, 0.0
         self.start_time = time.time()
         return train_model
@@ -1112,9 +1039,8 @@ class Run:
             raise_nonfinite(it, self.cfg)
 
     def samples_table(self, it, last_step):
-        """A wandb table of every sample so far and this step's (drawn with a generator of its own, so
-        training is unchanged) at the first evaluation, every sample_interval steps and the last; else
-        None, and always None without wandb or prompts, or once generating them failed (with a warning)."""
+        """A wandb table of all samples so far, at the first evaluation, every sample_interval steps and the last;
+        else None. Drawn with a generator of their own, so that training is unchanged."""
         if (isinstance(self.wandb, DummyWandb) or self.samples is None or not self.cfg.prompts
                 or (self.samples and not last_step and it % self.cfg.sample_interval)):
             return None
@@ -1165,8 +1091,7 @@ class Run:
         self.last_saved = time.time()
 
     def finish(self, it, completed):
-        """End the run: a stopped one saves ckpt.pt and says how to resume, a measured one how to
-        repeat it; close wandb (the phase figures go to its summary) and DDP; print the phase line."""
+        """Say how to resume (saving ckpt.pt) or repeat the run, close wandb and DDP, print the phase line."""
         cfg = self.cfg
         if not completed:
             self.save_checkpoint(it, evaluated=False)
@@ -1189,7 +1114,6 @@ class Run:
         seconds, total = self.clock.figures()  # again: closing wandb took time too
         say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
 
-
 def load_start(cfg, model, tokenizer):
     """With --resume the checkpoint, its weights loaded into model; else None (after --init_from)."""
     if cfg.resume:
@@ -1207,7 +1131,6 @@ def load_start(cfg, model, tokenizer):
         load_weights(model, sd, cfg.init_from)
     return None
 
-
 def keep_settings(cfg, state):
     """On resume, the decisions the checkpoint recorded: its dtype (so the run stays exact) and,
     when fitted to max_minutes, its step count and schedule. An explicit setting still wins."""
@@ -1224,10 +1147,8 @@ def keep_settings(cfg, state):
                 setattr(cfg, name, saved.get(name, getattr(cfg, name)))
     cfg._measured |= set(state.get("measured", []))
 
-
 class PhaseClock:
-    """Splits the wall time since `start` (by default, when this file began to run) into phases:
-    each second goes to exactly one."""
+    """Splits the wall time since `start` (by default, when this file began to run) into phases."""
 
     PHASES = ("start-up", "compile", "training", "evaluation", "checkpoints", "generation and saving")
 
@@ -1248,15 +1169,9 @@ class PhaseClock:
         now = time.time()
         return {**self.seconds, self.current: self.seconds[self.current] + now - self.since}, now - self.start
 
-
 class StopRequests:
-    """Ctrl-C and SIGTERM, handled here for the whole process (main enters STOP):
-    - outside training each one quits at once (KeyboardInterrupt: main prints one line, exit 130);
-    - while training (`with STOP.while_training(world)`) the first asks the loop to stop after the
-      current step; the run then saves ckpt.pt and prints how to resume;
-    - inside `with STOP.at_once()` (an evaluation, the final generation and save) the first ends the
-      block at once; under torchrun not in an evaluation, which every process must finish;
-    - the second one always quits at once."""
+    """Ctrl-C and SIGTERM for the whole process, as train() describes: outside training each quits at once
+    (KeyboardInterrupt); under torchrun an evaluation, which every process must finish, is not cut short."""
 
     def __init__(self):
         self.requested = self.training = self.abortable = False
@@ -1316,9 +1231,7 @@ class StopRequests:
         self.agreed_at = it if flag.item() > 0 else None
         return self.agreed_at is not None
 
-
 STOP = StopRequests()
-
 
 def command_line(args, world):
     """`python babygpt.py ARGS` (or the torchrun command of this job), as a user types it."""
@@ -1327,15 +1240,12 @@ def command_line(args, world):
     launcher = "python" if world == 1 else f"torchrun --standalone --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}"
     return " ".join([launcher, script, *args])
 
-
 def resume_command(cfg, world):
     """The command that continues this run."""
     return command_line([a for a in cfg._argv if not a.startswith("--resume=")] + ["--resume=true"], world)
 
-
 def repeat_command(cfg, world):
-    """The command that trains this run again from the start with nothing measured: this run's
-    settings with its dtype, step count and schedule written out."""
+    """The command that trains this run again from the start: its settings, with what was measured written out."""
     fixed = {"dtype": cfg.dtype, "max_iters": cfg.max_iters}
     if "max_iters" in cfg._measured:
         fixed.update(lr_decay_iters=cfg.lr_decay_iters, max_minutes=0)
@@ -1343,11 +1253,9 @@ def repeat_command(cfg, world):
     args = [a for a in cfg._argv if a.split("=")[0][2:] not in names]
     return command_line(args + [f"--{k}={format_setting(v)}" for k, v in fixed.items()], world)
 
-
 def raise_nonfinite(it, cfg):
     raise UserError(f"the loss became NaN or infinite at step {it}; try a lower learning_rate "
                     f"(now {cfg.learning_rate}) or --grad_clip=1.0. {cfg.ckpt_path} keeps the last good state")
-
 
 def check_output_paths(cfg):
     """Fail before training, not after it, when model.pth or ckpt.pt cannot be written."""
@@ -1360,7 +1268,6 @@ def check_output_paths(cfg):
         if problem:
             raise UserError(f"cannot write --{name}={path}: " + problem.format(folder=folder))
 
-
 def check_prompts(cfg, tokenizer, source):
     """Prompts and top_k must fit the vocabulary: checked before any training."""
     if cfg.top_k > tokenizer.vocab_size:
@@ -1371,7 +1278,6 @@ def check_prompts(cfg, tokenizer, source):
         if bad:
             raise UserError(f"prompt {p!r} has characters not in the vocabulary of {source}: "
                             f"{''.join(bad)}; change the prompt (--prompts=春江,往事)")
-
 
 def read_trained_model(cfg):
     """(weights, tokenizer, shape, source) from ckpt_path if present, else from save_path with the
@@ -1397,12 +1303,10 @@ def read_trained_model(cfg):
                         f"exists; train one first with: python babygpt.py")
     return sd, tokenizer, shape, source
 
-
 # -----------------------------------------------------------------------------
 # Weights and checkpoints: atomic writes, both state_dict layouts, shape checks
 
 SHAPE_KEYS = ("vocab_size", "block_size", "n_embed", "n_head", "n_layer")
-
 
 def upgrade_state_dict(state_dict):
     """Our layout from any we have met: the seed's per-head key/query/value and tril buffers,
@@ -1421,7 +1325,6 @@ def upgrade_state_dict(state_dict):
             [parts[name][h] for name in ("query", "key", "value") for h in sorted(parts[name])])
     return out
 
-
 def seed_state_dict(state_dict, n_head, block_size):
     """Our state_dict in the seed's layout, which the seed's own classes load strictly: per-head
     key/query/value weights, each head's tril buffer, and the spelling `postion_embedding_table`."""
@@ -1439,7 +1342,6 @@ def seed_state_dict(state_dict, n_head, block_size):
                         prefix + "query.weight": q[h].clone(), prefix + "value.weight": v[h].clone()})
     return out
 
-
 def state_dict_shape(sd, path):
     """The shape settings a state_dict (either layout) was trained with; n_head only where the
     seed's layout records it (as heads.N)."""
@@ -1456,10 +1358,8 @@ def state_dict_shape(sd, path):
         raise UserError(f"{path} does not hold babygpt weights") from None
     return {**shape, "n_head": len(heads)} if heads else shape
 
-
 def load_weights(model, sd, path, shape=None, fix="use the data and shape settings it was trained with"):
-    """Load a state_dict (ours or the seed's) into model, or say in one line why it does not fit:
-    the shape settings (`shape`, else read from sd) that differ from the model's, or the tensors."""
+    """Load a state_dict (either layout) into model, or say in one line which shape setting or tensor differs."""
     here = {**state_dict_shape(model.state_dict(), "model"), "n_head": model.blocks[0].sa.n_head}
     found = shape or state_dict_shape(sd, path)
     diffs = [f"{k}={found[k]} (here {here[k]})" for k in SHAPE_KEYS if found.get(k) not in (None, here[k])]
@@ -1471,7 +1371,6 @@ def load_weights(model, sd, path, shape=None, fix="use the data and shape settin
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         raise UserError(f"{path} does not fit this model: {lines[min(1, len(lines) - 1)][:160]}") from None
 
-
 def read_checkpoint(path):
     """ckpt.pt's dict, or a one-line error when it is not a babygpt training checkpoint."""
     state = load_file(path, "checkpoint")
@@ -1479,12 +1378,10 @@ def read_checkpoint(path):
         raise UserError(f"checkpoint {path} is not a babygpt training checkpoint")
     return state
 
-
 def checkpoint_shape(state):
     """The shape of a ckpt.pt: its weights, and n_head from its settings."""
     shape = state_dict_shape(state["model"], "checkpoint")
     return {**shape, "n_head": state.get("config", {}).get("n_head", shape.get("n_head"))}
-
 
 def load_file(path, what):
     """torch.load(weights_only=True) with one-line errors for missing or unreadable files."""
@@ -1497,11 +1394,9 @@ def load_file(path, what):
                else f"truncated or another format: {first_line(e)}")
         raise UserError(f"{what} {path} is not a readable babygpt checkpoint ({why})") from None
 
-
 def save_atomic(obj, path):
     """torch.save to `path`, which is never half-written (see write_atomic)."""
     write_atomic(path, lambda f: torch.save(obj, f))
-
 
 def write_atomic(path, write):
     """write(f) into a temporary file of this process's own, fsync, then rename it to `path`:
@@ -1522,12 +1417,6 @@ def write_atomic(path, write):
             raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}{full}); "
                             f"the previous file, if any, is unchanged") from None
         raise
-    with contextlib.suppress(OSError):  # make the rename durable where the system allows it
-        dir_fd = os.open(folder, os.O_RDONLY)
-        os.fsync(dir_fd)
-        os.close(dir_fd)
-
-
 
 # -----------------------------------------------------------------------------
 # Weights & Biases: optional, never allowed to stop training
@@ -1538,7 +1427,6 @@ class DummyWandb:
 
     def __init__(self):
         self.summary, self.config = {}, SimpleNamespace(update=self.log)
-
 
 def choose_wandb_mode(cfg):
     """online, offline or None (no wandb), from wandb_mode, WANDB_MODE and the login (an API key or netrc)."""
@@ -1553,7 +1441,6 @@ def choose_wandb_mode(cfg):
         return "online" if os.environ.get("WANDB_API_KEY") or netrc.netrc().authenticators(host) else "offline"
     except (OSError, netrc.NetrcParseError):
         return "offline"
-
 
 def start_wandb(cfg, dev, runs, start_iter):
     """(run, runs): a wandb run (DummyWandb when off or unavailable, with a warning saying why), and
@@ -1598,7 +1485,6 @@ def start_wandb(cfg, dev, runs, start_iter):
         return run, {"id": run.id, "group": group, "dirs": dirs}
     return DummyWandb(), runs
 
-
 def wandb_call(run, what, call):
     """call(run), a log or a config update; on failure, a warning and a DummyWandb from then on."""
     try:
@@ -1607,7 +1493,6 @@ def wandb_call(run, what, call):
     except Exception as e:
         warn(f"wandb {what} failed ({first_line(e)}); continuing without it")
         return DummyWandb()
-
 
 if __name__ == "__main__":
     code = main()

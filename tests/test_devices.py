@@ -276,37 +276,18 @@ def test_auto_prints_its_measured_decision(monkeypatch, capsys, bf16_seconds):
     assert f"(best of 3: float32 1.000s, bfloat16 {bf16_seconds:.3f}s a step of 8 x 16 tokens)" in out[0]
 
 
-@pytest.mark.parametrize("bf16_seconds", [1.25, 0.8])
-def test_forced_bfloat16_that_is_slower_is_allowed_with_a_note(monkeypatch, capsys, bf16_seconds):
-    """--dtype=bfloat16 on a CPU where it is slower trains in bfloat16, with a note that auto picks the faster;
-    where it is faster, no note."""
-    monkeypatch.setattr(babygpt, "probe_dtypes", fake_probe({F32: 1.0, BF16: bf16_seconds}))
-    assert plan(cfg_for(dtype="bfloat16")) == BF16
-    out = capsys.readouterr().out
-    if bf16_seconds > 1:
-        assert "note: bfloat16 is slower than float32 on this cpu (0.80x" in out
-    else:
-        assert out == ""
-
-
-def test_forced_float16_off_cuda_is_timed_and_named(monkeypatch, capsys):
-    """On a Mac --dtype=float16 is the format timed against float32 and named in the note."""
-    monkeypatch.setattr(babygpt, "probe_dtypes", fake_probe({F32: 1.0, torch.float16: 2.0}))
-    assert plan(cfg_for(dtype="float16"), dev=torch.device("mps")) == torch.float16
-    assert "note: float16 is slower than float32 on this mps (0.50x: best of 3: float32 1.000s, float16 2.000s" in \
-        capsys.readouterr().out
-
-
-def test_forced_float32_measures_float32_only(monkeypatch, capsys):
-    """--dtype=float32 times no other format and prints nothing about formats."""
+@pytest.mark.parametrize("dtype, dev", [("float32", CPU), ("bfloat16", CPU), ("float16", torch.device("mps"))])
+def test_a_forced_dtype_times_itself_only(monkeypatch, capsys, dtype, dev):
+    """--dtype=bfloat16 (or float16 on a Mac, or float32) trains in it, times no other format for the run's
+    length and prints nothing about formats."""
     seen = []
 
     def probe(model, data, micro_batch, dev, dtypes, budget=2.5):
         seen.append(list(dtypes))
-        return {F32: 0.01}, 0.001
+        return {dt: 0.01 for dt in dtypes}, 0.001
     monkeypatch.setattr(babygpt, "probe_dtypes", probe)
-    assert plan(cfg_for(dtype="float32")) == F32
-    assert seen == [[F32]] and capsys.readouterr().out == ""
+    assert plan(cfg_for(dtype=dtype), dev=dev) == babygpt.DTYPES[dtype]
+    assert seen == [[babygpt.DTYPES[dtype]]] and capsys.readouterr().out == ""
 
 
 def test_a_run_with_the_probe_on_is_the_run_it_chose(corpus, monkeypatch, capsys):
