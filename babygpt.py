@@ -78,11 +78,11 @@ num_samples = 1               # continuations per prompt
 kv_cache = True               # reuse keys and values while generating (same logits up to rounding, faster)
 # system
 device = "auto"               # auto = cuda, else mps, else cpu
-dtype = "auto"                # auto (measured on this machine), float32, bfloat16, float16
+dtype = "auto"                # auto = bfloat16 on CUDA, else measured here; float32, bfloat16, float16
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
-compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU, else default
+compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU without accumulation, else default
 preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
-max_minutes = 0               # 0 = off; else max_iters becomes the steps that fit in these minutes here
+max_minutes = 0               # 0 = off; else, off CUDA, max_iters becomes the steps that fit in these minutes
 # files and logging
 save_path = "model.pth"       # final weights, in the seed's layout
 ckpt_path = "ckpt.pt"         # training state, for --resume=true and sample
@@ -359,8 +359,8 @@ def train(cfg, clock=None):
                                   fused=run.dev.type in FUSED_ADAMW)
     train_model = run.prepare(model, optimizer, tokenizer, data, checkpoint)  # dtype, steps, compile, DDP, wandb
 
-    # ---- the loop. Ctrl-C (or SIGTERM) stops it after the current step, or at once during an
-    # evaluation; ckpt.pt is saved and the command to resume printed. A second Ctrl-C quits at once.
+    # ---- the loop. Ctrl-C (or SIGTERM) stops it after the current step, or at once during an evaluation
+    # (on one process); ckpt.pt is saved and the command to resume printed. A second Ctrl-C quits at once.
     it = run.start_iter
     with STOP.while_training(run.world):
         while True:
@@ -369,7 +369,7 @@ def train(cfg, clock=None):
             # ---- once in a while: evaluate, print, log to wandb, save a checkpoint
             if (it % cfg.eval_interval == 0 or last_step) and not run.evaluated(it):
                 speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation
-                with STOP.at_once(), run.ctx:  # a Ctrl-C ends this block at once; the loop then stops below
+                with STOP.at_once(), run.ctx:  # a Ctrl-C ends this block (one process); the loop stops below
                     losses = estimate_loss(train_model, data, cfg, run.eval_batch, run.eval_generator(it),
                                            run.eval_passes)
                     train_loss, val_loss = run.mean_losses(losses, it)  # over all processes; NaN stops
@@ -441,7 +441,7 @@ def sample(cfg):
     check_prompts(cfg, tokenizer, source)
     model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
     load_weights(model, weights, source.split(" ")[0], shape)  # the seed's layout converted
-    model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # auto: bfloat16 on CUDA, else float32 (not timed)
+    model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # auto: bfloat16 (or float16) on CUDA, else float32 (not timed)
     say(f"sampling from {source}")
 
     def show(prompts):
@@ -813,7 +813,7 @@ def time_step(model, optimizer, x, y, dt, dev):
     return t1 - t0, time.perf_counter() - t1
 
 def probe_dtypes(model, data, micro_batch, dev, dtypes, budget=2.5):
-    """({dtype: seconds of a training step of micro_batch sequences}, seconds of an evaluation batch): the best
+    """({dtype: seconds of a training step of micro_batch sequences}, seconds of their no-grad forward): the best
     of PROBE_REPEATS interleaved timings in about `budget` s, on a copy of the model and an AdamW of its own."""
     model, block_size, base = copy.deepcopy(model).train(), model.block_size, dtypes[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=dev.type in FUSED_ADAMW)
@@ -1328,7 +1328,7 @@ def upgrade_state_dict(state_dict):
 def seed_state_dict(state_dict, n_head, block_size):
     """Our state_dict in the seed's layout, which the seed's own classes load strictly: per-head
     key/query/value weights, each head's tril buffer, and the spelling `postion_embedding_table`."""
-    tril = torch.tril(torch.ones(block_size, block_size))  # one tensor shared by every head's key
+    tril = torch.tril(torch.ones(block_size, block_size))  # one tensor shared by every head's tril buffer
     out = {}
     for key, value in state_dict.items():
         m = re.fullmatch(r"blocks\.(\d+)\.sa\.qkv\.weight", key)
