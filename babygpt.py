@@ -1117,12 +1117,12 @@ class Run:
 def load_start(cfg, model, tokenizer):
     """With --resume the checkpoint, its weights loaded into model; else None (after --init_from)."""
     if cfg.resume:
-        state = read_checkpoint(cfg.ckpt_path)
+        state, shape = read_checkpoint(cfg.ckpt_path)
         if state["chars"] != "".join(tokenizer.chars):
             raise UserError(f"cannot resume from {cfg.ckpt_path}: its vocabulary differs from {cfg.data_path}; "
                             f"resume with the data it was trained on")
         keep_settings(cfg, state)
-        load_weights(model, state["model"], cfg.ckpt_path, checkpoint_shape(state), "resume with the same shape "
+        load_weights(model, state["model"], cfg.ckpt_path, shape, "resume with the same shape "
                      f"(that run used: {' '.join(state.get('argv', [])) or 'the defaults'})")
         return state
     if cfg.init_from:
@@ -1283,9 +1283,8 @@ def read_trained_model(cfg):
     """(weights, tokenizer, shape, source) from ckpt_path if present, else from save_path with the
     vocabulary of data_path: the shape settings of the model that file holds."""
     if os.path.exists(cfg.ckpt_path):
-        state = read_checkpoint(cfg.ckpt_path)
-        tokenizer = Tokenizer(state["chars"])
-        shape, sd = checkpoint_shape(state), state["model"]
+        state, shape = read_checkpoint(cfg.ckpt_path)
+        tokenizer, sd = Tokenizer(state["chars"]), state["model"]
         source = f"{cfg.ckpt_path} (step {state.get('iter_num')})"
     elif os.path.exists(cfg.save_path):
         sd = load_file(cfg.save_path, "model file")
@@ -1372,16 +1371,12 @@ def load_weights(model, sd, path, shape=None, fix="use the data and shape settin
         raise UserError(f"{path} does not fit this model: {lines[min(1, len(lines) - 1)][:160]}") from None
 
 def read_checkpoint(path):
-    """ckpt.pt's dict, or a one-line error when it is not a babygpt training checkpoint."""
+    """(ckpt.pt's dict, its shape: n_head from its settings, the rest from its weights), or a one-line error."""
     state = load_file(path, "checkpoint")
     if not isinstance(state, dict) or not {"model", "iter_num", "chars"} <= state.keys():
         raise UserError(f"checkpoint {path} is not a babygpt training checkpoint")
-    return state
-
-def checkpoint_shape(state):
-    """The shape of a ckpt.pt: its weights, and n_head from its settings."""
-    shape = state_dict_shape(state["model"], "checkpoint")
-    return {**shape, "n_head": state.get("config", {}).get("n_head", shape.get("n_head"))}
+    shape = state_dict_shape(state["model"], path)
+    return state, {**shape, "n_head": state.get("config", {}).get("n_head", shape.get("n_head"))}
 
 def load_file(path, what):
     """torch.load(weights_only=True) with one-line errors for missing or unreadable files."""
