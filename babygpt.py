@@ -68,7 +68,7 @@ lr_schedule = "constant"      # constant, or cosine: linear warmup, cosine decay
 warmup_iters = 0              # warmup steps of the cosine schedule
 lr_decay_iters = 0            # 0 = max_iters; else the step where the cosine reaches min_lr
 min_lr = 3e-5                 # where the cosine schedule ends
-seed = 42                     # torch.manual_seed; with dtype and max_iters fixed, a CPU run repeats exactly
+seed = 42                     # torch.manual_seed; a CPU run with dtype and max_iters given (not measured) repeats exactly
 # generation
 prompts = ["春江", "往事"]      # texts to continue after training (and in sample)
 max_new_token = 100           # characters generated per prompt
@@ -366,12 +366,12 @@ def train(cfg, clock=None):
         while True:
             last_step = it >= cfg.max_iters  # with max_minutes, an evaluation may move max_iters
 
-            # ---- once in a while: evaluate, print, log to wandb, save a checkpoint
-            if (it % cfg.eval_interval == 0 or last_step) and not run.evaluated(it):
+            # ---- once in a while: evaluate, print, log to wandb, save a checkpoint (not once a stop is asked)
+            if (it % cfg.eval_interval == 0 or last_step) and not run.evaluated(it) and not STOP.stopped:
                 speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation
                 with STOP.at_once(), run.ctx:  # a Ctrl-C ends this block (one process); the loop stops below
                     losses = estimate_loss(train_model, data, cfg, run.eval_batch, run.eval_generator(it),
-                                           run.eval_passes)
+                                           run.eval_passes)  # this process's batch_size share; step it's batches
                     train_loss, val_loss = run.mean_losses(losses, it)  # over all processes; NaN stops
                     say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                         f"speed: {speed:.2f} tokens/sec, time: {format_time(run.training_time())}")
@@ -382,7 +382,7 @@ def train(cfg, clock=None):
                     run.refit(it, last_step)  # max_minutes: the steps that fit at this run's speed so far
                     if last_step or run.checkpoint_due():  # the first, then each checkpoint_interval s, the last
                         run.save_checkpoint(it, evaluated=True)
-            if last_step or STOP.agreed(it, run.dev):  # under torchrun the processes stop together
+            if last_step or STOP.agreed(it, run.dev):  # every step; under torchrun the processes stop together
                 break
 
             # -------------------- TRAINING SECTION BEGIN --------------------
@@ -404,7 +404,7 @@ def train(cfg, clock=None):
             for texts in generate_texts(model, tokenizer, cfg.prompts, cfg, run.dev):
                 say("\n".join(f"{text}\n{'-' * 10}" for text in texts))  # each text, then ten dashes
             save_atomic(seed_state_dict(model.state_dict(), cfg.n_head, cfg.block_size), cfg.save_path)
-            say(f"模型已保存到{cfg.save_path}")  # per-head query/key/value weights, as the seed's classes load them
+            say(f"模型已保存到{cfg.save_path}")  # the seed's per-head query/key/value weights and tril masks
     run.finish(it, completed)  # stopped: save ckpt.pt and say how to resume; the phase line
     return model
 
@@ -441,7 +441,7 @@ def sample(cfg):
     check_prompts(cfg, tokenizer, source)
     model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
     load_weights(model, weights, source.split(" ")[0], shape)  # the seed's layout converted
-    model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # auto: bfloat16 (or float16) on CUDA, else float32 (not timed)
+    model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # sample's auto: bfloat16 (or float16) on CUDA, else float32
     say(f"sampling from {source}")
 
     def show(prompts):

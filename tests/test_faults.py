@@ -234,6 +234,30 @@ def test_signal_during_evaluation(corpus, capsys, monkeypatch, sig):
     assert (folder / "model.pth").exists()
 
 
+def test_a_stop_in_the_step_before_an_evaluation_skips_that_evaluation(corpus, capsys, monkeypatch):
+    """A Ctrl-C during the step before an evaluation stops after that step, without first running the
+    evaluation (minutes at the seed's shape on a CPU); the resumed run evaluates that step."""
+    monkeypatch.chdir(corpus.parent)
+    real_step, steps = babygpt.train_step, []
+
+    def train_step(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 5:  # step 4: the evaluation of step 5 comes next
+            babygpt.STOP.on_signal(signal.SIGINT, None)
+        return loss
+    monkeypatch.setattr(babygpt, "train_step", train_step)
+    res = run_main(capsys, tiny(data=corpus.name))
+    assert [m[0] for m in STEP_RE.findall(res.stdout)] == ["0"], res.stdout
+    assert "interrupted at step 5; checkpoint saved to ckpt.pt" in res.stdout, res.stdout
+    ckpt = load_ckpt(corpus.parent / "ckpt.pt")
+    assert ckpt["iter_num"] == 5 and ckpt["evaluated"] is False
+    monkeypatch.setattr(babygpt, "train_step", real_step)
+    res = run_main(capsys, tiny("--resume=true", data=corpus.name))
+    succeeded(res)
+    assert [m[0] for m in STEP_RE.findall(res.stdout)] == ["5", "10"], res.stdout
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_final_save(work, capsys, sig):
     """A stop while model.pth is written keeps the old model.pth, says how to finish (resuming only generates
