@@ -377,9 +377,9 @@ def train(cfg, clock=None):
                         f"speed: {speed:.2f} tokens/sec, time: {format_time(run.training_time())}")
                     metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
                                "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg),
-                               "samples": run.samples_table(it, last_step)}  # every sample_interval steps, or None
+                               "samples": run.samples_table(it, last_step)}  # texts every sample_interval steps, else None
                     run.log(metrics)  # to wandb, leaving out None
-                    run.refit(it, last_step)  # max_minutes: the steps that fit at this run's speed so far
+                    run.refit(it, last_step)  # max_minutes: max_iters fitted to this run's speed (the lr schedule stays)
                     if last_step or run.checkpoint_due():  # the first, then each checkpoint_interval s, the last
                         run.save_checkpoint(it, evaluated=True)
             if last_step or STOP.agreed(it, run.dev):  # every step; under torchrun the processes stop together
@@ -435,8 +435,8 @@ def sample(cfg):
     """python babygpt.py sample: continue the prompts (or typed ones) with a trained model."""
     dev = choose_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    # ckpt.pt holds the vocabulary and the settings; a model.pth (ours or the seed's) only weights,
-    # so its vocabulary is data_path's. Either way the model's shape comes from the file.
+    # ckpt.pt holds the vocabulary and the settings; a model.pth (ours or the seed's) only weights, so its
+    # vocabulary is data_path's. Either way the shape comes from the file (tensor sizes; n_head: its heads).
     weights, tokenizer, shape, source = read_trained_model(cfg)
     check_prompts(cfg, tokenizer, source)
     model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
