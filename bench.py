@@ -16,7 +16,7 @@ Prints one line per measurement, the ratios last:
           sample` uses here).
 Shapes: on a GPU the full default configuration (the seed's shape, batch 64). On a CPU two:
 the seed's shape with batch 8 and dropout 0.2, and the shape of --preset=cpu (its layers, width,
-context, batch, dropout and dtype); --n_layer and the like change the seed's shape.
+context, batch and dropout); --n_layer and the like change the seed's shape.
 The fast path picks its dtype and compilation as babygpt.train does: on a GPU bfloat16 autocast
 and torch.compile as choose_compile_mode says (--compile_mode); on a CPU with dtype auto it times
 float32 and bfloat16 steps (probe_dtypes), trains in the dtype choose_dtype picks from those
@@ -226,11 +226,11 @@ def run_child(what, args, shape="seed"):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def dtype_note(r, name, dev):
+def dtype_note(r, dev):
     """How the fast path's dtype was chosen, for the ratio line."""
     if r["probe"]:
         return f"babygpt dtype {r['dtype']}, chosen by measurement"
-    return f"babygpt dtype {r['dtype']}, " + ("as the preset sets" if name == "preset" else f"auto on {dev.type}")
+    return f"babygpt dtype {r['dtype']}, auto on {dev.type}"
 
 
 def train_line(label, title, r, shape, peak):
@@ -321,7 +321,7 @@ def main():
             print(f"ratio eval at the {title} (seed time / babygpt): "
                   f"{seed['eval_seconds'] / fast['eval_seconds']:.2f}x")
             print(f"ratio train at the {title} (babygpt / seed tokens/sec): "
-                  f"{fast['tokens_per_sec'] / seed['tokens_per_sec']:.2f}x ({dtype_note(fast, shape_name, dev)})")
+                  f"{fast['tokens_per_sec'] / seed['tokens_per_sec']:.2f}x ({dtype_note(fast, dev)})")
 
 
 if __name__ == "__main__":

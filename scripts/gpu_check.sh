@@ -9,7 +9,7 @@
 #            one process (an untrained model of the default shape, bfloat16 weights)
 #   bench    python bench.py: babygpt against the seed's per-head fp32 code
 #   modes    the two compile modes, cold, 1000 steps each, for their phase lines
-#   tests    the CUDA-only tests
+#   tests    the tests whose names mention cuda or gpu (the CUDA-only ones run here)
 #   profile  (only when named) where a compiled training step's time goes, kernel by kernel
 # `full sample bench` took 184 s on an H200 (torch 2.11, 2026-11-26, a version no newer than
 # 996bf22).

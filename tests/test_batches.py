@@ -243,7 +243,17 @@ def test_training_uses_the_schedule(corpus, monkeypatch):
     monkeypatch.chdir(folder)
     args = tiny_wandb("--lr_schedule=cosine", "--warmup_iters=3", "--learning_rate=2e-3", "--min_lr=2e-4",
                       "--lr_decay_iters=6", "--max_iters=10", "--eval_interval=5", data=corpus.name)
+    real_step, trained_at = babygpt.train_step, []
+
+    def train_step(model, optimizer, *rest, **kwargs):
+        trained_at.append(optimizer.param_groups[0]["lr"])
+        return real_step(model, optimizer, *rest, **kwargs)
+    monkeypatch.setattr(babygpt, "train_step", train_step)
     assert babygpt.main(args) == 0
+    cfg = types.SimpleNamespace(lr_schedule="cosine", learning_rate=2e-3, min_lr=2e-4, warmup_iters=3, lr_decay_iters=6,
+                          max_iters=10)
+    assert trained_at == pytest.approx([babygpt.get_lr(i, cfg) for i in range(10)], rel=1e-9)
+    assert trained_at[0] < trained_at[2] > trained_at[5] > trained_at[9] == pytest.approx(2e-4)  # up, then down
     group = load_ckpt(folder / "ckpt.pt")["optimizer"]["param_groups"][0]
     assert group["lr"] == pytest.approx(2e-4)  # the last step, past lr_decay_iters
     assert group["weight_decay"] == pytest.approx(0.01)

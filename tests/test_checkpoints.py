@@ -365,7 +365,8 @@ def test_pickled_code_is_never_run(work, capsys, case):
 RESUME_ARGS = ["--dropout=0.1", "--learning_rate=3e-3", "--lr_schedule=cosine", "--warmup_iters=2",
                "--min_lr=1e-4", "--checkpoint_interval=0", "--max_iters=10", "--eval_interval=4"]
 
-# Ctrl-C arrives while step STOP_AT trains (get_lr is called once per step, with its number)
+# Ctrl-C arrives while step {step} trains (get_lr runs once a training step and once an evaluation: the step
+# chosen is not evaluated)
 SIGINT_AT_STEP = """
 real_lr = babygpt.get_lr
 def get_lr(it, cfg):
@@ -473,15 +474,13 @@ def test_a_fitted_run_resumes_to_the_steps_it_was_fitted_to(corpus, monkeypatch,
     args = [a for a in TINY if not a.startswith("--max_iters")] + [f"--data_path={corpus.name}", "--max_minutes=5"]
     assert run_main(capsys, args + ["--max_iters=3"]).returncode == 0  # stands for a run stopped early
     state = load_ckpt("ckpt.pt")
-    state["config"]["max_iters"] = 500  # as a fitted run of 500 steps would have saved
+    state["config"]["max_iters"] = 20  # as a fitted run of 20 steps would have saved
     torch.save(state, "ckpt.pt")
-    _, cfg = babygpt.parse_args(args + ["--resume=true"])
-    model = babygpt.BabyGPT(state["model"]["token_embedding_table.weight"].shape[0], 16, 32, 2, 2)
-    babygpt.load_start(cfg, model, babygpt.Tokenizer(state["chars"]))
-    assert cfg.max_iters == 500
-    _, cfg = babygpt.parse_args(args + ["--resume=true", "--max_iters=40"])
-    babygpt.load_start(cfg, model, babygpt.Tokenizer(state["chars"]))
-    assert cfg.max_iters == 40
+    res = run_main(capsys, args + ["--resume=true"])  # the probe would fit hundreds of steps now
+    assert res.returncode == 0 and max(losses(res.stdout)) == 20, res.stdout
+    assert "steps fit" not in res.stdout and load_ckpt("ckpt.pt")["config"]["max_iters"] == 20, res.stdout
+    res = run_main(capsys, args + ["--resume=true", "--max_iters=25"])
+    assert res.returncode == 0 and max(losses(res.stdout)) == 25, res.stdout
 
 
 def test_a_checkpoint_missing_a_tensor_is_a_one_line_error_on_resume(corpus, monkeypatch, capsys):

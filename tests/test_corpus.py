@@ -13,7 +13,7 @@ import pytest
 
 import babygpt
 from conftest import (STEP_RE, TINY, cli_env, make_corpus, one_line_error, run_main, same_files, snapshot, succeeded,
-                      tiny, torchrun_cmd)
+                      temp_files, tiny, torchrun_cmd)
 
 
 def test_format_corpus_exact_format():
@@ -126,7 +126,7 @@ def test_npm_cannot_build_ci_txt(tmp_path, capsys, monkeypatch, case):
         assert "npm was not found" in line and "Node.js" in line
     if case == "fails":
         assert "network request" in line  # npm's own reason
-    assert not (project / "ci.txt").exists() and not (project / "ci.txt.tmp").exists()
+    assert not (project / "ci.txt").exists() and not temp_files(project)
     same_files(before, snapshot(project))
 
 

@@ -49,7 +49,11 @@ def test_bad_device(work, capsys, command, name):
     before = snapshot(work)
     cmd = ["sample"] if command == "sample" else []
     res = run_main(capsys, cmd + tiny(f"--device={name}"))
-    one_line_error(res, repr(name), "devices here: cpu")
+    here = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()),
+                            ("cpu", True)) if ok]
+    if name in here:
+        pytest.skip(f"this machine has {name}")
+    one_line_error(res, repr(name), f"devices here: {', '.join(here)}")
     same_files(before, snapshot(work))
 
 
@@ -159,8 +163,10 @@ def test_mps_draws_and_generators_live_on_the_cpu():
     assert babygpt.generator_device(gpu) == gpu and babygpt.generator_device(CPU) == CPU
 
 
-def test_sample_next_draws_where_generator_device_says(monkeypatch):
-    """Drawing on the CPU for a Mac picks the same characters and hands them back where the logits are."""
+@pytest.mark.parametrize("where", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_sample_next_draws_on_the_generators_device(monkeypatch, where):
+    """Logits on the device and a CPU generator (as a Mac samples) draw on the CPU, pick the characters a
+    CPU draw picks, and hand them back where the logits are."""
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     plain = babygpt.sample_next(logits, 1.0, 10, torch.Generator().manual_seed(7))
     seen, real = [], torch.multinomial
@@ -168,11 +174,10 @@ def test_sample_next_draws_where_generator_device_says(monkeypatch):
     def multinomial(probs, *args, **kwargs):
         seen.append(probs.device)
         return real(probs, *args, **kwargs)
-    monkeypatch.setattr(babygpt, "generator_device", lambda dev: CPU)
     monkeypatch.setattr(torch, "multinomial", multinomial)
-    faked = babygpt.sample_next(logits, 1.0, 10, torch.Generator().manual_seed(7))
+    drawn = babygpt.sample_next(logits.to(where), 1.0, 10, torch.Generator().manual_seed(7))
     assert seen == [CPU]
-    assert torch.equal(plain, faked) and faked.device == logits.device and faked.shape == (3, 1)
+    assert torch.equal(plain, drawn.cpu()) and drawn.device.type == where and drawn.shape == (3, 1)
 
 
 def test_generation_attention_leaves_out_cudnn_on_cuda_only(monkeypatch):
@@ -678,6 +683,7 @@ def test_cuda_compiled_training_loop_matches_eager(mode):
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
         model = babygpt.compile_model(model, _cfg("true" if compiled else "false", mode), dev, 1,
                                       babygpt.PhaseClock(), lambda m: None)
+        assert hasattr(model, "_orig_mod") == compiled
         gen = torch.Generator(device=dev).manual_seed(1)
         evals = []
         for _ in range(3):
@@ -690,6 +696,7 @@ def test_cuda_compiled_training_loop_matches_eager(mode):
     skips = counters["inductor"]["cudagraph_skips"]
     eager, comp = run(False), run(True)
     assert counters["inductor"]["cudagraph_skips"] == skips  # the graphs really ran
+    assert counters["stats"]["unique_graphs"] > 0  # and were compiled
     assert comp[-1]["val"] < comp[0]["val"] - 0.5
     for e, c in zip(eager, comp):
         for split in ("train", "val"):
@@ -700,8 +707,9 @@ def test_cuda_compiled_training_loop_matches_eager(mode):
 def test_cuda_get_batch_gathers_on_the_device():
     """On a GPU the batches are gathered on the GPU, as consecutive windows with targets one on."""
     data = torch.arange(1000, device="cuda")
-    x, y = babygpt.get_batch(data, 32, 16, torch.Generator(device="cuda").manual_seed(0))
-    assert x.device.type == y.device.type == "cuda"
-    offsets = x[:, 0]
-    want = offsets[:, None] + torch.arange(16, device="cuda")
-    assert torch.equal(x, want) and torch.equal(y, want + 1)
+    for gen in (torch.Generator(device="cuda").manual_seed(0), torch.Generator().manual_seed(0)):  # a Mac's: CPU
+        x, y = babygpt.get_batch(data, 32, 16, gen)
+        assert x.device.type == y.device.type == "cuda"
+        offsets = x[:, 0]
+        want = offsets[:, None] + torch.arange(16, device="cuda")
+        assert torch.equal(x, want) and torch.equal(y, want + 1)

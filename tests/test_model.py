@@ -111,7 +111,7 @@ def test_generate_restores_training_mode():
     model = babygpt.BabyGPT(11, block_size=8, n_embed=16, n_head=2, n_layer=1, dropout=0.1)
     model.train()
     out = model.generate(torch.zeros((1, 1), dtype=torch.long), 5)
-    assert out.shape == (1, 6) and model.training
+    assert out.shape == (1, 6) and all(m.training for m in model.modules())
     assert int(out.min()) >= 0 and int(out.max()) < 11
 
 

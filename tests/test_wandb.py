@@ -228,8 +228,8 @@ def test_wandb_failures_in_logging_never_stop_training(corpus, monkeypatch, caps
     monkeypatch.chdir(corpus.parent)
     res = run_main(capsys, tiny_wandb(data=corpus.name))
     assert res.returncode == 0, show(res)
-    assert "warning: wandb samples failed (table service down)" in res.stderr
-    assert "warning: wandb logging failed (gone); continuing without it" in res.stderr
+    assert res.stderr.count("warning: wandb samples failed (table service down)") == 1, res.stderr
+    assert res.stderr.count("warning: wandb logging failed (gone); continuing without it") == 1, res.stderr
     assert "step 10:" in res.stdout and "模型已保存到model.pth" in res.stdout
 
 
@@ -335,7 +335,7 @@ def test_wandb_server_unreachable(corpus):
         "WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567",
         "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "2"})
     succeeded(proc)
-    assert seconds < 60, f"training took {seconds:.0f}s to start and finish"
+    assert seconds < 20, f"training took {seconds:.0f}s to start and finish (wandb's default wait is 30 s)"
     assert STEP_RE.search(proc.stdout), proc.stdout
     warnings = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(warnings) == 1 and warnings[0].startswith("warning: wandb"), f"stderr:\n{proc.stderr}"
