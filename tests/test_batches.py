@@ -165,6 +165,12 @@ def test_grad_clip_clips_the_total_gradient():
     params = dict(model.named_parameters())
     moved = torch.sqrt(sum(((clipped[k] - p.detach()) ** 2).sum() for k, p in params.items()))
     assert moved <= lr * clip * (1 + 1e-4)  # SGD moves by lr x the clipped norm at most
+    plain = copy.deepcopy(model)  # 0: the mean loss's own gradient, not clipped
+    plain(x, y)[1].backward()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p -= lr * p.grad
+    assert_close_weights(unclipped, {k: v.detach() for k, v in plain.state_dict().items()})
     assert max_change(unclipped, clipped) > 1e-3
 
 
