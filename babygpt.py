@@ -371,7 +371,7 @@ def train(cfg, clock=None):
                 speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation
                 with STOP.at_once(), run.ctx:  # a Ctrl-C ends this block (one process); the loop stops below
                     losses = estimate_loss(train_model, data, cfg, run.eval_batch, run.eval_generator(it),
-                                           run.eval_passes)  # this process's batch_size share; step it's batches
+                                           run.eval_passes)  # this process's share of batch_size; step it's own batches
                     train_loss, val_loss = run.mean_losses(losses, it)  # over all processes; NaN stops
                     say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                         f"speed: {speed:.2f} tokens/sec, time: {format_time(run.training_time())}")
@@ -825,12 +825,12 @@ def probe_dtypes(model, data, micro_batch, dev, dtypes, budget=2.5):
         for dt in dtypes:
             try:
                 scout[dt] = step(x, y, dt, dev)[0]
-                if dt == base or scout[dt] < 10 * scout[base]:  # 10x slower at once: one pass says enough
+                if dt == base or scout[dt] < 10 * scout[base]:  # 10x slower on the first pass: no second
                     scout[dt] = min(scout[dt], step(x, y, dt, dev)[0])
             except RuntimeError:  # a device without this autocast dtype (older MPS)
                 if dt == base:
                     raise
-        dtypes = [dt for dt in scout if scout[dt] <= 3 * scout[base]]  # 3x slower: no further (small inputs favour float32)
+        dtypes = [dt for dt in scout if scout[dt] <= 3 * scout[base]]  # 3x slower: dropped (short inputs favour float32)
         one = step(*get_batch(data, 1, block_size, gen), base, dev)[0]
         rows = max(1, min(micro_batch, int(budget / (PROBE_REPEATS * len(dtypes) + 2) / max(one, 1e-6))))
         x, y = get_batch(data, rows, block_size, gen)
