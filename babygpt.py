@@ -338,8 +338,7 @@ def get_lr(it, cfg):
 # The training loop
 
 def train(cfg, clock=None):
-    """The seed's script: read the text, tokenize and split it, build the model and AdamW, train
-    with an evaluation every eval_interval steps, then generate and save model.pth."""
+    """The seed's script: the text, tokenizer and split, the model and AdamW, the loop, generate, save model.pth."""
     run = Run(cfg, clock)  # this process: its device and torchrun rank, clock, wandb run, checkpoints
 
     # ---- the text, its tokenizer, and the train/validation split
@@ -357,7 +356,8 @@ def train(cfg, clock=None):
     model.to(run.dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=run.dev.type in FUSED_ADAMW)
-    train_model = run.prepare(model, optimizer, tokenizer, data, checkpoint)  # dtype, steps, compile, DDP, wandb
+    # run.prepare decides the dtype (run.ctx autocasts to it; run.scaler scales float16 losses) and max_iters,
+    train_model = run.prepare(model, optimizer, tokenizer, data, checkpoint)  # then compiles, wraps for DDP, starts wandb
 
     # ---- the loop. Ctrl-C (or SIGTERM) stops it after the current step, or at once during an evaluation
     # (on one process); ckpt.pt is saved and the command to resume printed. A second Ctrl-C quits at once.
