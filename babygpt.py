@@ -78,7 +78,7 @@ num_samples = 1               # continuations per prompt
 kv_cache = True               # reuse keys and values while generating (same logits up to rounding, faster)
 # system
 device = "auto"               # auto = cuda, else mps, else cpu
-dtype = "auto"                # auto = bfloat16 on CUDA, else measured here; float32, bfloat16, float16
+dtype = "auto"                # auto = bfloat16 (or float16) on CUDA, else measured here; float32, bfloat16, float16
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU without accumulation, else default
 preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
@@ -365,24 +365,24 @@ def train(cfg, clock=None):
     with STOP.while_training(run.world):
         while True:
             last_step = it >= cfg.max_iters  # with max_minutes, an evaluation may move max_iters
-
-            # ---- once in a while: evaluate, print, log to wandb, save a checkpoint (not once a stop is asked)
-            if (it % cfg.eval_interval == 0 or last_step) and not run.evaluated(it) and not STOP.stopped:
+            stopping = STOP.agreed(it, run.dev)  # a Ctrl-C came (under torchrun the processes agree every 10 steps)
+            # ---- once in a while: evaluate, print, log to wandb, save a checkpoint (not when stopping)
+            if (it % cfg.eval_interval == 0 or last_step) and not run.evaluated(it) and not stopping:
                 speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation
                 with STOP.at_once(), run.ctx:  # a Ctrl-C ends this block (one process); the loop stops below
                     losses = estimate_loss(train_model, data, cfg, run.eval_batch, run.eval_generator(it),
-                                           run.eval_passes)  # this process's share of batch_size; step it's own batches
+                                           run.eval_passes)  # this rank's batches for step it, batch_size / processes each
                     train_loss, val_loss = run.mean_losses(losses, it)  # over all processes; NaN stops
                     say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                         f"speed: {speed:.2f} tokens/sec, time: {format_time(run.training_time())}")
                     metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
                                "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg),
-                               "samples": run.samples_table(it, last_step)}  # texts every sample_interval steps, else None
+                               "samples": run.samples_table(it, last_step)}  # first, every sample_interval, last
                     run.log(metrics)  # to wandb, leaving out None
                     run.refit(it, last_step)  # max_minutes: max_iters fitted to this run's speed (the lr schedule stays)
                     if last_step or run.checkpoint_due():  # the first, then each checkpoint_interval s, the last
                         run.save_checkpoint(it, evaluated=True)
-            if last_step or STOP.agreed(it, run.dev):  # every step; under torchrun the processes stop together
+            if last_step or STOP.stopped:  # stopping, or a Ctrl-C cut the evaluation short
                 break
 
             # -------------------- TRAINING SECTION BEGIN --------------------
@@ -1097,7 +1097,7 @@ class Run:
             self.save_checkpoint(it, evaluated=False)
             say(f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}. "
                 f"Resume with: {resume_command(cfg, self.world)}")
-        elif STOP.requested:  # during the final generation or save
+        elif STOP.cut_short:  # a Ctrl-C during the final generation or save
             say(f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps. "
                 f"Resume with: {resume_command(cfg, self.world)}")
         elif cfg._measured:  # what this machine decided (dtype, steps), written out
@@ -1174,7 +1174,7 @@ class StopRequests:
     (KeyboardInterrupt); under torchrun an evaluation, which every process must finish, is not cut short."""
 
     def __init__(self):
-        self.requested = self.training = self.abortable = False
+        self.requested = self.training = self.abortable = self.cut_short = False
         self.world, self.agreed_at = 1, None
 
     def __enter__(self):  # the handlers of SIGINT (Ctrl-C) and SIGTERM, until __exit__
@@ -1211,7 +1211,7 @@ class StopRequests:
         try:
             yield
         except Interrupted:
-            pass
+            self.cut_short = True
         finally:
             self.abortable = False
 

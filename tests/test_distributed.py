@@ -179,6 +179,34 @@ def test_torchrun_nan(work):
     assert not temp_files(work)
 
 
+# the first process is asked to stop during step 9, the step before the evaluation of step 10
+STOP_BEFORE_EVALUATION = """
+real_step, steps = babygpt.train_step, []
+def train_step(*args, **kwargs):
+    steps.append(1)
+    if len(steps) == 10 and os.environ["RANK"] == "0":
+        babygpt.STOP.on_signal(signal.SIGINT, None)
+    return real_step(*args, **kwargs)
+babygpt.train_step = train_step
+"""
+
+
+def test_torchrun_stop_before_an_evaluation_skips_it(corpus):
+    """Under torchrun a Ctrl-C in the step before an evaluation stops every process at that evaluation's step
+    without running it; the checkpoint says so, so a resumed run evaluates it once."""
+    folder = corpus.parent
+    args = [*tiny("--max_iters=20", "--eval_interval=10", data=corpus.name), "--device=cpu"]
+    script = folder / "wrapped.py"
+    script.write_text(WRAPPED.format(root=ROOT, patch=STOP_BEFORE_EVALUATION), encoding="utf-8")
+    proc = subprocess.run(torchrun_cmd(*args)[:-len(args) - 1] + [str(script), *args], cwd=folder,
+                          capture_output=True, text=True, timeout=120, env=cli_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(losses(proc.stdout)) == [0], proc.stdout
+    assert "interrupted at step 10; checkpoint saved to ckpt.pt" in proc.stdout, proc.stdout
+    ckpt = load_ckpt(folder / "ckpt.pt")
+    assert ckpt["iter_num"] == 10 and ckpt["evaluated"] is False
+
+
 def test_torchrun_sigterm(corpus):
     """SIGTERM to torchrun stops every process within seconds, with a checkpoint that torchrun resumes to the end."""
     folder = corpus.parent

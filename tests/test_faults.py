@@ -258,6 +258,25 @@ def test_a_stop_in_the_step_before_an_evaluation_skips_that_evaluation(corpus, c
     assert [m[0] for m in STEP_RE.findall(res.stdout)] == ["5", "10"], res.stdout
 
 
+def test_a_stop_that_came_too_late_to_stop_training_is_not_reported_as_a_cut_save(corpus, capsys, monkeypatch):
+    """A Ctrl-C that training did not act on (under torchrun: after the processes last compared notes) lets the
+    run finish; it is not reported as an interruption before model.pth was written, since model.pth was."""
+    monkeypatch.chdir(corpus.parent)
+    monkeypatch.setattr(babygpt.StopRequests, "agreed", lambda self, it, dev: False)  # as between agreements
+    monkeypatch.setattr(babygpt.StopRequests, "stopped", property(lambda self: False))
+    real_step, steps = babygpt.train_step, []
+
+    def train_step(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 10:  # the last step
+            babygpt.STOP.on_signal(signal.SIGINT, None)
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(babygpt, "train_step", train_step)
+    res = run_main(capsys, tiny(data=corpus.name))
+    succeeded(res)
+    assert "模型已保存到model.pth" in res.stdout and "interrupted" not in res.stdout, res.stdout
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_final_save(work, capsys, sig):
     """A stop while model.pth is written keeps the old model.pth, says how to finish (resuming only generates
