@@ -827,7 +827,10 @@ def probe_dtypes(model, data, micro_batch, dev, dtypes, budget=2.5):
                 scout[dt] = step(x, y, dt, dev)[0]
                 if dt == base or scout[dt] < 10 * scout[base]:  # 10x slower on the first pass: no second
                     scout[dt] = min(scout[dt], step(x, y, dt, dev)[0])
-            except RuntimeError:  # a device without this autocast dtype (older MPS)
+            except RuntimeError as e:  # a device without this autocast dtype (older MPS)
+                if dt == base and dt != torch.float32:  # asked for by name
+                    raise UserError(f"dtype {dtype_name(dt)} does not run on this {dev.type} ({first_line(e)}); "
+                                    f"use --dtype=auto or float32") from None
                 if dt == base:
                     raise
         dtypes = [dt for dt in scout if scout[dt] <= 3 * scout[base]]  # 3x slower: dropped (short inputs favour float32)
@@ -970,9 +973,8 @@ class Run:
         self.dtype = plan_run(cfg, model, data["train"], self)
         self.ctx = autocast(dev, self.dtype)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)
-        self.best_val, self.evaluated_first, wandb_runs = math.inf, False, {}
-        if checkpoint:
-            wandb_runs = self.resume(checkpoint)
+        self.best_val, self.evaluated_first = math.inf, False
+        wandb_runs = self.resume(checkpoint) if checkpoint else {}  # the checkpoint's optimizer, RNG, wandb runs
         self.eval_passes = choose_eval_passes(cfg, self.eval_batch, tokenizer.vocab_size, dev)
         warm = functools.partial(warm_up, data=data, run=self)  # compiles on the passes training runs
         train_model = compile_model(model, cfg, dev, self.world, self.clock, warm)

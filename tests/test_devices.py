@@ -227,8 +227,8 @@ def test_the_probe_times_a_much_slower_dtype_on_a_few_tokens_only(monkeypatch):
 
 
 def test_probe_drops_a_dtype_the_device_cannot_autocast(monkeypatch):
-    """On a Mac without bfloat16 autocast the probe keeps float32 and training goes on; a failing float32 step is
-    the error it is, not a silent pick."""
+    """On a Mac without bfloat16 autocast the probe keeps float32 and training goes on, --dtype=bfloat16 is a
+    one-line error, and a failing float32 step is the error it is, not a silent pick."""
     real = babygpt.time_step
 
     def time_step(model, optimizer, x, y, dt, dev):
@@ -241,6 +241,10 @@ def test_probe_drops_a_dtype_the_device_cannot_autocast(monkeypatch):
     steps, forward = babygpt.probe_dtypes(model, data["train"], 8, CPU, [F32, BF16], budget=0.3)
     assert set(steps) == {F32} and all(p.grad is None for p in model.parameters())
     assert babygpt.plan_run(cfg_for(dtype="auto"), model, data["train"], fake_run(8, CPU, babygpt.PhaseClock())) == F32
+
+    with pytest.raises(UserError, match=r"dtype bfloat16 does not run on this cpu \(bfloat16 autocast is not "
+                                        r"supported here\); use --dtype=auto or float32"):
+        babygpt.probe_dtypes(model, data["train"], 8, CPU, [BF16], budget=0.3)  # --dtype=bfloat16
 
     def broken(model, optimizer, x, y, dt, dev):
         raise RuntimeError("float32 failed here")
