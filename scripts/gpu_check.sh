@@ -5,14 +5,13 @@
 # Sections (all by default, in this order): full sample bench modes tests
 #   full     the cold default run `python babygpt.py` (wandb offline, empty compile caches);
 #            its last line splits the wall time into phases
-#   sample   `python babygpt.py sample` on the model just trained, then 3 timed generate calls in
-#            one process (an untrained model of the default shape, bfloat16 weights)
+#   sample   `python babygpt.py sample` on the model just trained (the process's wall time), then
+#            3 timed generate calls in one process (an untrained model of the default shape,
+#            bfloat16 weights)
 #   bench    python bench.py: babygpt against the seed's per-head fp32 code
 #   modes    the two compile modes, cold, 1000 steps each, for their phase lines
 #   tests    the tests whose names mention cuda or gpu (the CUDA-only ones run here)
 #   profile  (only when named) where a compiled training step's time goes, kernel by kernel
-# `full sample bench` took 184 s on an H200 (torch 2.11, 2026-11-26, a version no newer than
-# 996bf22).
 set -u
 out=${1:-${OUT:-/tmp/gpu_check}}
 shift || true
@@ -58,7 +57,9 @@ if want full; then
 fi
 if want sample; then
   echo "== python babygpt.py sample (first call in a new process)" | tee -a "$log"
-  timeout 120 $py babygpt.py sample --num_samples=1 2>&1 | tail -2 | tee -a "$log"
+  TIMEFORMAT='sample process wall time: %R s'
+  { time timeout 120 $py babygpt.py sample --num_samples=1 > "$out/sample.txt" 2>&1; } 2>> "$out/sample.txt"
+  grep -E "^sampling from|characters in|error|Error|wall time" "$out/sample.txt" | tee -a "$log"
   echo "== 3 calls of generate_texts in one process (2 prompts x 100 characters, bf16 weights)" | tee -a "$log"
   timeout 120 $py - <<'EOF' 2>&1 | tee -a "$log"
 import time, torch, babygpt
