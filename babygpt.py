@@ -244,6 +244,15 @@ class BabyGPT(nn.Module):
             x = block(x, caches[i] if caches else None)
         return self.lm_head(self.ln_final(x[:, -1, :]))  # only the last position is needed
 
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Weights in either layout: ours (one qkv matrix a layer: state_dict(), ckpt.pt) or the original
+        script's (a module per head: model.pth). Another number of heads would compute another function."""
+        heads, n_head = seed_heads(state_dict), self.blocks[0].sa.n_head
+        if heads not in (0, n_head):
+            raise ValueError(f"these weights have {heads} attention heads a layer and this model {n_head}; "
+                             f"build it with BabyGPT(..., n_head={heads})")
+        return super().load_state_dict(fused_layout(state_dict), strict, assign)
+
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     """Pick the next token (B, 1) from last-position logits (B, vocab): greedy, or sampled (on the
     generator's device when one is given)."""
@@ -273,6 +282,49 @@ class KVCache:
         self.v[:, :, self.length:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+# -----------------------------------------------------------------------------
+# The two layouts of the weights. Ours keeps one qkv matrix a layer, rows: every head's queries,
+# then keys, then values. The original script's model.pth keeps a module per head, keys like
+# blocks.0.sa.heads.3.query.weight, a tril mask buffer per head, and the spelling postion_embedding_table.
+
+def seed_heads(state_dict):
+    """The number of attention heads a state_dict in the original script's layout has (0 for ours)."""
+    found = (re.match(r"(?:module\.|_orig_mod\.)*blocks\.0\.sa\.heads\.(\d+)\.", k) for k in state_dict)
+    return len({m[1] for m in found if m})
+
+def fused_layout(state_dict):
+    """Our layout from either: per-head query/key/value rows joined into qkv, the tril masks dropped
+    (attention's is_causal replaces them), and prefixes left by torch.compile or DDP removed."""
+    out, heads = {}, {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^(?:module\.|_orig_mod\.)+", "", key)  # DDP around a compiled model leaves both
+        key = key.replace("postion_embedding_table", "position_embedding_table")
+        m = re.fullmatch(r"blocks\.(\d+)\.sa\.heads\.(\d+)\.(key|query|value|tril)(\.weight)?", key)
+        if m is None:
+            out[key] = value
+        elif m[3] != "tril":
+            heads.setdefault(int(m[1]), {}).setdefault(m[3], {})[int(m[2])] = value
+    for layer, parts in heads.items():
+        out[f"blocks.{layer}.sa.qkv.weight"] = torch.cat(
+            [parts[name][h] for name in ("query", "key", "value") for h in sorted(parts[name])])
+    return out
+
+def seed_layout(state_dict, n_head, block_size):
+    """Our state_dict in the original script's layout, which its own classes load strictly."""
+    tril = torch.tril(torch.ones(block_size, block_size))  # one tensor shared by every head's tril buffer
+    out = {}
+    for key, value in state_dict.items():
+        m = re.fullmatch(r"blocks\.(\d+)\.sa\.qkv\.weight", key)
+        if m is None:
+            out[key.replace("position_embedding_table", "postion_embedding_table")] = value
+            continue
+        q, k, v = (w.chunk(n_head) for w in value.chunk(3))  # rows: all queries, keys, values
+        for h in range(n_head):
+            prefix = f"blocks.{m[1]}.sa.heads.{h}."
+            out.update({prefix + "tril": tril, prefix + "key.weight": k[h].clone(),
+                        prefix + "query.weight": q[h].clone(), prefix + "value.weight": v[h].clone()})
+    return out
 
 # -----------------------------------------------------------------------------
 # Batches, evaluation and one training step
@@ -338,7 +390,8 @@ def get_lr(it, cfg):
 # The training loop
 
 def train(cfg, clock=None):
-    """The seed's script: the text, tokenizer and split, the model and AdamW, the loop, generate, save model.pth."""
+    """The original script's steps: the text, tokenizer and split, the model and AdamW, the loop, generate,
+    save model.pth. Returns the exit code: 0, or 130 (143) when Ctrl-C (SIGTERM) stopped the run."""
     run = Run(cfg, clock)  # this process: its device and torchrun rank, clock, wandb run, checkpoints
 
     # ---- the text, its tokenizer, and the train/validation split
@@ -359,30 +412,45 @@ def train(cfg, clock=None):
     # run.prepare decides the dtype (run.ctx autocasts to it; run.scaler scales float16 losses) and max_iters,
     train_model = run.prepare(model, optimizer, tokenizer, data, checkpoint)  # then compiles, wraps for DDP, starts wandb
 
-    # ---- the loop. Ctrl-C (or SIGTERM) stops it after the current step, or at once during an evaluation
-    # (on one process); ckpt.pt is saved and the command to resume printed. A second Ctrl-C quits at once.
-    it = run.start_iter
+    # ---- the loop. What Ctrl-C does (SIGTERM the same, with exit code 143 for 130):
+    #   before training                   quits at once; no file is written                     exit 130
+    #   during a training step            finishes the step, saves ckpt.pt, prints the resume command  exit 130
+    #   during an evaluation              abandons it (under torchrun: finishes it), then as above     exit 130
+    #   during the final generation/save  abandons them; model.pth stays as it was, ckpt.pt has every step  exit 130
+    #   after model.pth is written        quits at once; the run's files are all written        exit 130
+    #   a second Ctrl-C, at any moment    quits at once; every file on disk stays whole         exit 130
+    # Under torchrun the processes agree on a stop every 10 steps and exit 0 after it (else torchrun reports
+    # a failure); a Ctrl-C that came after the last agreement is too late and the run finishes (exit 0).
+    it, samples, failure = run.start_iter, [], None
     with STOP.while_training(run.world):
         while True:
             last_step = it >= cfg.max_iters  # with max_minutes, an evaluation may move max_iters
-            stopping = STOP.agreed(it, run.dev)  # a Ctrl-C came (under torchrun the processes agree every 10 steps)
+            stopping = STOP.agreed(it, run.dev)  # a Ctrl-C came (under torchrun: every process knows it)
             # ---- once in a while: evaluate, print, log to wandb, save a checkpoint (not when stopping)
             if (it % cfg.eval_interval == 0 or last_step) and not run.evaluated(it) and not stopping:
                 speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation
-                with STOP.at_once(), run.ctx:  # a Ctrl-C ends this block (one process); the loop stops below
+                with STOP.at_once(), run.ctx:  # a Ctrl-C abandons this block (on one process); the loop stops below
                     losses = estimate_loss(train_model, data, cfg, run.eval_batch, run.eval_generator(it),
                                            run.eval_passes)  # this rank's batches for step it, batch_size / processes each
-                    train_loss, val_loss = run.mean_losses(losses, it)  # over all processes; NaN stops
+                    train_loss, val_loss = run.mean_losses(losses)  # the mean over all processes
+                    if not math.isfinite(train_loss + val_loss):
+                        failure = nonfinite_error(it, cfg)
+                        break
                     say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                         f"speed: {speed:.2f} tokens/sec, time: {format_time(run.training_time())}")
+                    # wandb (the first process only): these metrics, charted against iteration; at the first
+                    # evaluation, every sample_interval steps and the last, also a table of every sample so far
                     metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
-                               "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg),
-                               "samples": run.samples_table(it, last_step)}  # first, every sample_interval, last
-                    run.log(metrics)  # to wandb, leaving out None
+                               "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
+                    if run.logs_samples and (not samples or last_step or it % cfg.sample_interval == 0):
+                        texts = generate_texts(model, tokenizer, cfg.prompts, cfg, run.dev, run.sample_generator(it))
+                        samples += [[it, prompt, text] for prompt, ts in zip(cfg.prompts, texts) for text in ts]
+                        metrics["samples"] = run.table(["iteration", "prompt", "text"], samples)
+                    run.log(metrics)
                     run.refit(it, last_step)  # max_minutes: max_iters fitted to this run's speed (the lr schedule stays)
                     if last_step or run.checkpoint_due():  # the first, then each checkpoint_interval s, the last
                         run.save_checkpoint(it, evaluated=True)
-            if last_step or STOP.stopped:  # stopping, or a Ctrl-C cut the evaluation short
+            if last_step or STOP.stopped:  # stopping, or a Ctrl-C abandoned the evaluation
                 break
 
             # -------------------- TRAINING SECTION BEGIN --------------------
@@ -392,21 +460,38 @@ def train(cfg, clock=None):
             # grad_accum_steps micro-batches of run.micro_batch = batch_size / (grad_accum_steps x processes)
             batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
             loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
-            run.check_loss(loss, it)  # on one CPU process a NaN stops the run at its step
+            if not run.finite(loss):  # checked every step on one CPU process; on a GPU .item() would wait for it
+                failure = nonfinite_error(it, cfg)
+                break
             # -------------------- TRAINING SECTION END ----------------------
             it += 1
 
-    # ---- generate from the prompts, as the seed did, and save model.pth in the seed's layout
-    completed = last_step and not STOP.stopped  # a Ctrl-C may have ended the last evaluation
+    # ---- generate from the prompts, as the original script did, and save model.pth
+    completed = last_step and not STOP.stopped and not failure  # a Ctrl-C may have ended the last evaluation
     if completed and run.rank == 0:
         run.clock.phase("generation and saving")
         with STOP.at_once(), run.ctx:  # a Ctrl-C here leaves model.pth as it was; ckpt.pt holds the last step
             for texts in generate_texts(model, tokenizer, cfg.prompts, cfg, run.dev):
                 say("\n".join(f"{text}\n{'-' * 10}" for text in texts))  # each text, then ten dashes
-            save_atomic(seed_state_dict(model.state_dict(), cfg.n_head, cfg.block_size), cfg.save_path)
-            say(f"模型已保存到{cfg.save_path}")  # the seed's per-head query/key/value weights and tril masks
-    run.finish(it, completed)  # stopped: save ckpt.pt and say how to resume; the phase line
-    return model
+            # model.pth holds the weights alone, in the original script's layout: a module per head, keys like
+            # blocks.0.sa.heads.3.query.weight (see seed_layout); BabyGPT.load_state_dict takes it back
+            save_atomic(seed_layout(model.state_dict(), cfg.n_head, cfg.block_size), cfg.save_path)
+            say(f"模型已保存到{cfg.save_path}")
+    # after a stop: ckpt.pt (see checkpoint below) and the resume command; wandb closed; the phase line
+    return run.finish(it, completed, failure)
+
+def checkpoint(run, it, evaluated):
+    """What ckpt.pt holds: all that --resume and sample need, the weights in our layout (one qkv a layer)."""
+    cfg = run.cfg
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(),  # float16's loss scale
+            "iter_num": it, "evaluated": evaluated,  # steps done; whether step it's evaluation is done too
+            "best_val_loss": run.best_val, "chars": "".join(run.tokenizer.chars),  # the vocabulary
+            "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},  # every setting, dtype and max_iters as decided
+            "argv": list(cfg._argv), "measured": sorted(cfg._measured),  # the command line; what was measured
+            "rng": run.rng_state(),  # so that a resumed run draws the batches an unstopped one would
+            "wandb_id": run.wandb_runs.get("id"), "wandb_group": run.wandb_runs.get("group"),
+            "wandb_offline_dirs": run.wandb_runs.get("dirs", [])}
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -435,14 +520,24 @@ def sample(cfg):
     """python babygpt.py sample: continue the prompts (or typed ones) with a trained model."""
     dev = choose_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    # ckpt.pt holds the vocabulary and the settings; a model.pth (ours or the seed's) only weights, so its
-    # vocabulary is data_path's. Either way the shape comes from the file (tensor sizes; n_head: its heads).
-    weights, tokenizer, shape, source = read_trained_model(cfg)
+    # The model comes from ckpt_path if it exists, else from save_path; its shape always comes from the file,
+    # so the shape constants at the top (block_size, n_embed, n_layer) are not used here.
+    if os.path.exists(cfg.ckpt_path):  # ckpt.pt: the weights, the vocabulary and the settings of the training
+        state, shape = read_checkpoint(cfg.ckpt_path)  # n_head from its settings
+        weights, tokenizer = state["model"], Tokenizer(state["chars"])
+        source = f"{cfg.ckpt_path} (step {state['iter_num']})"
+    elif os.path.exists(cfg.save_path):  # model.pth: weights only; the vocabulary is that of data_path
+        weights, source = load_file(cfg.save_path, "model file"), cfg.save_path
+        tokenizer = model_pth_vocabulary(cfg, weights)
+        shape = {"n_head": cfg.n_head, **state_dict_shape(weights, source)}  # its per-head keys count its heads
+    else:
+        raise UserError(f"no model to sample from: neither {cfg.ckpt_path} nor {cfg.save_path} "
+                        f"exists; train one first with: python babygpt.py")
     check_prompts(cfg, tokenizer, source)
     model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
-    load_weights(model, weights, source.split(" ")[0], shape)  # the seed's layout converted
+    load_weights(model, weights, source.split(" ")[0], shape)
     model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # sample's auto: bfloat16 (or float16) on CUDA, else float32
-    say(f"sampling from {source}")
+    say(f"sampling from {source}: " + ", ".join(f"{k}={shape[k]}" for k in SHAPE_KEYS))
 
     def show(prompts):
         t0 = time.time()
@@ -470,35 +565,46 @@ def sample(cfg):
             show([prompt])
 
 def main(argv=None):
-    """The command line: parse, validate, then train or sample. Returns the exit code."""
+    """The command line: parse, validate, then train or sample. Returns the exit code: 0 when done, 1 after
+    an error (one line), 130 or 143 after Ctrl-C or SIGTERM (see the table in train)."""
     clock = PhaseClock(None if argv is None else time.time())
     argv = sys.argv[1:] if argv is None else argv
     try:
-        with STOP:  # Ctrl-C and SIGTERM, as train() describes; outside training each quits at once
+        with STOP:  # Ctrl-C and SIGTERM, as the table in train() says
             command, cfg = parse_args(argv)
             validate_config(cfg)
             if command == "sample":
                 sample(cfg)
-            else:
-                train(cfg, clock)
-        return 0
+                return 0
+            return train(cfg, clock)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        report_error(e)
         return 1
     except torch.OutOfMemoryError:
-        print("error: out of GPU memory; lower --batch_size or --block_size, or raise "
-              "--grad_accum_steps (same training, smaller pieces)", file=sys.stderr, flush=True)
+        report_error(UserError("out of GPU memory; lower --batch_size or --block_size, or raise "
+                               "--grad_accum_steps (same training, smaller pieces)", this_process=True))
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted; files on disk are intact", file=sys.stderr, flush=True)
-        return 130
+        return STOP.exit_code
 
 # =============================================================================
 # ---- plumbing: nothing below is needed to understand the model ----
 # =============================================================================
 
 class UserError(Exception):
-    """A problem with the user's input or files: printed as one line, exit code 1."""
+    """A problem with the user's input or files: printed as one line, exit code 1. Under torchrun an error
+    every process meets is printed once; one that only this process met (this_process) by each, with its rank."""
+
+    def __init__(self, message, this_process=False):
+        super().__init__(message)
+        self.this_process = this_process
+
+def report_error(e):
+    if "RANK" in os.environ and e.this_process:
+        print(f"error: rank {os.environ['RANK']}: {e}", file=sys.stderr, flush=True)
+    else:
+        say(f"error: {e}", file=sys.stderr)
 
 class Interrupted(BaseException):
     """Ends a `with STOP.at_once()` block on Ctrl-C (a BaseException: no `except Exception` swallows it)."""
@@ -732,7 +838,7 @@ def choose_device(name, local_rank=None):
         dev = torch.device("cuda", local_rank if local_rank is not None else (dev.index or 0))
         if dev.index >= torch.cuda.device_count():
             raise UserError(f"cuda:{dev.index} is wanted but this machine has {torch.cuda.device_count()} GPU(s); "
-                            f"use fewer processes (--nproc_per_node) or another --device")
+                            f"use fewer processes (--nproc_per_node) or another --device", this_process=True)
     return dev
 
 def setup_distributed(cfg):
@@ -983,7 +1089,8 @@ class Run:
         self.wandb, self.wandb_runs = (start_wandb(cfg, dev, wandb_runs, self.start_iter) if self.rank == 0
                                        else (DummyWandb(), wandb_runs))
         self.eval_gen = torch.Generator(device=generator_device(dev))
-        self.samples, self.announced = [], cfg.max_iters
+        self.logs_samples = bool(cfg.prompts) and not isinstance(self.wandb, DummyWandb)
+        self.announced = cfg.max_iters
         self.last_saved, self.last_eval, self.trained_before = -math.inf, self.start_iter, 0.0
         self.start_time = time.time()
         return train_model
@@ -1027,38 +1134,33 @@ class Run:
     def training_time(self):
         return time.time() - self.start_time
 
-    def mean_losses(self, losses, it):
-        """(train loss, val loss) averaged over the processes; a NaN or infinite one stops the run."""
+    def mean_losses(self, losses):
+        """(train loss, val loss) averaged over the processes."""
         train_loss, val_loss = all_mean([losses["train"], losses["val"]], self.dev, self.world)
-        if not math.isfinite(train_loss + val_loss):
-            raise_nonfinite(it, self.cfg)
         self.best_val = min(self.best_val, val_loss)
         return train_loss, val_loss
 
-    def check_loss(self, loss, it):
-        """On one CPU process, stop at the step whose loss is NaN (on a GPU, .item() would cost a sync)."""
-        if self.dev.type == "cpu" and self.world == 1 and not math.isfinite(loss.item()):
-            raise_nonfinite(it, self.cfg)
+    def finite(self, loss):
+        """False when a training step's loss is NaN or infinite, as seen on one CPU process (True elsewhere)."""
+        return not (self.dev.type == "cpu" and self.world == 1) or math.isfinite(loss.item())
 
-    def samples_table(self, it, last_step):
-        """A wandb table of all samples so far, at the first evaluation, every sample_interval steps and the last;
-        else None. Drawn with a generator of their own, so that training is unchanged."""
-        if (isinstance(self.wandb, DummyWandb) or self.samples is None or not self.cfg.prompts
-                or (self.samples and not last_step and it % self.cfg.sample_interval)):
-            return None
+    def sample_generator(self, it):
+        """The random draws of the samples logged at step it: their own, so that training is unchanged."""
+        return torch.Generator(device=generator_device(self.dev)).manual_seed(self.cfg.seed + it)
+
+    def table(self, columns, rows):
+        """A wandb.Table, or None (a warning, and no samples from then on) if wandb cannot make one."""
         try:
             import wandb
-            gen = torch.Generator(device=generator_device(self.dev)).manual_seed(self.cfg.seed + it)
-            texts = generate_texts(self.model, self.tokenizer, self.cfg.prompts, self.cfg, self.dev, gen)
-            self.samples += [[it, p, t] for p, ts in zip(self.cfg.prompts, texts) for t in ts]
-            return wandb.Table(columns=["iteration", "prompt", "text"], data=[list(r) for r in self.samples])
+            return wandb.Table(columns=columns, data=[list(r) for r in rows])
         except Exception as e:
             warn(f"wandb samples failed ({first_line(e)}); logging the metrics without them")
-            self.samples = None
+            self.logs_samples = False
 
     def log(self, metrics):  # never with step=: wandb drops rows whose step goes back after a resume
         logged = {k: v for k, v in metrics.items() if v is not None}
         self.wandb = wandb_call(self.wandb, "logging", lambda w: w.log(logged))
+        self.logs_samples &= not isinstance(self.wandb, DummyWandb)
 
     def refit(self, it, last_step):
         """max_minutes: max_iters becomes the steps that fit at this run's speed so far (evaluations
@@ -1077,37 +1179,34 @@ class Run:
     def checkpoint_due(self):
         return time.time() - self.last_saved >= self.cfg.checkpoint_interval
 
+    def rng_state(self):
+        return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.dev)} if self.dev.type == "cuda" else {})}
+
     def save_checkpoint(self, it, evaluated):
-        """ckpt.pt: all that --resume needs, written by the first process."""
+        """ckpt.pt (see checkpoint()), written by the first process."""
         self.clock.phase("checkpoints")
-        cfg, cuda = self.cfg, self.dev.type == "cuda"
-        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.dev)} if cuda else {})}
         if self.rank == 0:
-            save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                         "scaler": self.scaler.state_dict(), "iter_num": it, "evaluated": evaluated,
-                         "best_val_loss": self.best_val, "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},
-                         "argv": list(cfg._argv), "measured": sorted(cfg._measured),
-                         "chars": "".join(self.tokenizer.chars), "rng": rng,
-                         "wandb_id": self.wandb_runs.get("id"), "wandb_group": self.wandb_runs.get("group"),
-                         "wandb_offline_dirs": self.wandb_runs.get("dirs", [])}, cfg.ckpt_path)
+            save_atomic(checkpoint(self, it, evaluated), self.cfg.ckpt_path)
         self.last_saved = time.time()
 
-    def finish(self, it, completed):
-        """Say how to resume (saving ckpt.pt) or repeat the run, close wandb and DDP, print the phase line."""
-        cfg = self.cfg
-        if not completed:
+    def finish(self, it, completed, failure):
+        """Say how to resume (saving ckpt.pt) or repeat the run, close wandb and DDP, print the phase line;
+        returns the exit code, or raises the failure (a NaN loss) as a one-line error."""
+        cfg, stopped = self.cfg, not (completed or failure)
+        STOP.finished = completed and not STOP.cut_short  # model.pth is written: a Ctrl-C from now on exits 0
+        if stopped:
             self.save_checkpoint(it, evaluated=False)
             say(f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}. "
                 f"Resume with: {resume_command(cfg, self.world)}")
-        elif STOP.cut_short:  # a Ctrl-C during the final generation or save
+        elif completed and STOP.cut_short:  # a Ctrl-C during the final generation or save
             say(f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps. "
                 f"Resume with: {resume_command(cfg, self.world)}")
-        elif cfg._measured:  # what this machine decided (dtype, steps), written out
+        elif completed and cfg._measured:  # what this machine decided (dtype, steps), written out
             say(f"to repeat this run exactly: {repeat_command(cfg, self.world)}")
         seconds, total = self.clock.figures()
         try:
             self.wandb.summary.update({**{f"time/{k}": v for k, v in seconds.items()}, "time/total": total})
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failure else 0)
         except Exception as e:
             warn(f"wandb could not finish the run ({first_line(e)})")
         if self.world > 1:
@@ -1115,6 +1214,9 @@ class Run:
             dist.destroy_process_group()
         seconds, total = self.clock.figures()  # again: closing wandb took time too
         say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+        if failure:
+            raise UserError(failure)
+        return STOP.exit_code if (stopped or STOP.cut_short) and self.world == 1 else 0
 
 def load_start(cfg, model, tokenizer):
     """With --resume the checkpoint, its weights loaded into model; else None (after --init_from)."""
@@ -1172,12 +1274,12 @@ class PhaseClock:
         return {**self.seconds, self.current: self.seconds[self.current] + now - self.since}, now - self.start
 
 class StopRequests:
-    """Ctrl-C and SIGTERM for the whole process, as train() describes: outside training each quits at once
-    (KeyboardInterrupt); under torchrun an evaluation, which every process must finish, is not cut short."""
+    """Ctrl-C and SIGTERM for the whole process; the table beside train()'s loop says what each does."""
 
     def __init__(self):
-        self.requested = self.training = self.abortable = self.cut_short = False
-        self.world, self.agreed_at = 1, None
+        self.signum = None  # the signal of the first request, once one came
+        self.mode = "quit"  # what a first request does now: quit, "step" (stop after it) or "abandon" (at once)
+        self.world, self.agreed_at, self.cut_short, self.finished = 1, None, False, False
 
     def __enter__(self):  # the handlers of SIGINT (Ctrl-C) and SIGTERM, until __exit__
         self.__init__()
@@ -1189,46 +1291,51 @@ class StopRequests:
             signal.signal(sig, handler)
 
     def on_signal(self, signum, frame):
-        if self.requested or not (self.training or self.abortable):
+        second, self.signum = self.signum is not None, self.signum or signum
+        if second or self.mode == "quit":
             raise KeyboardInterrupt
-        self.requested = True
-        if self.training:
-            say("\nstopping after this step and saving a checkpoint (press Ctrl-C again to quit at once)",
-                file=sys.stderr)
-        if self.abortable:
+        say(f"\nstopping {'now' if self.mode == 'abandon' else 'after this step'} "
+            "(press Ctrl-C again to quit at once)", file=sys.stderr)
+        if self.mode == "abandon":
             raise Interrupted
+
+    @property
+    def exit_code(self):
+        """After a stop: 130 for Ctrl-C, 143 for SIGTERM (the shell's 128 + the signal); 0 once model.pth is written."""
+        return 0 if self.finished else 128 + (self.signum or signal.SIGINT)
 
     @contextlib.contextmanager
     def while_training(self, world):
-        self.requested, self.agreed_at = False, None  # before training a signal quits, so this is a new run's
-        self.training, self.world = True, world
+        self.mode, self.world = "step", world
         try:
             yield
         finally:
-            self.training = False
+            self.mode = "quit"
 
     @contextlib.contextmanager
     def at_once(self):
-        self.abortable = not self.training or self.world == 1
+        """A block that a Ctrl-C abandons at once, except an evaluation under torchrun (all processes run it)."""
+        before = self.mode
+        self.mode = "abandon" if before == "quit" or self.world == 1 else before
         try:
             yield
         except Interrupted:
             self.cut_short = True
         finally:
-            self.abortable = False
+            self.mode = before
 
     @property
     def stopped(self):
         """Whether training stopped on request (under torchrun: when the processes agreed)."""
-        return self.requested if self.world == 1 else self.agreed_at is not None
+        return self.signum is not None if self.world == 1 else self.agreed_at is not None
 
     def agreed(self, it, dev):
         """Whether to stop before step `it`; under torchrun the processes compare notes every 10 steps."""
         if self.world == 1:
-            return self.requested
+            return self.signum is not None
         if it % 10:
             return False
-        flag = torch.tensor([float(self.requested)], device=dev)
+        flag = torch.tensor([float(self.signum is not None)], device=dev)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.agreed_at = it if flag.item() > 0 else None
         return self.agreed_at is not None
@@ -1244,7 +1351,8 @@ def command_line(args, world):
 
 def resume_command(cfg, world):
     """The command that continues this run."""
-    return command_line([a for a in cfg._argv if not a.startswith("--resume=")] + ["--resume=true"], world)
+    kept = [a for a in cfg._argv if not a.startswith("--resume=") and a != "--dtype=auto"]  # auto: the recorded dtype
+    return command_line(kept + ["--resume=true"], world)
 
 def repeat_command(cfg, world):
     """The command that trains this run again from the start: its settings, with what was measured written out."""
@@ -1255,9 +1363,9 @@ def repeat_command(cfg, world):
     args = [a for a in cfg._argv if a.split("=")[0][2:] not in names]
     return command_line(args + [f"--{k}={format_setting(v)}" for k, v in fixed.items()], world)
 
-def raise_nonfinite(it, cfg):
-    raise UserError(f"the loss became NaN or infinite at step {it}; try a lower learning_rate "
-                    f"(now {cfg.learning_rate}) or --grad_clip=1.0. {cfg.ckpt_path} keeps the last good state")
+def nonfinite_error(it, cfg):
+    return (f"the loss became NaN or infinite at step {it}; try a lower learning_rate "
+            f"(now {cfg.learning_rate}) or --grad_clip=1.0. {cfg.ckpt_path} keeps the last good state")
 
 def check_output_paths(cfg):
     """Fail before training, not after it, when model.pth or ckpt.pt cannot be written."""
@@ -1281,75 +1389,30 @@ def check_prompts(cfg, tokenizer, source):
             raise UserError(f"prompt {p!r} has characters not in the vocabulary of {source}: "
                             f"{''.join(bad)}; change the prompt (--prompts=春江,往事)")
 
-def read_trained_model(cfg):
-    """(weights, tokenizer, shape, source) from ckpt_path if present, else from save_path with the
-    vocabulary of data_path: the shape settings of the model that file holds."""
-    if os.path.exists(cfg.ckpt_path):
-        state, shape = read_checkpoint(cfg.ckpt_path)
-        tokenizer, sd = Tokenizer(state["chars"]), state["model"]
-        source = f"{cfg.ckpt_path} (step {state.get('iter_num')})"
-    elif os.path.exists(cfg.save_path):
-        sd = load_file(cfg.save_path, "model file")
-        if not os.path.exists(cfg.data_path):
-            raise UserError(f"{cfg.save_path} needs the vocabulary of the text it was trained on, "
-                            f"but {cfg.data_path} is missing; pass it with --data_path=FILE")
-        tokenizer = Tokenizer(load_corpus(cfg.data_path))
-        shape, source = {"n_head": cfg.n_head, **state_dict_shape(sd, cfg.save_path)}, cfg.save_path
-        if shape["vocab_size"] != tokenizer.vocab_size:
-            raise UserError(f"{cfg.save_path} has a vocabulary of {shape['vocab_size']} characters, but "
-                            f"{cfg.data_path} has {tokenizer.vocab_size}; pass the text it was trained on "
-                            f"with --data_path=FILE")
-    else:
-        raise UserError(f"no model to sample from: neither {cfg.ckpt_path} nor {cfg.save_path} "
-                        f"exists; train one first with: python babygpt.py")
-    return sd, tokenizer, shape, source
+def model_pth_vocabulary(cfg, weights):
+    """The tokenizer of data_path, which must be the text a model.pth was trained on."""
+    if not os.path.exists(cfg.data_path):
+        raise UserError(f"{cfg.save_path} needs the vocabulary of the text it was trained on, "
+                        f"but {cfg.data_path} is missing; pass it with --data_path=FILE")
+    tokenizer = Tokenizer(load_corpus(cfg.data_path))
+    vocab_size = state_dict_shape(weights, cfg.save_path)["vocab_size"]
+    if vocab_size != tokenizer.vocab_size:
+        raise UserError(f"{cfg.save_path} has a vocabulary of {vocab_size} characters, but "
+                        f"{cfg.data_path} has {tokenizer.vocab_size}; pass the text it was trained on "
+                        f"with --data_path=FILE")
+    return tokenizer
 
 # -----------------------------------------------------------------------------
-# Weights and checkpoints: atomic writes, both state_dict layouts, shape checks
+# Weights and checkpoints: atomic writes and shape checks
 
 SHAPE_KEYS = ("vocab_size", "block_size", "n_embed", "n_head", "n_layer")
 
-def upgrade_state_dict(state_dict):
-    """Our layout from any we have met: the seed's per-head key/query/value and tril buffers,
-    its `postion_embedding_table` spelling, and prefixes left by torch.compile or DDP."""
-    out, heads = {}, {}
-    for key, value in state_dict.items():
-        key = re.sub(r"^(?:module\.|_orig_mod\.)+", "", key)  # DDP around a compiled model leaves both
-        key = key.replace("postion_embedding_table", "position_embedding_table")
-        m = re.fullmatch(r"blocks\.(\d+)\.sa\.heads\.(\d+)\.(key|query|value|tril)(\.weight)?", key)
-        if m is None:
-            out[key] = value
-        elif m[3] != "tril":  # the seed's mask buffer: SDPA's is_causal replaces it
-            heads.setdefault(int(m[1]), {}).setdefault(m[3], {})[int(m[2])] = value
-    for layer, parts in heads.items():
-        out[f"blocks.{layer}.sa.qkv.weight"] = torch.cat(
-            [parts[name][h] for name in ("query", "key", "value") for h in sorted(parts[name])])
-    return out
-
-def seed_state_dict(state_dict, n_head, block_size):
-    """Our state_dict in the seed's layout, which the seed's own classes load strictly: per-head
-    key/query/value weights, each head's tril buffer, and the spelling `postion_embedding_table`."""
-    tril = torch.tril(torch.ones(block_size, block_size))  # one tensor shared by every head's tril buffer
-    out = {}
-    for key, value in state_dict.items():
-        m = re.fullmatch(r"blocks\.(\d+)\.sa\.qkv\.weight", key)
-        if m is None:
-            out[key.replace("position_embedding_table", "postion_embedding_table")] = value
-            continue
-        q, k, v = (w.chunk(n_head) for w in value.chunk(3))  # rows: all queries, keys, values
-        for h in range(n_head):
-            prefix = f"blocks.{m[1]}.sa.heads.{h}."
-            out.update({prefix + "tril": tril, prefix + "key.weight": k[h].clone(),
-                        prefix + "query.weight": q[h].clone(), prefix + "value.weight": v[h].clone()})
-    return out
-
 def state_dict_shape(sd, path):
     """The shape settings a state_dict (either layout) was trained with; n_head only where the
-    seed's layout records it (as heads.N)."""
+    original script's layout records it (as heads.N)."""
     if not isinstance(sd, dict) or not any(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"{path} holds no model weights")
-    heads = {m[1] for k in sd for m in [re.match(r"(?:module\.|_orig_mod\.)*blocks\.0\.sa\.heads\.(\d+)\.", k)] if m}
-    ours = upgrade_state_dict(sd)
+    ours = fused_layout(sd)
     try:
         vocab_size, n_embed = ours["token_embedding_table.weight"].shape
         shape = {"vocab_size": vocab_size, "n_embed": n_embed,
@@ -1357,7 +1420,8 @@ def state_dict_shape(sd, path):
                  "n_layer": len({k.split(".")[1] for k in ours if k.startswith("blocks.")})}
     except (KeyError, ValueError, AttributeError):
         raise UserError(f"{path} does not hold babygpt weights") from None
-    return {**shape, "n_head": len(heads)} if heads else shape
+    heads = seed_heads(sd)
+    return {**shape, "n_head": heads} if heads else shape
 
 def load_weights(model, sd, path, shape=None, fix="use the data and shape settings it was trained with"):
     """Load a state_dict (either layout) into model, or say in one line which shape setting or tensor differs."""
@@ -1367,8 +1431,8 @@ def load_weights(model, sd, path, shape=None, fix="use the data and shape settin
     if diffs:
         raise UserError(f"{path} does not fit this model: it was trained with {', '.join(diffs)}; {fix}")
     try:
-        model.load_state_dict(upgrade_state_dict(sd))
-    except RuntimeError as e:  # a missing, extra or resized tensor: the line after torch's heading names it
+        model.load_state_dict(sd)
+    except (RuntimeError, ValueError) as e:  # a missing, extra or resized tensor: the line after torch's heading names it
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         raise UserError(f"{path} does not fit this model: {lines[min(1, len(lines) - 1)][:160]}") from None
 
@@ -1449,11 +1513,16 @@ def start_wandb(cfg, dev, runs, start_iter):
         return DummyWandb(), runs
     try:
         import wandb
+        timeout = os.environ.get("WANDB_INIT_TIMEOUT", "30")  # then fall back to offline
+        if not re.fullmatch(r"\s*\d+(\.\d*)?\s*", timeout):
+            raise ValueError(f"WANDB_INIT_TIMEOUT={timeout!r} is not a number of seconds")
+        settings = wandb.Settings(silent=True, console="off", init_timeout=float(timeout))
     except ImportError:
         warn("wandb is not installed; metrics are printed only (pip install wandb)")
         return DummyWandb(), runs
-    timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", 30))  # then fall back to offline
-    settings = wandb.Settings(silent=True, console="off", init_timeout=timeout)
+    except Exception as e:  # a broken install, or a setting wandb refuses
+        warn(f"wandb could not start ({first_line(e)}); metrics are printed only")
+        return DummyWandb(), runs
     name = f"{cfg.n_layer}L-{cfg.n_embed} {os.path.basename(cfg.data_path)} {dev.type}"
     last_id, dirs = runs.get("id"), list(runs.get("dirs") or [])
     last_was_online = last_id and not any(d.endswith("-" + last_id) for d in dirs)

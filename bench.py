@@ -182,7 +182,7 @@ def measure_sample(shape, args, dev):
     """2 prompts x 100 characters, sampled as the seed did and as babygpt does."""
     seed_model = build("seed", shape, dev).eval()
     model = build("fast", shape, dev)
-    model.load_state_dict(babygpt.upgrade_state_dict(seed_model.state_dict()))
+    model.load_state_dict(babygpt.fused_layout(seed_model.state_dict()))
     model.eval()
     chars = "".join(chr(0x4E00 + i) for i in range(VOCAB))
     tokenizer = babygpt.Tokenizer(chars)

@@ -278,7 +278,7 @@ def seed_and_baby(vocab_size, block_size, n_embed, n_head, n_layer, seed=0, devi
                             n_layer=n_layer, dropout=0.0)
     baby = babygpt.BabyGPT(vocab_size, block_size=block_size, n_embed=n_embed, n_head=n_head,
                            n_layer=n_layer, dropout=0.0)
-    baby.load_state_dict(babygpt.upgrade_state_dict(ref.state_dict()))
+    baby.load_state_dict(babygpt.fused_layout(ref.state_dict()))
     return ref.to(device).eval(), baby.to(device).eval()
 
 
@@ -290,6 +290,7 @@ class FakeWandb(types.ModuleType):
         self.folder = folder
         self.inits, self.logged, self.log_kwargs, self.summaries, self.metrics = [], [], [], [], []
         self.configs = []  # each run's config: what init was given, with every update on top
+        self.finished = []  # the exit code each finished run was closed with
 
     def Settings(self, **kwargs):
         return kwargs
@@ -318,7 +319,7 @@ class FakeWandb(types.ModuleType):
         return types.SimpleNamespace(id=run_id, dir=run_dir, url="http://x", log=log, summary=summary,
                                      config=types.SimpleNamespace(update=update),
                                      define_metric=lambda *a, **k: fake.metrics.append((a, k)),
-                                     finish=lambda: None)
+                                     finish=lambda exit_code=None: fake.finished.append(exit_code))
 
 
 def install_fake_wandb(monkeypatch, folder):

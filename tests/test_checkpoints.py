@@ -3,6 +3,7 @@
 import os
 import re
 import runpy
+import signal
 import subprocess
 import sys
 
@@ -44,8 +45,8 @@ def test_checkpoint_contents(trained):
 
     sd = load_ckpt(trained / "model.pth")
     assert all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()), "model.pth must be a plain state_dict"
-    model.load_state_dict(babygpt.upgrade_state_dict(sd))
-    ours = babygpt.upgrade_state_dict(sd)  # model.pth is in the seed's layout; ckpt.pt in ours
+    model.load_state_dict(babygpt.fused_layout(sd))
+    ours = babygpt.fused_layout(sd)  # model.pth is in the seed's layout; ckpt.pt in ours
     assert ours.keys() == ckpt["model"].keys()
     for k in ours:  # model.pth is written after the final checkpoint, from the same weights
         assert torch.equal(ours[k], ckpt["model"][k]), k
@@ -66,7 +67,7 @@ def test_babygpt_state_dict_uses_fused_layout():
     with pytest.raises(RuntimeError):
         ref.load_state_dict(sd)
     other = babygpt.BabyGPT(13, block_size=8, n_embed=n_embed, n_head=3, n_layer=n_layer)
-    other.load_state_dict(babygpt.upgrade_state_dict(sd))
+    other.load_state_dict(babygpt.fused_layout(sd))
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in sd.items())
 
 
@@ -79,7 +80,7 @@ def test_model_pth_has_exactly_the_seeds_keys_and_loads_strictly_into_its_classe
     assert set(sd) == set(ref.state_dict())  # per-head key/query/value, tril, postion_embedding_table
     ref.load_state_dict(torch.load(trained / "model.pth"), strict=True)  # as the seed's code does
     ours = babygpt.BabyGPT(vocab, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0)
-    ours.load_state_dict(babygpt.upgrade_state_dict(ckpt["model"]))
+    ours.load_state_dict(babygpt.fused_layout(ckpt["model"]))
     idx = torch.randint(vocab, (3, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ref.eval()(idx)[0], ours.eval()(idx)[0], atol=1e-5, rtol=1e-5)
@@ -88,13 +89,37 @@ def test_model_pth_has_exactly_the_seeds_keys_and_loads_strictly_into_its_classe
             assert torch.equal(sd[f"blocks.{layer}.sa.heads.{head}.tril"], torch.tril(torch.ones(16, 16)))
 
 
-def test_seed_state_dict_round_trips_and_shares_one_mask():
+def test_model_pth_loads_into_babygpt_with_the_natural_call(trained):
+    """A notebook's `BabyGPT(vocab).load_state_dict(torch.load("model.pth"))` works for model.pth (the original
+    script's layout) and for ckpt.pt's fused weights, and both give the trained model's logits."""
+    ckpt = load_ckpt(trained / "ckpt.pt")
+    vocab = len(ckpt["chars"])
+    shape = dict(block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0)
+    from_pth, from_ckpt = babygpt.BabyGPT(vocab, **shape), babygpt.BabyGPT(vocab, **shape)
+    from_pth.load_state_dict(torch.load(trained / "model.pth"))
+    from_ckpt.load_state_dict(ckpt["model"])
+    idx = torch.randint(vocab, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(from_pth.eval()(idx)[0], from_ckpt.eval()(idx)[0])
+    assert not torch.equal(from_ckpt.lm_head.bias, babygpt.BabyGPT(vocab, **shape).lm_head.bias)  # trained ones
+
+
+def test_weights_with_another_head_count_are_refused_naming_both_counts(trained):
+    """Per-head weights of 2 heads joined into a 4-head model would compute another function without a word:
+    load_state_dict refuses them and names both counts."""
+    vocab = len(load_ckpt(trained / "ckpt.pt")["chars"])
+    model = babygpt.BabyGPT(vocab, block_size=16, n_embed=32, n_head=4, n_layer=2)
+    with pytest.raises(ValueError, match=r"2 attention heads a layer and this model 4.*n_head=2"):
+        model.load_state_dict(torch.load(trained / "model.pth"))
+
+
+def test_seed_layout_round_trips_and_shares_one_mask():
     """Our weights written in the seed's layout read back bit for bit, and the causal mask is stored once."""
     torch.manual_seed(0)
     model = babygpt.BabyGPT(30, block_size=8, n_embed=12, n_head=3, n_layer=2)
     sd = model.state_dict()
-    seed = babygpt.seed_state_dict(sd, n_head=3, block_size=8)
-    back = babygpt.upgrade_state_dict(seed)
+    seed = babygpt.seed_layout(sd, n_head=3, block_size=8)
+    back = babygpt.fused_layout(seed)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     assert len({seed[k].data_ptr() for k in seed if k.endswith(".tril")}) == 1
 
@@ -154,7 +179,7 @@ def test_train_from_seed_model_pth(tmp_path):
               "--save_path=fresh.pth", "--ckpt_path=fresh.pt"), tmp_path))
     assert proc.returncode == 0, proc.stderr
     model = babygpt.BabyGPT(tok.vocab_size, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0).eval()
-    model.load_state_dict(babygpt.upgrade_state_dict(load_ckpt(tmp_path / "out.pth")))
+    model.load_state_dict(babygpt.fused_layout(load_ckpt(tmp_path / "out.pth")))
     idx = torch.randint(tok.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], seed_model(idx)[0], rtol=1e-5, atol=1e-5)
@@ -191,7 +216,7 @@ def test_val_loss_script_scores_a_trained_model_better_than_an_untrained_one(wor
     script = os.path.join(os.path.dirname(babygpt.__file__), "scripts", "val_loss.py")
     vocab = len(set((work / "poems.txt").read_text(encoding="utf-8")))
     fresh = tiny_model(vocab)
-    torch.save(babygpt.seed_state_dict(fresh.state_dict(), 2, 16), work / "fresh.pth")
+    torch.save(babygpt.seed_layout(fresh.state_dict(), 2, 16), work / "fresh.pth")
     monkeypatch.chdir(work)
 
     def val_loss(*args):
@@ -407,7 +432,7 @@ def test_an_interrupted_or_killed_run_resumes_to_the_same_model(corpus, uninterr
     folder = corpus.parent
     if how == "interrupt":  # Ctrl-C during step 6: the run stops after it, at step 7
         first = run_wrapped(SIGINT_AT_STEP.format(step=6), tiny(*RESUME_ARGS, "--resume=false"), folder)
-        assert first.returncode == 0, first.stderr
+        assert first.returncode == 130, first.stderr  # a stopped run is not a finished one
         assert load_ckpt(folder / "ckpt.pt")["iter_num"] == 7
         hint = re.search(r"Resume with: (.*)$", first.stdout, re.M)  # the command to type
         command = hint[1].split() if hint else []
@@ -445,6 +470,31 @@ def test_a_resume_keeps_the_dtype_its_first_start_measured(corpus, monkeypatch, 
     assert repeat and "--resume" not in repeat[0], show(second)  # the whole training's dtype was measured
     assert {**losses(first.stdout), **losses(second.stdout)} == losses(straight.stdout)
     assert same_weights(load_ckpt("model.pth"), load_ckpt("whole.pth"))
+
+
+def test_the_resume_command_of_an_explicit_dtype_auto_keeps_the_recorded_dtype(corpus, monkeypatch, capsys):
+    """A run started with --dtype=auto prints a resume command that keeps the dtype it measured: resuming with it
+    must not measure again (the probe now says float32) and call the run no longer exact."""
+    monkeypatch.chdir(corpus.parent)
+    args = AUTO_ARGS + [f"--data_path={corpus.name}", "--dtype=auto", "--max_iters=10"]
+    monkeypatch.setattr(babygpt, "probe_dtypes", winners(BF16, F32))
+    real_step = babygpt.train_step
+
+    def train_step(*a, **k):  # a Ctrl-C during step 3
+        if babygpt.STOP.signum is None and len(losses_seen) == 3:
+            babygpt.STOP.on_signal(signal.SIGINT, None)
+        losses_seen.append(1)
+        return real_step(*a, **k)
+    losses_seen = []
+    monkeypatch.setattr(babygpt, "train_step", train_step)
+    first = run_main(capsys, args)
+    assert first.returncode == 130, show(first)
+    command = re.search(r"Resume with: python \S+ (.*)$", first.stdout, re.M)[1].split()
+    assert "--dtype=auto" not in command, command
+    monkeypatch.setattr(babygpt, "train_step", real_step)
+    second = run_main(capsys, command)
+    assert second.returncode == 0, show(second)
+    assert "in bfloat16" in second.stdout and "no longer exact" not in second.stdout, show(second)
 
 
 @pytest.mark.parametrize("dtype,note", [("float32", True), ("bfloat16", False)])

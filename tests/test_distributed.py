@@ -27,7 +27,7 @@ def _ddp_worker(rank, world, init_file, start_path, out_path):
     try:
         for accum in (1, 2):  # 2 micro-batches per process exercise DDP's no_sync path
             model = tiny_model()
-            model.load_state_dict(babygpt.upgrade_state_dict(torch.load(start_path, weights_only=True)))
+            model.load_state_dict(babygpt.fused_layout(torch.load(start_path, weights_only=True)))
             ddp = DistributedDataParallel(model)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
             x, y = batch(8)
@@ -70,7 +70,7 @@ def test_ddp_gradient_equivalence(tmp_path):
 # each rank writes its first training batch, its own evaluations and its final weights next to the run
 RECORD_RANKS = """
 rank = os.environ["RANK"]
-real_batch, real_train, real_estimate, batches, estimates = babygpt.get_batch, babygpt.train, babygpt.estimate_loss, [], []
+real_batch, real_finish, real_estimate, batches, estimates = babygpt.get_batch, babygpt.Run.finish, babygpt.estimate_loss, [], []
 def get_batch(data, batch_size, block_size, generator=None):
     x, y = real_batch(data, batch_size, block_size, generator)
     if generator is None and not batches:
@@ -79,11 +79,10 @@ def get_batch(data, batch_size, block_size, generator=None):
 def estimate_loss(*args, **kwargs):
     estimates.append(real_estimate(*args, **kwargs))
     return estimates[-1]
-def train(cfg, *args):
-    model = real_train(cfg, *args)
-    torch.save({"batch": batches[0], "model": model.state_dict(), "losses": estimates}, f"rank{rank}.pt")
-    return model
-babygpt.get_batch, babygpt.train, babygpt.estimate_loss = get_batch, train, estimate_loss
+def finish(self, *args):
+    torch.save({"batch": batches[0], "model": self.model.state_dict(), "losses": estimates}, f"rank{rank}.pt")
+    return real_finish(self, *args)
+babygpt.get_batch, babygpt.Run.finish, babygpt.estimate_loss = get_batch, finish, estimate_loss
 """
 
 
@@ -102,7 +101,7 @@ def test_two_processes_train_one_model_on_different_batches(corpus):
     assert same_weights(ranks[0]["model"], ranks[1]["model"]), "the processes trained apart"
     sd = load_ckpt(folder / "model.pth")
     assert not any(k.startswith("module.") for k in sd) and proc.stdout.count("模型已保存到") == 1
-    assert same_weights(babygpt.upgrade_state_dict(sd), ranks[0]["model"])
+    assert same_weights(babygpt.fused_layout(sd), ranks[0]["model"])
     together = losses(proc.stdout)
     assert sorted(together) == [0, 3, 6]
     own = [r["losses"][0] for r in ranks]  # each process evaluates batches of its own at step 0
@@ -153,14 +152,15 @@ def _no_babygpt_traceback(output):
     ("--batch_size=9", "batch_size (9) must be divisible by the number of processes (2)"),
 ], ids=["bad-constant", "batch-not-divisible"])
 def test_torchrun_bad_setting(corpus, arg, message):
-    """A bad setting under torchrun makes every process print the same one-line error and exit, none left hanging."""
+    """A bad setting under torchrun is one error line (not one per process), and every process exits, none left
+    hanging."""
     folder = corpus.parent
     run = Running(_torchrun(tiny(arg, data=str(corpus))), folder)
     rc = run.wait(timeout=60)
     assert rc != 0, run.output
     _no_babygpt_traceback(run.output)
     errors = [ln for ln in run.output.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 2 and all(message in ln for ln in errors), run.output
+    assert len(errors) == 1 and message in errors[0], run.output
     _assert_no_orphans(folder)
     assert not list(folder.glob("*.pt*"))
 
@@ -227,3 +227,16 @@ def test_torchrun_sigterm(corpus):
                          env=cli_env())
     succeeded(res)
     assert f"resuming from ckpt.pt at step {done}" in res.stdout and f"step {done + 3}:" in res.stdout, res.stdout
+
+
+def test_an_error_of_one_process_names_its_rank_and_a_shared_one_is_printed_once(monkeypatch, capsys):
+    """Under torchrun an error every process meets (a bad setting) is printed by the first process only, and one
+    that only this process met (its GPU is missing, its memory ran out) by this process, with its rank: else
+    the user sees four copies of one line, or nothing from the process that failed."""
+    monkeypatch.setenv("RANK", "3")
+    babygpt.report_error(babygpt.UserError("n_embed must be divisible by n_head=5 (got 32)"))
+    babygpt.report_error(babygpt.UserError("cuda:3 is wanted but this machine has 2 GPU(s)", this_process=True))
+    assert capsys.readouterr().err == "error: rank 3: cuda:3 is wanted but this machine has 2 GPU(s)\n"
+    monkeypatch.setenv("RANK", "0")
+    babygpt.report_error(babygpt.UserError("n_embed must be divisible by n_head=5 (got 32)"))
+    assert capsys.readouterr().err == "error: n_embed must be divisible by n_head=5 (got 32)\n"

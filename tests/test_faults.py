@@ -168,10 +168,10 @@ def test_signal_during_training(work, capsys, sig):
     time.sleep(0.3)
     t0 = time.time()
     run.signal(sig)
-    run.wait(timeout=15)
+    assert run.wait(timeout=15) == 128 + sig, run.output  # 130 or 143: the shell sees a stopped run
     assert time.time() - t0 < 10, "took more than a few seconds to stop"
     assert "Traceback" not in run.output, run.output
-    assert "--resume=true" in run.output, run.output
+    assert "stopping after this step" in run.output and "--resume=true" in run.output, run.output
     assert not temp_files(work)
     same_files(before, snapshot(work), ["model.pth", "poems.txt"])  # no model.pth from a half run
     done = load_ckpt(work / "ckpt.pt")["iter_num"]
@@ -220,9 +220,10 @@ def test_signal_during_evaluation(corpus, capsys, monkeypatch, sig):
     time.sleep(0.3)
     t0 = time.time()
     run.signal(sig)
-    run.wait(timeout=15)
+    assert run.wait(timeout=15) == 128 + sig, run.output
     assert time.time() - t0 < 10, "took more than a few seconds to stop"
     assert "Traceback" not in run.output, run.output
+    assert "stopping now" in run.output, "the message must say the evaluation is abandoned, not finished"
     assert not STEP_RE.search(run.output), "the signal was meant to land inside evaluation"
     assert "--resume=true" in run.output, run.output
     assert not temp_files(folder)
@@ -280,14 +281,14 @@ def test_a_stop_that_came_too_late_to_stop_training_is_not_reported_as_a_cut_sav
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_final_save(work, capsys, sig):
     """A stop while model.pth is written keeps the old model.pth, says how to finish (resuming only generates
-    and saves) and exits 0."""
+    and saves) and exits 130 (143 for SIGTERM), so that a following `&& python babygpt.py sample` does not run."""
     before = snapshot(work)
     args = tiny("--max_iters=12")
     run = Running.wrapped(SLOW_FINAL_SAVE, args, work)
     run.wait_for(r"^SAVING model.pth")
     t0 = time.time()
     run.signal(sig)
-    assert run.wait(timeout=15) == 0, run.output
+    assert run.wait(timeout=15) == 128 + sig, run.output
     assert time.time() - t0 < 10, "took more than a few seconds to stop"
     assert "Traceback" not in run.output, run.output
     assert re.search(r"interrupted before model.pth was written; ckpt.pt holds all 12 steps. "
@@ -320,3 +321,58 @@ def test_a_second_ctrl_c_quits_at_once_without_damage(corpus):
     assert time.time() - t0 < 10 and "Traceback" not in run.output, run.output
     assert "interrupted; files on disk are intact" in run.output
     assert not temp_files(folder) and snapshot(folder)["ckpt.pt"] == good
+
+
+def test_a_second_ctrl_c_during_a_training_step_quits_without_finishing_the_step(corpus, capsys, monkeypatch):
+    """The second Ctrl-C is the user's way out of a slow step: it must quit at once (exit 130), not be taken as
+    another first request that repeats the message and lets the step run on."""
+    monkeypatch.chdir(corpus.parent)
+    real_step, after_second = babygpt.train_step, []
+
+    def train_step(*args, **kwargs):
+        if babygpt.STOP.signum is None:  # the first training step: two presses while it runs
+            babygpt.STOP.on_signal(signal.SIGINT, None)
+            babygpt.STOP.on_signal(signal.SIGINT, None)
+            after_second.append(1)
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(babygpt, "train_step", train_step)
+    res = run_main(capsys, tiny(*LONG, data=corpus.name))
+    assert res.returncode == 130 and not after_second, show(res)
+    assert res.stderr.count("stopping after this step") == 1, show(res)
+    assert "interrupted; files on disk are intact" in res.stderr and "Traceback" not in res.stderr, show(res)
+    assert load_ckpt(corpus.parent / "ckpt.pt")["iter_num"] == 0  # step 0's checkpoint, whole
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_before_training_quits_at_once_with_the_signals_exit_code(corpus, capsys, monkeypatch, sig):
+    """A Ctrl-C (or SIGTERM) during start-up quits at once with 130 (143), so a following command does not run,
+    and writes nothing."""
+    monkeypatch.chdir(corpus.parent)
+    real_load = babygpt.load_corpus
+
+    def load_corpus(*args, **kwargs):
+        babygpt.STOP.on_signal(sig, None)
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(babygpt, "load_corpus", load_corpus)
+    before = snapshot(corpus.parent)
+    res = run_main(capsys, tiny(data=corpus.name))
+    assert res.returncode == 128 + sig, show(res)
+    assert res.stderr.strip() == "interrupted; files on disk are intact", show(res)
+    same_files(before, snapshot(corpus.parent))
+
+
+def test_ctrl_c_after_model_pth_is_written_exits_0(corpus, capsys, monkeypatch):
+    """A Ctrl-C while wandb closes and the phase line is printed comes after model.pth is written: the run is
+    finished, so the exit code says so (0) and `&& python babygpt.py sample` goes on."""
+    monkeypatch.chdir(corpus.parent)
+    real_figures, pressed = babygpt.PhaseClock.figures, []
+
+    def figures(self):
+        if not pressed:
+            pressed.append(1)
+            babygpt.STOP.on_signal(signal.SIGINT, None)
+        return real_figures(self)
+    monkeypatch.setattr(babygpt.PhaseClock, "figures", figures)
+    res = run_main(capsys, tiny(data=corpus.name))
+    assert pressed and res.returncode == 0, show(res)
+    assert "模型已保存到model.pth" in res.stdout and (corpus.parent / "model.pth").exists()

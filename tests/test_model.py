@@ -77,7 +77,7 @@ def test_fp32_gradients_match_reference():
     tgt = torch.randint(23, (4, 8), generator=torch.Generator().manual_seed(1))
     ref(idx, tgt)[1].backward()
     baby(idx, tgt)[1].backward()
-    fused = babygpt.upgrade_state_dict({k: p.grad for k, p in ref.named_parameters()})
+    fused = babygpt.fused_layout({k: p.grad for k, p in ref.named_parameters()})
     for name, p in baby.named_parameters():
         torch.testing.assert_close(p.grad, fused[name], rtol=1e-4, atol=1e-6, msg=name)
 
@@ -122,7 +122,7 @@ def test_kv_cache_greedy_is_exact(prompt_len, new):
     vocab = 40
     seed_model = tiny_model(vocab, seed=1, cls=reference.SeedGPT).eval()
     model = babygpt.BabyGPT(vocab, block_size=16, n_embed=32, n_head=2, n_layer=2, dropout=0.0).eval()
-    model.load_state_dict(babygpt.upgrade_state_dict(seed_model.state_dict()))  # the seed layout
+    model.load_state_dict(babygpt.fused_layout(seed_model.state_dict()))  # the seed layout
     g = torch.Generator().manual_seed(prompt_len * 100 + new)
     idx = torch.randint(vocab, (2, prompt_len), generator=g)
 

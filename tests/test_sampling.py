@@ -8,7 +8,8 @@ import torch
 
 import babygpt
 import reference
-from conftest import babygpt_cmd, cli_env, one_line_error, parse_samples, run_cli, run_main, snapshot, tiny
+from conftest import (babygpt_cmd, cli_env, make_corpus, one_line_error, parse_samples, run_cli, run_main, show,
+                      snapshot, tiny)
 
 
 def test_generate_texts_passes_temperature_and_top_k_to_the_model():
@@ -18,7 +19,7 @@ def test_generate_texts_passes_temperature_and_top_k_to_the_model():
     torch.manual_seed(3)
     ref = reference.SeedGPT(vocab, block_size=8, n_embed=16, n_head=2, n_layer=1, dropout=0.0).eval()
     model = babygpt.BabyGPT(vocab, block_size=8, n_embed=16, n_head=2, n_layer=1, dropout=0.0)
-    model.load_state_dict(babygpt.upgrade_state_dict(ref.state_dict()))
+    model.load_state_dict(babygpt.fused_layout(ref.state_dict()))
     tok = babygpt.Tokenizer("abcdefghijkl")
     greedy = tok.decode(ref.generate(torch.tensor([tok.encode("ab")]), 20, temperature=0)[0].tolist())
     base = dict(max_new_token=20, num_samples=1, kv_cache=True)
@@ -116,3 +117,18 @@ def test_sample_without_prompts_and_without_terminal_is_an_error(work):
     """`sample --prompts=` in a pipe or a job says how to give prompts, instead of waiting for input forever."""
     proc = run_cli(["sample", *tiny(), "--prompts="], cwd=work, stdin=subprocess.DEVNULL)
     assert "prompts" in one_line_error(proc)
+
+
+def test_sample_builds_a_model_pth_with_the_head_count_it_was_trained_with(tmp_path, capsys, monkeypatch):
+    """A learner who trained with --n_head=4 and samples without it (the setting says 2) still gets the model
+    they trained: model.pth's per-head keys say 4, and its text is the text ckpt.pt's model writes."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "poems.txt").write_text(make_corpus(), encoding="utf-8")
+    assert run_main(capsys, tiny("--n_head=4", "--learning_rate=1e-2", "--max_iters=30")).returncode == 0
+    args = ["--prompts=春江,往事", "--max_new_token=30", "--temperature=0"]
+    from_ckpt, from_pth = sample_here(capsys, monkeypatch, tmp_path, ["sample", *tiny(), *args],
+                                      ["sample", *tiny(), *args, "--ckpt_path=gone.pt"])
+    assert from_pth.returncode == 0, show(from_pth)
+    assert "sampling from model.pth: vocab_size=" in from_pth.stdout and "n_head=4" in from_pth.stdout, show(from_pth)
+    prompts = ["春江", "往事"]
+    assert parse_samples(from_pth.stdout, prompts) == parse_samples(from_ckpt.stdout, prompts)

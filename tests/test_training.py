@@ -5,6 +5,7 @@ import os
 import random
 import re
 import shlex
+import signal
 import time
 
 import pytest
@@ -81,7 +82,7 @@ def test_tiny_cli_run_end_to_end(corpus, tmp_path, monkeypatch):
     assert re.fullmatch(r"total [\d.]+s: start-up [\d.]+s, .*, generation and saving [\d.]+s\n", summary), summary
 
     sd = torch.load(tmp_path / "model.pth", weights_only=True)  # a plain state_dict that loads safely
-    babygpt.BabyGPT(len(vocab), block_size=16, n_embed=32, n_head=2, n_layer=2).load_state_dict(babygpt.upgrade_state_dict(sd))
+    babygpt.BabyGPT(len(vocab), block_size=16, n_embed=32, n_head=2, n_layer=2).load_state_dict(babygpt.fused_layout(sd))
 
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))  # wandb: the metrics the seed logged
     assert len(runs) == 1, os.listdir(tmp_path)
@@ -272,13 +273,13 @@ def test_a_stop_during_the_last_evaluation_keeps_the_run_resumable(work, capsys,
     def estimate_loss(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:  # steps 0, 5, then the last one, 10: as the signal handler does in STOP.at_once()
-            babygpt.STOP.requested = True
+            babygpt.STOP.signum = signal.SIGINT
             raise babygpt.Interrupted
         return real(*args, **kwargs)
     monkeypatch.setattr(babygpt, "estimate_loss", estimate_loss)
     (work / "model.pth").unlink()
     res = run_main(capsys, tiny())
-    assert res.returncode == 0, show(res)
+    assert res.returncode == 130, show(res)
     assert not (work / "model.pth").exists() and "模型已保存" not in res.stdout, show(res)
     assert "interrupted at step 10" in res.stdout and "--resume=true" in res.stdout, show(res)
     state = load_ckpt(work / "ckpt.pt")

@@ -342,3 +342,44 @@ def test_wandb_server_unreachable(corpus):
     assert "offline" in warnings[0], warnings[0]
     runs = _offline_runs(folder)
     assert f"wandb sync wandb/{runs[-1].name}" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("broken", ["timeout", "settings", "import"])
+def test_wandb_that_cannot_even_be_set_up_is_a_warning_not_a_traceback(corpus, monkeypatch, capsys, broken):
+    """A bad WANDB_INIT_TIMEOUT, wandb settings that raise, or an import of wandb that breaks with something
+    other than ImportError cost the user their wandb charts only: one warning, then the run trains and saves."""
+    monkeypatch.chdir(corpus.parent)
+    fake = install_fake_wandb(monkeypatch, corpus.parent)
+    if broken == "timeout":
+        monkeypatch.setenv("WANDB_INIT_TIMEOUT", "abc")
+    elif broken == "settings":
+        def settings(**kwargs):
+            raise TypeError("unexpected keyword argument 'console'")
+        fake.Settings = settings
+    else:
+        import builtins
+        real_import = builtins.__import__
+
+        def broken_import(name, *args, **kwargs):
+            if name == "wandb":
+                raise RuntimeError("protobuf version mismatch")
+            return real_import(name, *args, **kwargs)
+        monkeypatch.setattr("builtins.__import__", broken_import)
+    res = run_main(capsys, tiny_wandb(mode="offline", data=corpus.name))
+    assert res.returncode == 0, show(res)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: wandb could not start ("), show(res)
+    assert {"timeout": "WANDB_INIT_TIMEOUT='abc'", "settings": "console", "import": "protobuf"}[broken] in lines[0]
+    assert not fake.inits and "step 10:" in res.stdout and "模型已保存到model.pth" in res.stdout
+
+
+def test_a_nan_stop_closes_the_wandb_run_and_prints_the_phase_line(corpus, monkeypatch, capsys):
+    """A loss that turns NaN ends the run the way every run ends: the wandb run is closed (as failed) with its
+    time figures, the phase line is printed, then the one error line and exit code 1."""
+    fake = install_fake_wandb(monkeypatch, corpus.parent)
+    monkeypatch.chdir(corpus.parent)
+    res = run_main(capsys, tiny_wandb("--learning_rate=1e6", mode="offline", data=corpus.name))
+    assert res.returncode == 1 and "the loss became NaN or infinite" in res.stderr, show(res)
+    assert fake.finished == [1], "the wandb run was not closed, or not as failed"
+    assert "time/total" in fake.summaries[0]
+    assert PHASE_LINE.search(res.stdout.strip().splitlines()[-1]), show(res)
