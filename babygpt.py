@@ -1,7 +1,8 @@
 """
-babygpt: a character-level GPT that learns to write Song-dynasty ci (宋词). A faithful refactor
-of the teaching script babygpt_v12_wandb.py: its constants, then its story (tokenizer, model,
-batches and evaluation, training loop, sampling, main), then the plumbing below a banner.
+babygpt: a character-level GPT that learns to write Song-dynasty ci (宋词). A faithful refactor of
+the teaching script babygpt_v12_wandb.py ("the original script" below): its constants, then its
+story (tokenizer, model, batches and evaluation, training loop, sampling, main), then, below a
+banner, the plumbing: mechanisms whose effects the story already states.
 
     python babygpt.py                        # train with the constants below, then generate
     python babygpt.py --preset=cpu           # a small model that trains in ~10 minutes on a CPU
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
-# Constants: the seed's defaults. They double as the configuration: edit them here, or
+# Constants: the original script's defaults. They double as the configuration: edit them here, or
 # override any of them for one run with --name=value (python babygpt.py --help lists them).
 
 # data
@@ -61,14 +62,14 @@ max_iters = 5000              # optimizer steps
 eval_interval = 50            # evaluate every this many steps (and at the last step)
 eval_iters = 100              # batches per split in one evaluation
 learning_rate = 3e-4          # AdamW's step size
-weight_decay = 0.01           # AdamW's default, which the seed used
+weight_decay = 0.01           # AdamW's default, which the original script used
 grad_accum_steps = 1          # split each batch into this many micro-batches to save memory
 grad_clip = 0.0               # 0 = off; else clip the gradient norm to this value
 lr_schedule = "constant"      # constant, or cosine: linear warmup, cosine decay to min_lr
 warmup_iters = 0              # warmup steps of the cosine schedule
 lr_decay_iters = 0            # 0 = max_iters; else the step where the cosine reaches min_lr
 min_lr = 3e-5                 # where the cosine schedule ends
-seed = 42                     # torch.manual_seed; a CPU run with dtype and max_iters given (not measured) repeats exactly
+seed = 42                     # the random seed; a CPU run with dtype and max_iters given (not measured) repeats exactly
 # generation
 prompts = ["春江", "往事"]      # texts to continue after training (and in sample)
 max_new_token = 100           # characters generated per prompt
@@ -84,14 +85,14 @@ compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU 
 preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
 max_minutes = 0               # 0 = off; else, off CUDA, max_iters becomes the steps that fit in these minutes
 # files and logging
-save_path = "model.pth"       # final weights, in the seed's layout
+save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
 ckpt_path = "ckpt.pt"         # training state, for --resume=true and sample
 checkpoint_interval = 60      # seconds between checkpoints at evaluations (0 = every evaluation)
 resume = False                # continue from ckpt_path
-init_from = ""                # start from the weights of a model.pth (ours or the seed's)
+init_from = ""                # start from the weights of a model.pth (ours or the original script's)
 wandb_mode = "auto"           # auto = online when logged in, else offline; online, offline, disabled
 wandb_project = "babygpt"     # the Weights & Biases project
-sample_interval = 500         # log generated samples to wandb at the evaluations every this many steps
+sample_interval = 500         # log samples to wandb at the first evaluation, every this many steps and the last
 
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if k.islower() and not k.startswith("_") and isinstance(v, (bool, int, float, str, list))]
@@ -115,10 +116,7 @@ class Tokenizer:
         self.itos = {i: ch for i, ch in enumerate(self.chars)}
 
     def encode(self, s):
-        try:
-            return [self.stoi[c] for c in s]
-        except KeyError:
-            raise ValueError(f"characters not in the vocabulary: {''.join(self.unknown(s))!r}") from None
+        return [self.stoi[c] for c in s]
 
     def decode(self, ids):
         return "".join(self.itos[int(i)] for i in ids)
@@ -128,7 +126,7 @@ class Tokenizer:
         return list(dict.fromkeys(c for c in s if c not in self.stoi))
 
 # -----------------------------------------------------------------------------
-# Model: the seed's GPT. Its per-head modules are computed together here: one q/k/v matmul
+# Model: the original script's GPT. Its per-head modules are computed together here: one q/k/v matmul
 # and one fused attention kernel for all heads (the same function; tests compare the logits).
 
 class MultiHeadAttention(nn.Module):
@@ -149,7 +147,7 @@ class MultiHeadAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)     # each (B, nh, T, hs): one row per head
         if cache is not None:  # generation: append to the cached keys and values
             k, v = cache.update(k, v)            # each (B, nh, T_cached + T, hs)
-        # softmax(q k^T / sqrt(hs)) v with the causal mask and dropout on the weights, as the seed
+        # softmax(q k^T / sqrt(hs)) v with the causal mask and dropout on the weights, as the original
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)   # (B, T, nh * hs): the heads side by side
@@ -247,7 +245,7 @@ class BabyGPT(nn.Module):
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Weights in either layout: ours (one qkv matrix a layer: state_dict(), ckpt.pt) or the original
         script's (a module per head: model.pth). Another number of heads would compute another function."""
-        heads, n_head = seed_heads(state_dict), self.blocks[0].sa.n_head
+        heads, n_head = per_head_count(state_dict), self.blocks[0].sa.n_head
         if heads not in (0, n_head):
             raise ValueError(f"these weights have {heads} attention heads a layer and this model {n_head}; "
                              f"build it with BabyGPT(..., n_head={heads})")
@@ -288,7 +286,7 @@ class KVCache:
 # then keys, then values. The original script's model.pth keeps a module per head, keys like
 # blocks.0.sa.heads.3.query.weight, a tril mask buffer per head, and the spelling postion_embedding_table.
 
-def seed_heads(state_dict):
+def per_head_count(state_dict):
     """The number of attention heads a state_dict in the original script's layout has (0 for ours)."""
     found = (re.match(r"(?:module\.|_orig_mod\.)*blocks\.0\.sa\.heads\.(\d+)\.", k) for k in state_dict)
     return len({m[1] for m in found if m})
@@ -310,7 +308,7 @@ def fused_layout(state_dict):
             [parts[name][h] for name in ("query", "key", "value") for h in sorted(parts[name])])
     return out
 
-def seed_layout(state_dict, n_head, block_size):
+def per_head_layout(state_dict, n_head, block_size):
     """Our state_dict in the original script's layout, which its own classes load strictly."""
     tril = torch.tril(torch.ones(block_size, block_size))  # one tensor shared by every head's tril buffer
     out = {}
@@ -377,7 +375,7 @@ def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
     return loss
 
 def get_lr(it, cfg):
-    """The learning rate of step `it`: constant (the seed), or warmup then cosine decay."""
+    """The learning rate of step `it`: constant (as the original script), or warmup then cosine decay."""
     if cfg.lr_schedule == "constant":
         return cfg.learning_rate
     if it < cfg.warmup_iters:
@@ -405,33 +403,36 @@ def train(cfg, clock=None):
 
     # ---- the model and AdamW (--resume: as ckpt.pt left them; --init_from: a model.pth's weights)
     model = BabyGPT(tokenizer.vocab_size, cfg.block_size, cfg.n_embed, cfg.n_head, cfg.n_layer, cfg.dropout)
-    checkpoint = load_start(cfg, model, tokenizer)
+    resumed = load_start(cfg, model, tokenizer)  # ckpt.pt's contents with --resume, else None
     model.to(run.dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=run.dev.type in FUSED_ADAMW)
     # run.prepare decides the dtype (run.ctx autocasts to it; run.scaler scales float16 losses) and max_iters,
-    train_model = run.prepare(model, optimizer, tokenizer, data, checkpoint)  # then compiles, wraps for DDP, starts wandb
+    # compiles (on CUDA) and wraps for DDP (under torchrun). It starts wandb on the first process: online
+    # when logged in, else offline in ./wandb; the run's config is every setting above, as decided.
+    train_model = run.prepare(model, optimizer, tokenizer, data, resumed)
 
-    # ---- the loop. What Ctrl-C does (SIGTERM the same, with exit code 143 for 130):
-    #   before training                   quits at once; no file is written                     exit 130
-    #   during a training step            finishes the step, saves ckpt.pt, prints the resume command  exit 130
-    #   during an evaluation              abandons it (under torchrun: finishes it), then as above     exit 130
-    #   during the final generation/save  abandons them; model.pth stays as it was, ckpt.pt has every step  exit 130
-    #   after model.pth is written        quits at once; the run's files are all written        exit 130
-    #   a second Ctrl-C, at any moment    quits at once; every file on disk stays whole         exit 130
-    # Under torchrun the processes agree on a stop every 10 steps and exit 0 after it (else torchrun reports
-    # a failure); a Ctrl-C that came after the last agreement is too late and the run finishes (exit 0).
+    # ---- the loop. What Ctrl-C does (SIGTERM alike, but with exit code 143 where Ctrl-C's is 130):
+    #   before training, or in sample   quits at once, writing nothing                             exit 130
+    #   in a training step              finishes the step, saves ckpt.pt, prints the resume command  exit 130
+    #   in an evaluation                abandons it (under torchrun: finishes it), then as in a step exit 130
+    #   in the final generation or save abandons them: model.pth is unchanged, ckpt.pt has every step,
+    #                                   and the printed resume command only generates and saves   exit 130
+    #   once model.pth is saved         quits at once; the run's files are complete                exit 0
+    #   a second Ctrl-C                 quits at once; every file on disk is whole                  exit 130
+    # Under torchrun the processes agree on a stop every 10 steps (a Ctrl-C after the last agreement is too
+    # late: the run finishes), and each exits 0 after a stop, as torchrun reports any other code as a failure.
     it, samples, failure = run.start_iter, [], None
     with STOP.while_training(run.world):
         while True:
             last_step = it >= cfg.max_iters  # with max_minutes, an evaluation may move max_iters
             stopping = STOP.agreed(it, run.dev)  # a Ctrl-C came (under torchrun: every process knows it)
-            # ---- once in a while: evaluate, print, log to wandb, save a checkpoint (not when stopping)
-            if (it % cfg.eval_interval == 0 or last_step) and not run.evaluated(it) and not stopping:
+            # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (not when stopping, nor twice a step)
+            if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at and not stopping:
                 speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation
                 with STOP.at_once(), run.ctx:  # a Ctrl-C abandons this block (on one process); the loop stops below
-                    losses = estimate_loss(train_model, data, cfg, run.eval_batch, run.eval_generator(it),
-                                           run.eval_passes)  # this rank's batches for step it, batch_size / processes each
+                    losses = estimate_loss(train_model, data, cfg, run.eval_batch,  # batch_size / processes rows
+                                           run.eval_generator(it), run.eval_passes)  # step it's own batches
                     train_loss, val_loss = run.mean_losses(losses)  # the mean over all processes
                     if not math.isfinite(train_loss + val_loss):
                         failure = nonfinite_error(it, cfg)
@@ -448,7 +449,7 @@ def train(cfg, clock=None):
                         metrics["samples"] = run.table(["iteration", "prompt", "text"], samples)
                     run.log(metrics)
                     run.refit(it, last_step)  # max_minutes: max_iters fitted to this run's speed (the lr schedule stays)
-                    if last_step or run.checkpoint_due():  # the first, then each checkpoint_interval s, the last
+                    if last_step or time.time() - run.last_saved >= cfg.checkpoint_interval:  # first, last, and between
                         run.save_checkpoint(it, evaluated=True)
             if last_step or STOP.stopped:  # stopping, or a Ctrl-C abandoned the evaluation
                 break
@@ -474,10 +475,11 @@ def train(cfg, clock=None):
             for texts in generate_texts(model, tokenizer, cfg.prompts, cfg, run.dev):
                 say("\n".join(f"{text}\n{'-' * 10}" for text in texts))  # each text, then ten dashes
             # model.pth holds the weights alone, in the original script's layout: a module per head, keys like
-            # blocks.0.sa.heads.3.query.weight (see seed_layout); BabyGPT.load_state_dict takes it back
-            save_atomic(seed_layout(model.state_dict(), cfg.n_head, cfg.block_size), cfg.save_path)
+            # blocks.0.sa.heads.3.query.weight (see per_head_layout); BabyGPT.load_state_dict takes it back
+            save_atomic(per_head_layout(model.state_dict(), cfg.n_head, cfg.block_size), cfg.save_path)
             say(f"模型已保存到{cfg.save_path}")
-    # after a stop: ckpt.pt (see checkpoint below) and the resume command; wandb closed; the phase line
+    # after a stop: ckpt.pt (see checkpoint below) and the resume command; after a NaN: the error line.
+    # Always: wandb's summary gets the time of each phase and its run is closed; the phase line is printed.
     return run.finish(it, completed, failure)
 
 def checkpoint(run, it, evaluated):
@@ -486,7 +488,7 @@ def checkpoint(run, it, evaluated):
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(),  # float16's loss scale
             "iter_num": it, "evaluated": evaluated,  # steps done; whether step it's evaluation is done too
-            "best_val_loss": run.best_val, "chars": "".join(run.tokenizer.chars),  # the vocabulary
+            "chars": "".join(run.tokenizer.chars),  # the vocabulary
             "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},  # every setting, dtype and max_iters as decided
             "argv": list(cfg._argv), "measured": sorted(cfg._measured),  # the command line; what was measured
             "rng": run.rng_state(),  # so that a resumed run draws the batches an unstopped one would
@@ -553,7 +555,7 @@ def sample(cfg):
         return show(cfg.prompts)
     if not sys.stdin.isatty():
         raise UserError("no prompts given; pass --prompts=春江,往事 or run in a terminal to type them")
-    while True:  # like the seed's sample script: ask until end of input (Ctrl-D)
+    while True:  # like the original sample script: ask until end of input (Ctrl-D)
         try:
             prompt = input("请输入文字: ").strip()
         except EOFError:
@@ -581,27 +583,26 @@ def main(argv=None):
         report_error(e)
         return 1
     except torch.OutOfMemoryError:
-        report_error(UserError("out of GPU memory; lower --batch_size or --block_size, or raise "
-                               "--grad_accum_steps (same training, smaller pieces)", this_process=True))
+        report_error(ProcessError("out of GPU memory; lower --batch_size or --block_size, or raise "
+                                  "--grad_accum_steps (same training, smaller pieces)"))
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted; files on disk are intact", file=sys.stderr, flush=True)
-        return STOP.exit_code
+        return 0 if STOP.finished else 128 + (STOP.signum or signal.SIGINT)
 
 # =============================================================================
-# ---- plumbing: nothing below is needed to understand the model ----
+# ---- plumbing: how the story's promises are kept (parsing, the corpus, devices, timing, signals,
+# ---- files, wandb). What a run prints, logs, saves and does on Ctrl-C is all said above.
 # =============================================================================
 
 class UserError(Exception):
-    """A problem with the user's input or files: printed as one line, exit code 1. Under torchrun an error
-    every process meets is printed once; one that only this process met (this_process) by each, with its rank."""
+    """A problem with the user's input or files: one line, exit code 1 (under torchrun printed once)."""
 
-    def __init__(self, message, this_process=False):
-        super().__init__(message)
-        self.this_process = this_process
+class ProcessError(UserError):
+    """A UserError that only this process met (its GPU, its memory): under torchrun printed with its rank."""
 
 def report_error(e):
-    if "RANK" in os.environ and e.this_process:
+    if "RANK" in os.environ and isinstance(e, ProcessError):
         print(f"error: rank {os.environ['RANK']}: {e}", file=sys.stderr, flush=True)
     else:
         say(f"error: {e}", file=sys.stderr)
@@ -686,7 +687,7 @@ def parse_args(argv):
         m = re.fullmatch(r"--([A-Za-z_][A-Za-z0-9_]*)=(.*)", arg, re.S)
         if not m:
             raise UserError(f"cannot read {arg!r}: write overrides as --name=value (see --help)")
-        name = "train_data_ratio" if m[1] == "tain_data_ratio" else m[1]  # the seed's spelling
+        name = "train_data_ratio" if m[1] == "tain_data_ratio" else m[1]  # the original script's spelling
         if name not in cfg:
             raise UserError(f"unknown setting --{name}; valid: {', '.join(CONFIG_KEYS)}")
         overrides[name] = parse_value(name, m[2], cfg[name])
@@ -733,7 +734,7 @@ def validate_config(cfg):
 # -----------------------------------------------------------------------------
 # Data: the corpus file
 
-# The corpus, built to the seed's recipe from a pinned package (see build_corpus).
+# The corpus, built to the original script's recipe from a pinned package (see build_corpus).
 CORPUS_PACKAGE = "chinese-poetry@2.0.1"
 CORPUS_FILES = ([f"package/dist/songci/ci.song.{n}.json" for n in range(0, 22000, 1000)]
                 + ["package/dist/wudaishici/nantang/poetrys.json"])
@@ -837,8 +838,8 @@ def choose_device(name, local_rank=None):
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if local_rank is not None else (dev.index or 0))
         if dev.index >= torch.cuda.device_count():
-            raise UserError(f"cuda:{dev.index} is wanted but this machine has {torch.cuda.device_count()} GPU(s); "
-                            f"use fewer processes (--nproc_per_node) or another --device", this_process=True)
+            raise ProcessError(f"cuda:{dev.index} is wanted but this machine has {torch.cuda.device_count()} GPU(s); "
+                               f"use fewer processes (--nproc_per_node) or another --device")
     return dev
 
 def setup_distributed(cfg):
@@ -959,8 +960,8 @@ def probe_dtypes(model, data, micro_batch, dev, dtypes, budget=2.5):
     return {dt: t * micro_batch / rows + update for dt, t in steps.items()}, forward * micro_batch / rows
 
 def plan_run(cfg, model, data, run):
-    """The autocast dtype and, with max_minutes, the step count: decided once per training and kept in cfg (so
-    in ckpt.pt and the wandb config). Off CUDA auto is measured: CPUs with the same features disagree on bfloat16."""
+    """The autocast dtype, decided once per training and kept in cfg (so in ckpt.pt and the wandb config), and with
+    max_minutes the first fit of max_iters and the lr schedule (evaluations re-fit max_iters, never the schedule)."""
     dev, world, micro_batch = run.dev, run.world, run.micro_batch
     run.fitted = bool(cfg.max_minutes) and dev.type != "cuda" and "max_iters" not in cfg._explicit and not run.start_iter
     if dev.type == "cuda":
@@ -1079,7 +1080,7 @@ class Run:
         self.dtype = plan_run(cfg, model, data["train"], self)
         self.ctx = autocast(dev, self.dtype)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)
-        self.best_val, self.evaluated_first = math.inf, False
+        self.evaluated_at = None
         wandb_runs = self.resume(checkpoint) if checkpoint else {}  # the checkpoint's optimizer, RNG, wandb runs
         self.eval_passes = choose_eval_passes(cfg, self.eval_batch, tokenizer.vocab_size, dev)
         warm = functools.partial(warm_up, data=data, run=self)  # compiles on the passes training runs
@@ -1110,13 +1111,9 @@ class Run:
         say(f"resuming from {cfg.ckpt_path} at step {it}, in {cfg.dtype}")
         if it >= cfg.max_iters:
             say(f"note: the checkpoint already has {it} steps; raise --max_iters to train more")
-        self.best_val, self.evaluated_first = checkpoint["best_val_loss"], checkpoint.get("evaluated", False)
+        self.evaluated_at = it if checkpoint.get("evaluated") else None
         return {"id": checkpoint.get("wandb_id"), "group": checkpoint.get("wandb_group"),
                 "dirs": checkpoint.get("wandb_offline_dirs") or []}
-
-    def evaluated(self, it):
-        """Whether step `it` was evaluated already: the step a checkpoint was saved at an evaluation."""
-        return it == self.start_iter and self.evaluated_first
 
     def eval_generator(self, it):
         """Evaluation's own random batches: the same at step `it` however the run got there."""
@@ -1136,9 +1133,7 @@ class Run:
 
     def mean_losses(self, losses):
         """(train loss, val loss) averaged over the processes."""
-        train_loss, val_loss = all_mean([losses["train"], losses["val"]], self.dev, self.world)
-        self.best_val = min(self.best_val, val_loss)
-        return train_loss, val_loss
+        return all_mean([losses["train"], losses["val"]], self.dev, self.world)
 
     def finite(self, loss):
         """False when a training step's loss is NaN or infinite, as seen on one CPU process (True elsewhere)."""
@@ -1163,8 +1158,7 @@ class Run:
         self.logs_samples &= not isinstance(self.wandb, DummyWandb)
 
     def refit(self, it, last_step):
-        """max_minutes: max_iters becomes the steps that fit at this run's speed so far (evaluations
-        included), said when it moved 5% from the count last said, and updated in the wandb config."""
+        """max_minutes: max_iters re-fitted to this run's speed so far; said when it moved 5%, and sent to wandb."""
         if not self.fitted or it == self.start_iter or last_step:
             return
         before = self.cfg.max_iters
@@ -1175,9 +1169,6 @@ class Run:
         if abs(self.cfg.max_iters - self.announced) >= 0.05 * self.announced:  # news, not every 50 steps
             self.announced = self.cfg.max_iters
             say(f"max_minutes: {self.announced:,} steps fit now, at this run's speed so far")
-
-    def checkpoint_due(self):
-        return time.time() - self.last_saved >= self.cfg.checkpoint_interval
 
     def rng_state(self):
         return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.dev)} if self.dev.type == "cuda" else {})}
@@ -1190,17 +1181,15 @@ class Run:
         self.last_saved = time.time()
 
     def finish(self, it, completed, failure):
-        """Say how to resume (saving ckpt.pt) or repeat the run, close wandb and DDP, print the phase line;
-        returns the exit code, or raises the failure (a NaN loss) as a one-line error."""
+        """Save ckpt.pt and say how to resume after a stop; close wandb and DDP; the phase line; the exit code."""
         cfg, stopped = self.cfg, not (completed or failure)
         STOP.finished = completed and not STOP.cut_short  # model.pth is written: a Ctrl-C from now on exits 0
         if stopped:
             self.save_checkpoint(it, evaluated=False)
-            say(f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}. "
-                f"Resume with: {resume_command(cfg, self.world)}")
-        elif completed and STOP.cut_short:  # a Ctrl-C during the final generation or save
-            say(f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps. "
-                f"Resume with: {resume_command(cfg, self.world)}")
+        if stopped or (completed and STOP.cut_short):  # cut_short: a Ctrl-C in the final generation or save
+            where = (f"at step {it}; checkpoint saved to {cfg.ckpt_path}" if stopped else
+                     f"before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps")
+            say(f"{'' if stopped else chr(10)}interrupted {where}. Resume with: {resume_command(cfg, self.world)}")
         elif completed and cfg._measured:  # what this machine decided (dtype, steps), written out
             say(f"to repeat this run exactly: {repeat_command(cfg, self.world)}")
         seconds, total = self.clock.figures()
@@ -1216,7 +1205,7 @@ class Run:
         say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
         if failure:
             raise UserError(failure)
-        return STOP.exit_code if (stopped or STOP.cut_short) and self.world == 1 else 0
+        return 128 + STOP.signum if (stopped or STOP.cut_short) and self.world == 1 else 0  # 130: Ctrl-C; 143: SIGTERM
 
 def load_start(cfg, model, tokenizer):
     """With --resume the checkpoint, its weights loaded into model; else None (after --init_from)."""
@@ -1298,11 +1287,6 @@ class StopRequests:
             "(press Ctrl-C again to quit at once)", file=sys.stderr)
         if self.mode == "abandon":
             raise Interrupted
-
-    @property
-    def exit_code(self):
-        """After a stop: 130 for Ctrl-C, 143 for SIGTERM (the shell's 128 + the signal); 0 once model.pth is written."""
-        return 0 if self.finished else 128 + (self.signum or signal.SIGINT)
 
     @contextlib.contextmanager
     def while_training(self, world):
@@ -1408,8 +1392,7 @@ def model_pth_vocabulary(cfg, weights):
 SHAPE_KEYS = ("vocab_size", "block_size", "n_embed", "n_head", "n_layer")
 
 def state_dict_shape(sd, path):
-    """The shape settings a state_dict (either layout) was trained with; n_head only where the
-    original script's layout records it (as heads.N)."""
+    """The shape settings of a state_dict (either layout); n_head only where the per-head layout records it."""
     if not isinstance(sd, dict) or not any(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"{path} holds no model weights")
     ours = fused_layout(sd)
@@ -1420,7 +1403,7 @@ def state_dict_shape(sd, path):
                  "n_layer": len({k.split(".")[1] for k in ours if k.startswith("blocks.")})}
     except (KeyError, ValueError, AttributeError):
         raise UserError(f"{path} does not hold babygpt weights") from None
-    heads = seed_heads(sd)
+    heads = per_head_count(sd)
     return {**shape, "n_head": heads} if heads else shape
 
 def load_weights(model, sd, path, shape=None, fix="use the data and shape settings it was trained with"):
@@ -1504,10 +1487,8 @@ def choose_wandb_mode(cfg):
         return "offline"
 
 def start_wandb(cfg, dev, runs, start_iter):
-    """(run, runs): a wandb run (DummyWandb when off or unavailable, with a warning saying why), and
-    {id, group, dirs} of this training's wandb runs so far, for the checkpoint. Online, a resumed
-    training continues its run; offline runs cannot be resumed (runs with one id overwrite each
-    other when synced), so each piece is a new run in the group named after the first's id."""
+    """(a wandb run or a DummyWandb, with a warning why; {id, group, dirs} of this training's runs, for ckpt.pt).
+    Online a resume continues its run; offline each piece is a new run (one id would overwrite on sync), one group."""
     mode = choose_wandb_mode(cfg)
     if mode is None:
         return DummyWandb(), runs
@@ -1517,11 +1498,9 @@ def start_wandb(cfg, dev, runs, start_iter):
         if not re.fullmatch(r"\s*\d+(\.\d*)?\s*", timeout):
             raise ValueError(f"WANDB_INIT_TIMEOUT={timeout!r} is not a number of seconds")
         settings = wandb.Settings(silent=True, console="off", init_timeout=float(timeout))
-    except ImportError:
-        warn("wandb is not installed; metrics are printed only (pip install wandb)")
-        return DummyWandb(), runs
-    except Exception as e:  # a broken install, or a setting wandb refuses
-        warn(f"wandb could not start ({first_line(e)}); metrics are printed only")
+    except Exception as e:  # not installed, a broken install, or a setting wandb refuses
+        warn(f"wandb could not start ({first_line(e)}); metrics are printed only"
+             + (" (pip install wandb)" if isinstance(e, ImportError) else ""))
         return DummyWandb(), runs
     name = f"{cfg.n_layer}L-{cfg.n_embed} {os.path.basename(cfg.data_path)} {dev.type}"
     last_id, dirs = runs.get("id"), list(runs.get("dirs") or [])

@@ -235,7 +235,7 @@ def test_an_error_of_one_process_names_its_rank_and_a_shared_one_is_printed_once
     the user sees four copies of one line, or nothing from the process that failed."""
     monkeypatch.setenv("RANK", "3")
     babygpt.report_error(babygpt.UserError("n_embed must be divisible by n_head=5 (got 32)"))
-    babygpt.report_error(babygpt.UserError("cuda:3 is wanted but this machine has 2 GPU(s)", this_process=True))
+    babygpt.report_error(babygpt.ProcessError("cuda:3 is wanted but this machine has 2 GPU(s)"))
     assert capsys.readouterr().err == "error: rank 3: cuda:3 is wanted but this machine has 2 GPU(s)\n"
     monkeypatch.setenv("RANK", "0")
     babygpt.report_error(babygpt.UserError("n_embed must be divisible by n_head=5 (got 32)"))
