@@ -439,8 +439,9 @@ def train(cfg, clock=None):
                         break
                     say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                         f"speed: {speed:.2f} tokens/sec, time: {format_time(run.training_time())}")
-                    # wandb (the first process only): these metrics, charted against iteration; at the first
-                    # evaluation, every sample_interval steps and the last, also a table of every sample so far
+                    # wandb (first process only): these metrics, charted against iteration (the summary keeps the
+                    # lowest val_loss); at the first evaluation, every sample_interval steps and the last, a table
+                    # of every sample so far
                     metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
                                "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
                     if run.logs_samples and (not samples or last_step or it % cfg.sample_interval == 0):

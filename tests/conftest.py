@@ -412,8 +412,8 @@ def succeeded(res):
 
 
 def run_many(*jobs):
-    """Independent CLI runs [(args, cwd), ...], two at a time (one per core); results in order."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    """Independent CLI runs [(args, cwd), ...], one per CPU this process may use; results in order."""
+    with ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as pool:
         return list(pool.map(lambda job: run_cli(*job), jobs))
 
 

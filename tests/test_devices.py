@@ -420,15 +420,23 @@ def test_a_re_fit_gives_the_steps_left_in_the_minutes_at_the_measured_speed(it, 
 
 
 def test_a_fitted_run_re_fits_its_steps_to_the_speed_it_measures(corpus, monkeypatch, capsys):
-    """A probe that promised thousands of steps in the last 0.2 s of a minute is corrected at the first
-    evaluation: the run trains the 250 a fitted run trains at least, and ckpt.pt records them."""
+    """A probe that promised thousands of steps in the last 2 s of a minute is corrected at the first
+    evaluation, when the steps turned out slow: the run trains the 250 a fitted run trains at least, and ckpt.pt
+    records them."""
     monkeypatch.chdir(corpus.parent)
     clock = babygpt.PhaseClock()
 
     def probe(*args, **kwargs):
-        clock.start = time.time() - (60 - 5 - 0.2)
+        clock.start = time.time() - (60 - 5 - 2.0)  # 2 s left: 200,000 steps of 1e-5 s, or 1,000 on a slow machine
         return {F32: 1e-5}, 1e-5
     monkeypatch.setattr(babygpt, "probe_dtypes", probe)
+    real_step = babygpt.train_step
+
+    def slow_step(*args, **kwargs):  # the first step takes 5 s of the minute: none is left at step 50
+        if clock.start > time.time() - 60:
+            clock.start -= 5
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(babygpt, "train_step", slow_step)
     _, cfg = babygpt.parse_args([a for a in tiny("--max_minutes=1", "--eval_interval=50", data=corpus.name)
                                  if "max_iters" not in a])
     babygpt.train(cfg, clock)
