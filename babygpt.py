@@ -89,7 +89,7 @@ save_path = "model.pth"       # final weights, in the original script's layout (
 ckpt_path = "ckpt.pt"         # training state, for --resume=true and sample
 checkpoint_interval = 60      # seconds between checkpoints at evaluations (0 = every evaluation)
 resume = False                # continue from ckpt_path
-init_from = ""                # start from the weights of a model.pth (ours or the original script's)
+init_from = ""                # start from the weights of a model.pth (ours or the original script's) or ckpt.pt
 wandb_mode = "auto"           # auto = online when logged in, else offline; online, offline, disabled
 wandb_project = "babygpt"     # the Weights & Biases project
 sample_interval = 500         # log samples to wandb at the first evaluation, every this many steps and the last
@@ -194,7 +194,7 @@ class BabyGPT(nn.Module):
 
     def forward(self, idx, targets=None):
         idx = idx[:, -self.block_size:]  # the model only ever sees the last block_size tokens
-        x = self.embed(idx, start=0)     # (B, T, C)
+        x = self.embed(idx, start=0)     # (B, T, C) float32 (under autocast its matmuls run in bfloat16)
         for block in self.blocks:
             x = block(x)
         return self.head(x, None if targets is None else targets[:, -self.block_size:])
@@ -244,7 +244,7 @@ class BabyGPT(nn.Module):
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Weights in either layout: ours (one qkv matrix a layer: state_dict(), ckpt.pt) or the original
-        script's (a module per head: model.pth). Another number of heads would compute another function."""
+        script's (a module per head: model.pth), whose head count must be this model's (ours does not record it)."""
         heads, n_head = per_head_count(state_dict), self.blocks[0].sa.n_head
         if heads not in (0, n_head):
             raise ValueError(f"these weights have {heads} attention heads a layer and this model {n_head}; "
@@ -389,8 +389,8 @@ def get_lr(it, cfg):
 
 def train(cfg, clock=None):
     """The original script's steps: the text, tokenizer and split, the model and AdamW, the loop, generate,
-    save model.pth. Returns the exit code: 0, or 130 (143) when Ctrl-C (SIGTERM) stopped the run."""
-    run = Run(cfg, clock)  # this process: its device and torchrun rank, clock, wandb run, checkpoints
+    save model.pth. Returns the exit code (see the Ctrl-C table); a NaN loss raises its one-line error."""
+    run = Run(cfg, clock)  # this process: run.rank of run.world processes (1 without torchrun), on run.dev
 
     # ---- the text, its tokenizer, and the train/validation split
     text = load_corpus(cfg.data_path, run.world)
@@ -407,19 +407,22 @@ def train(cfg, clock=None):
     model.to(run.dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=run.dev.type in FUSED_ADAMW)
-    # run.prepare decides the dtype (run.ctx autocasts to it; run.scaler scales float16 losses) and max_iters,
-    # compiles (on CUDA) and wraps for DDP (under torchrun). It starts wandb on the first process: online
-    # when logged in, else offline in ./wandb; the run's config is every setting above, as decided.
+    # run.prepare decides the dtype (run.ctx autocasts the matmuls to it; run.scaler scales float16 losses) and
+    # max_iters, compiles (on CUDA) and wraps for DDP (under torchrun). On the first process only it starts wandb:
+    # online when logged in, else offline in ./wandb; named like "6L-384 ci.txt cuda", tagged with the device and
+    # dtype, with this file's code, and every setting above (as decided) as its config.
     train_model = run.prepare(model, optimizer, tokenizer, data, resumed)
 
-    # ---- the loop. What Ctrl-C does (SIGTERM alike, but with exit code 143 where Ctrl-C's is 130):
-    #   before training, or in sample   quits at once, writing nothing                             exit 130
-    #   in a training step              finishes the step, saves ckpt.pt, prints the resume command  exit 130
-    #   in an evaluation                abandons it (under torchrun: finishes it), then as in a step exit 130
-    #   in the final generation or save abandons them: model.pth is unchanged, ckpt.pt has every step,
-    #                                   and the printed resume command only generates and saves   exit 130
-    #   once model.pth is saved         quits at once; the run's files are complete                exit 0
-    #   a second Ctrl-C                 quits at once; every file on disk is whole                  exit 130
+    # ---- the loop. What Ctrl-C does (SIGTERM the same; the exit code is 130 after Ctrl-C, 143 after SIGTERM):
+    #   in start-up, or in sample   quits at once: "interrupted; files on disk are intact"           exit 130
+    #   in a training step          "stopping after this step"; finishes it, saves ckpt.pt and prints
+    #                               "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: ..."  exit 130
+    #   in an evaluation            "stopping now"; abandons it (under torchrun: finishes it), then as above
+    #   in the final generation     "stopping now"; model.pth stays as it was, ckpt.pt (saved at the last
+    #     or save                   evaluation) has every step; the printed resume command generates and saves  exit 130
+    #   after model.pth is written  quits at once: the run's files are complete                       exit 0
+    #   a second Ctrl-C             quits at once, as in start-up (no phase line; wandb is not closed); the
+    #                               files on disk are whole: ckpt.pt as last saved                   exit 130
     # Under torchrun the processes agree on a stop every 10 steps (a Ctrl-C after the last agreement is too
     # late: the run finishes), and each exits 0 after a stop, as torchrun reports any other code as a failure.
     it, samples, failure = run.start_iter, [], None
@@ -431,17 +434,19 @@ def train(cfg, clock=None):
             if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at and not stopping:
                 speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation
                 with STOP.at_once(), run.ctx:  # a Ctrl-C abandons this block (on one process); the loop stops below
-                    losses = estimate_loss(train_model, data, cfg, run.eval_batch,  # batch_size / processes rows
-                                           run.eval_generator(it), run.eval_passes)  # step it's own batches
-                    train_loss, val_loss = run.mean_losses(losses)  # the mean over all processes
+                    # eval_iters batches of batch_size / processes rows a split, from a generator of their own seeded
+                    # by the step (the same batches at step it in every run, resumed or not); the mean over processes
+                    losses = estimate_loss(train_model, data, cfg, run.eval_batch, run.eval_generator(it),
+                                           run.eval_passes)
+                    train_loss, val_loss = all_mean([losses["train"], losses["val"]], run.dev, run.world)
                     if not math.isfinite(train_loss + val_loss):
                         failure = nonfinite_error(it, cfg)
                         break
                     say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                        f"speed: {speed:.2f} tokens/sec, time: {format_time(run.training_time())}")
+                        f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - run.start_time)}")
                     # wandb (first process only): these metrics, charted against iteration (the summary keeps the
-                    # lowest val_loss); at the first evaluation, every sample_interval steps and the last, a table
-                    # of every sample so far
+                    # lowest val_loss); at this run's first evaluation, every sample_interval steps and the last,
+                    # a table of every sample this run (since its start or resume) has made
                     metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
                                "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
                     if run.logs_samples and (not samples or last_step or it % cfg.sample_interval == 0):
@@ -449,7 +454,7 @@ def train(cfg, clock=None):
                         samples += [[it, prompt, text] for prompt, ts in zip(cfg.prompts, texts) for text in ts]
                         metrics["samples"] = run.table(["iteration", "prompt", "text"], samples)
                     run.log(metrics)
-                    run.refit(it, last_step)  # max_minutes: max_iters fitted to this run's speed (the lr schedule stays)
+                    run.refit(it, last_step)  # max_minutes: max_iters re-fitted to the speed so far (and to wandb's config)
                     if last_step or time.time() - run.last_saved >= cfg.checkpoint_interval:  # first, last, and between
                         run.save_checkpoint(it, evaluated=True)
             if last_step or STOP.stopped:  # stopping, or a Ctrl-C abandoned the evaluation
@@ -478,13 +483,15 @@ def train(cfg, clock=None):
             # model.pth holds the weights alone, in the original script's layout: a module per head, keys like
             # blocks.0.sa.heads.3.query.weight (see per_head_layout); BabyGPT.load_state_dict takes it back
             save_atomic(per_head_layout(model.state_dict(), cfg.n_head, cfg.block_size), cfg.save_path)
+            STOP.finished = True  # from here on a Ctrl-C exits 0
             say(f"模型已保存到{cfg.save_path}")
-    # after a stop: ckpt.pt (see checkpoint below) and the resume command; after a NaN: the error line.
-    # Always: wandb's summary gets the time of each phase and its run is closed; the phase line is printed.
+    # After a stop: ckpt.pt (see checkpoint below) and the resume command. Then wandb's summary gets time/<phase>
+    # and time/total and its run is closed (as failed after a NaN), and the phase line is printed.
     return run.finish(it, completed, failure)
 
 def checkpoint(run, it, evaluated):
-    """What ckpt.pt holds: all that --resume and sample need, the weights in our layout (one qkv a layer)."""
+    """What ckpt.pt holds: all that --resume and sample need, the weights in our layout (one qkv a layer).
+    The first process writes it (as model.pth) to a temporary file, then renames it: it is never half-written."""
     cfg = run.cfg
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(),  # float16's loss scale
@@ -523,8 +530,9 @@ def sample(cfg):
     """python babygpt.py sample: continue the prompts (or typed ones) with a trained model."""
     dev = choose_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    # The model comes from ckpt_path if it exists, else from save_path; its shape always comes from the file,
-    # so the shape constants at the top (block_size, n_embed, n_layer) are not used here.
+    # The model comes from ckpt_path if it exists, else from save_path. Its shape comes from the file, never from the
+    # constants at the top: vocab_size, n_embed and block_size from its embedding tables, n_layer from its blocks,
+    # n_head from ckpt.pt's settings or model.pth's per-head keys (a model.pth in our layout: --n_head).
     if os.path.exists(cfg.ckpt_path):  # ckpt.pt: the weights, the vocabulary and the settings of the training
         state, shape = read_checkpoint(cfg.ckpt_path)  # n_head from its settings
         weights, tokenizer = state["model"], Tokenizer(state["chars"])
@@ -532,7 +540,7 @@ def sample(cfg):
     elif os.path.exists(cfg.save_path):  # model.pth: weights only; the vocabulary is that of data_path
         weights, source = load_file(cfg.save_path, "model file"), cfg.save_path
         tokenizer = model_pth_vocabulary(cfg, weights)
-        shape = {"n_head": cfg.n_head, **state_dict_shape(weights, source)}  # its per-head keys count its heads
+        shape = {"n_head": cfg.n_head, **state_dict_shape(weights, source)}
     else:
         raise UserError(f"no model to sample from: neither {cfg.ckpt_path} nor {cfg.save_path} "
                         f"exists; train one first with: python babygpt.py")
@@ -1129,13 +1137,6 @@ class Run:
         self.last_eval, self.trained_before = it, trained
         return speed
 
-    def training_time(self):
-        return time.time() - self.start_time
-
-    def mean_losses(self, losses):
-        """(train loss, val loss) averaged over the processes."""
-        return all_mean([losses["train"], losses["val"]], self.dev, self.world)
-
     def finite(self, loss):
         """False when a training step's loss is NaN or infinite, as seen on one CPU process (True elsewhere)."""
         return not (self.dev.type == "cpu" and self.world == 1) or math.isfinite(loss.item())
@@ -1163,7 +1164,7 @@ class Run:
         if not self.fitted or it == self.start_iter or last_step:
             return
         before = self.cfg.max_iters
-        fit_steps(self.cfg, it, self.training_time() / (it - self.start_iter), 0, self)
+        fit_steps(self.cfg, it, (time.time() - self.start_time) / (it - self.start_iter), 0, self)
         if self.cfg.max_iters != before:
             update = {"max_iters": self.cfg.max_iters}
             self.wandb = wandb_call(self.wandb, "config update", lambda w: w.config.update(update, allow_val_change=True))
@@ -1184,7 +1185,6 @@ class Run:
     def finish(self, it, completed, failure):
         """Save ckpt.pt and say how to resume after a stop; close wandb and DDP; the phase line; the exit code."""
         cfg, stopped = self.cfg, not (completed or failure)
-        STOP.finished = completed and not STOP.cut_short  # model.pth is written: a Ctrl-C from now on exits 0
         if stopped:
             self.save_checkpoint(it, evaluated=False)
         if stopped or (completed and STOP.cut_short):  # cut_short: a Ctrl-C in the final generation or save
@@ -1226,8 +1226,7 @@ def load_start(cfg, model, tokenizer):
     return None
 
 def keep_settings(cfg, state):
-    """On resume, the decisions the checkpoint recorded: its dtype (so the run stays exact) and,
-    when fitted to max_minutes, its step count and schedule. An explicit setting still wins."""
+    """On resume, the checkpoint's dtype (so the run stays exact) and max_minutes fit; explicit settings win."""
     saved = state.get("config", {})
     recorded = saved.get("dtype", "auto")
     if recorded != "auto" and "dtype" not in cfg._explicit:
@@ -1305,7 +1304,7 @@ class StopRequests:
         try:
             yield
         except Interrupted:
-            self.cut_short = True
+            self.cut_short = not self.finished
         finally:
             self.mode = before
 
