@@ -83,7 +83,7 @@ dtype = "auto"                # auto = bfloat16 (or float16) on CUDA, else measu
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU without accumulation, else default
 preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
-max_minutes = 0               # 0 = off; else, off CUDA, max_iters becomes the steps that fit in these minutes
+max_minutes = 0               # 0 = off; else a fresh run off CUDA without --max_iters trains what fits in these minutes
 # files and logging
 save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
 ckpt_path = "ckpt.pt"         # training state, for --resume=true and sample
@@ -194,7 +194,7 @@ class BabyGPT(nn.Module):
 
     def forward(self, idx, targets=None):
         idx = idx[:, -self.block_size:]  # the model only ever sees the last block_size tokens
-        x = self.embed(idx, start=0)     # (B, T, C) float32 (under autocast its matmuls run in bfloat16)
+        x = self.embed(idx, start=0)     # (B, T, C) float32 (autocast lowers only the matmuls' precision)
         for block in self.blocks:
             x = block(x)
         return self.head(x, None if targets is None else targets[:, -self.block_size:])
@@ -243,7 +243,7 @@ class BabyGPT(nn.Module):
         return self.lm_head(self.ln_final(x[:, -1, :]))  # only the last position is needed
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        """Weights in either layout: ours (one qkv matrix a layer: state_dict(), ckpt.pt) or the original
+        """Weights in either layout: ours (one qkv matrix a layer: state_dict(), ckpt.pt["model"]) or the original
         script's (a module per head: model.pth), whose head count must be this model's (ours does not record it)."""
         heads, n_head = per_head_count(state_dict), self.blocks[0].sa.n_head
         if heads not in (0, n_head):
@@ -417,7 +417,7 @@ def train(cfg, clock=None):
     #   in start-up, or in sample   quits at once: "interrupted; files on disk are intact"           exit 130
     #   in a training step          "stopping after this step"; finishes it, saves ckpt.pt and prints
     #                               "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: ..."  exit 130
-    #   in an evaluation            "stopping now"; abandons it (under torchrun: finishes it), then as above
+    #   in an evaluation            "stopping now"; abandons it, then as above (under torchrun: as in a step)
     #   in the final generation     "stopping now"; model.pth stays as it was, ckpt.pt (saved at the last
     #     or save                   evaluation) has every step; the printed resume command generates and saves  exit 130
     #   after model.pth is written  quits at once: the run's files are complete                       exit 0
@@ -425,39 +425,15 @@ def train(cfg, clock=None):
     #                               files on disk are whole: ckpt.pt as last saved                   exit 130
     # Under torchrun the processes agree on a stop every 10 steps (a Ctrl-C after the last agreement is too
     # late: the run finishes), and each exits 0 after a stop, as torchrun reports any other code as a failure.
-    it, samples, failure = run.start_iter, [], None
+    it, samples, failure = run.start_iter, [], None  # samples: the texts this run has logged to wandb
     with STOP.while_training(run.world):
         while True:
             last_step = it >= cfg.max_iters  # with max_minutes, an evaluation may move max_iters
             stopping = STOP.agreed(it, run.dev)  # a Ctrl-C came (under torchrun: every process knows it)
             # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (not when stopping, nor twice a step)
             if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at and not stopping:
-                speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation
-                with STOP.at_once(), run.ctx:  # a Ctrl-C abandons this block (on one process); the loop stops below
-                    # eval_iters batches of batch_size / processes rows a split, from a generator of their own seeded
-                    # by the step (the same batches at step it in every run, resumed or not); the mean over processes
-                    losses = estimate_loss(train_model, data, cfg, run.eval_batch, run.eval_generator(it),
-                                           run.eval_passes)
-                    train_loss, val_loss = all_mean([losses["train"], losses["val"]], run.dev, run.world)
-                    if not math.isfinite(train_loss + val_loss):
-                        failure = nonfinite_error(it, cfg)
-                        break
-                    say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                        f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - run.start_time)}")
-                    # wandb (first process only): these metrics, charted against iteration (the summary keeps the
-                    # lowest val_loss); at this run's first evaluation, every sample_interval steps and the last,
-                    # a table of every sample this run (since its start or resume) has made
-                    metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
-                               "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
-                    if run.logs_samples and (not samples or last_step or it % cfg.sample_interval == 0):
-                        texts = generate_texts(model, tokenizer, cfg.prompts, cfg, run.dev, run.sample_generator(it))
-                        samples += [[it, prompt, text] for prompt, ts in zip(cfg.prompts, texts) for text in ts]
-                        metrics["samples"] = run.table(["iteration", "prompt", "text"], samples)
-                    run.log(metrics)
-                    run.refit(it, last_step)  # max_minutes: max_iters re-fitted to the speed so far (and to wandb's config)
-                    if last_step or time.time() - run.last_saved >= cfg.checkpoint_interval:  # first, last, and between
-                        run.save_checkpoint(it, evaluated=True)
-            if last_step or STOP.stopped:  # stopping, or a Ctrl-C abandoned the evaluation
+                failure = evaluate(run, train_model, data, it, last_step, samples)  # a NaN loss: its error
+            if last_step or STOP.stopped or failure:  # STOP.stopped: stopping, or a Ctrl-C abandoned the evaluation
                 break
 
             # -------------------- TRAINING SECTION BEGIN --------------------
@@ -465,10 +441,11 @@ def train(cfg, clock=None):
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(it, cfg)
             # grad_accum_steps micro-batches of run.micro_batch = batch_size / (grad_accum_steps x processes)
+            # sequences: x and y (micro_batch, block_size) ids; logits (micro_batch, block_size, vocab); loss, a number
             batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
             loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
-            if not run.finite(loss):  # checked every step on one CPU process; on a GPU .item() would wait for it
-                failure = nonfinite_error(it, cfg)
+            if run.dev.type == "cpu" and run.world == 1 and not math.isfinite(loss.item()):  # on a GPU: a wait
+                failure = nonfinite_error(it, cfg)  # found at its step on one CPU process, else at the evaluation
                 break
             # -------------------- TRAINING SECTION END ----------------------
             it += 1
@@ -489,9 +466,39 @@ def train(cfg, clock=None):
     # and time/total and its run is closed (as failed after a NaN), and the phase line is printed.
     return run.finish(it, completed, failure)
 
+def evaluate(run, train_model, data, it, last_step, samples):
+    """The loop's evaluation at step it: the losses, the printed line, wandb's row (and samples), max_minutes'
+    re-fit, and ckpt.pt. Returns the error of a NaN or infinite loss, else None."""
+    cfg = run.cfg
+    speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation
+    with STOP.at_once(), run.ctx:  # a Ctrl-C abandons this evaluation (on one process); the loop then stops
+        # eval_iters batches of batch_size / processes rows a split, from a generator of their own seeded by
+        # the step (the same batches at step it in every run, resumed or not); then the mean over processes
+        losses = estimate_loss(train_model, data, cfg, run.eval_batch, run.eval_generator(it), run.eval_passes)
+        train_loss, val_loss = all_mean([losses["train"], losses["val"]], run.dev, run.world)
+        if not math.isfinite(train_loss + val_loss):
+            return nonfinite_error(it, cfg)
+        say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+            f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - run.start_time)}")
+        # wandb (first process only): these metrics, charted against iteration (the summary keeps the lowest
+        # val_loss); at this run's first evaluation, every sample_interval steps and the last, a table of every
+        # sample this run (since its start or resume) has made, drawn apart so that training is unchanged
+        metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
+                   "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
+        if run.logs_samples and (not samples or last_step or it % cfg.sample_interval == 0):
+            draws = torch.Generator(device=generator_device(run.dev)).manual_seed(cfg.seed + it)
+            texts = generate_texts(run.model, run.tokenizer, cfg.prompts, cfg, run.dev, draws)
+            samples += [[it, prompt, text] for prompt, ts in zip(cfg.prompts, texts) for text in ts]
+            metrics["samples"] = run.table(["iteration", "prompt", "text"], samples)
+        run.log(metrics)
+        run.refit(it, last_step)  # max_minutes: max_iters re-fitted to the speed so far (and to wandb's config)
+        # ckpt.pt at the first evaluation (replacing an older one), the last, and checkpoint_interval s apart
+        if last_step or time.time() - run.last_saved >= cfg.checkpoint_interval:
+            run.save_checkpoint(it, evaluated=True)
+
 def checkpoint(run, it, evaluated):
     """What ckpt.pt holds: all that --resume and sample need, the weights in our layout (one qkv a layer).
-    The first process writes it (as model.pth) to a temporary file, then renames it: it is never half-written."""
+    The first process writes it, like model.pth, to a temporary file and then renames it: never half-written."""
     cfg = run.cfg
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(),  # float16's loss scale
@@ -530,9 +537,9 @@ def sample(cfg):
     """python babygpt.py sample: continue the prompts (or typed ones) with a trained model."""
     dev = choose_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    # The model comes from ckpt_path if it exists, else from save_path. Its shape comes from the file, never from the
+    # The model comes from ckpt_path if it exists, else from save_path. Its shape comes from the file, not from the
     # constants at the top: vocab_size, n_embed and block_size from its embedding tables, n_layer from its blocks,
-    # n_head from ckpt.pt's settings or model.pth's per-head keys (a model.pth in our layout: --n_head).
+    # n_head from ckpt.pt's settings or model.pth's per-head keys (only a model.pth in our layout takes --n_head).
     if os.path.exists(cfg.ckpt_path):  # ckpt.pt: the weights, the vocabulary and the settings of the training
         state, shape = read_checkpoint(cfg.ckpt_path)  # n_head from its settings
         weights, tokenizer = state["model"], Tokenizer(state["chars"])
@@ -576,8 +583,8 @@ def sample(cfg):
             show([prompt])
 
 def main(argv=None):
-    """The command line: parse, validate, then train or sample. Returns the exit code: 0 when done, 1 after
-    an error (one line), 130 or 143 after Ctrl-C or SIGTERM (see the table in train)."""
+    """The command line: parse, validate, then train or sample. Returns the exit code of `python babygpt.py`:
+    0 when done, 1 after an error (one line), 130 or 143 after Ctrl-C or SIGTERM (the table in train())."""
     clock = PhaseClock(None if argv is None else time.time())
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -1136,14 +1143,6 @@ class Run:
         speed = tokens / max(trained - self.trained_before, 1e-9) if tokens else 0.0
         self.last_eval, self.trained_before = it, trained
         return speed
-
-    def finite(self, loss):
-        """False when a training step's loss is NaN or infinite, as seen on one CPU process (True elsewhere)."""
-        return not (self.dev.type == "cpu" and self.world == 1) or math.isfinite(loss.item())
-
-    def sample_generator(self, it):
-        """The random draws of the samples logged at step it: their own, so that training is unchanged."""
-        return torch.Generator(device=generator_device(self.dev)).manual_seed(self.cfg.seed + it)
 
     def table(self, columns, rows):
         """A wandb.Table, or None (a warning, and no samples from then on) if wandb cannot make one."""
