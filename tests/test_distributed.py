@@ -240,3 +240,17 @@ def test_an_error_of_one_process_names_its_rank_and_a_shared_one_is_printed_once
     monkeypatch.setenv("RANK", "0")
     babygpt.report_error(babygpt.UserError("n_embed must be divisible by n_head=5 (got 32)"))
     assert capsys.readouterr().err == "error: n_embed must be divisible by n_head=5 (got 32)\n"
+
+
+def test_under_torchrun_a_ctrl_c_in_an_evaluation_lets_every_process_finish_it():
+    """Under torchrun every process must finish an evaluation (its losses are averaged across them): one that
+    abandoned it would leave the others waiting forever. On one process the same press abandons it at once."""
+    finished = []
+    for world in (2, 1):
+        stop = babygpt.StopRequests()
+        with stop.while_training(world):
+            with stop.at_once():
+                stop.on_signal(signal.SIGINT, None)
+                finished.append(world)
+        assert stop.signum == signal.SIGINT and stop.cut_short == (world == 1)
+    assert finished == [2]
