@@ -1,7 +1,7 @@
 """
 babygpt: a character-level GPT that learns to write Song-dynasty ci (宋词). A faithful refactor of
 the teaching script babygpt_v12_wandb.py ("the original script" below): its constants, then its
-story (tokenizer, model, batches and evaluation, training loop, sampling, main), then, below a
+story (tokenizer, model, batches, training loop, the weights' layouts, sampling, main), then, below a
 banner, the plumbing: mechanisms whose effects the story already states.
 
     python babygpt.py                        # train with the constants below, then generate
@@ -63,7 +63,7 @@ eval_interval = 50            # evaluate every this many steps (and at the last 
 eval_iters = 100              # batches per split in one evaluation
 learning_rate = 3e-4          # AdamW's step size
 weight_decay = 0.01           # AdamW's default, which the original script used
-grad_accum_steps = 1          # split each batch into this many micro-batches to save memory
+grad_accum_steps = 1          # split each batch into this many micro-batches to save training memory
 grad_clip = 0.0               # 0 = off; else clip the gradient norm to this value
 lr_schedule = "constant"      # constant, or cosine: linear warmup, cosine decay to min_lr
 warmup_iters = 0              # warmup steps of the cosine schedule
@@ -353,6 +353,7 @@ def train(cfg, clock=None):
     #                                   processes), and an evaluation batch, batch_size / processes
     #   run.ctx, run.scaler             autocast to the run's dtype, and float16's loss scaling (else off)
     #   run.start_iter, run.evaluated_at  the first step (a resume's), and the step ckpt.pt already evaluated
+    #   run.log, run.logs_samples       a row to wandb (first process only); whether wandb is on and takes samples
     #   run.save_checkpoint, run.finish ckpt.pt (see checkpoint()); the end of a run (see the end of train())
 
     # ---- the text, its tokenizer, and the train/validation split
@@ -364,7 +365,7 @@ def train(cfg, clock=None):
     data = {"train": ids[:n].to(run.dev), "val": ids[n:].to(run.dev)}
     check_split(data, cfg)
 
-    # ---- the model and AdamW (--resume: as ckpt.pt left them; --init_from: a model.pth's weights)
+    # ---- the model and AdamW (--resume: as ckpt.pt left them; --init_from: a model.pth's or ckpt.pt's weights)
     model = BabyGPT(tokenizer.vocab_size, cfg.block_size, cfg.n_embed, cfg.n_head, cfg.n_layer, cfg.dropout)
     resumed = load_start(cfg, model, tokenizer)  # ckpt.pt's contents with --resume, else None
     model.to(run.dev)
@@ -378,6 +379,7 @@ def train(cfg, clock=None):
 
     # ---- the loop. What Ctrl-C does (SIGTERM the same; the exit code is 130 after Ctrl-C, 143 after SIGTERM):
     #   in start-up, or in sample   quits at once: "interrupted; files on disk are intact"           exit 130
+    #   (a new run, without --resume, replaces an older ckpt.pt at its first evaluation, step 0)
     #   in a training step          "stopping after this step"; finishes it, saves ckpt.pt and prints
     #                               "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: ..."  exit 130
     #   in an evaluation            "stopping now"; abandons it, then as above (under torchrun: as in a step)
@@ -1113,8 +1115,7 @@ class Run:
                                        else (DummyWandb(), wandb_runs))
         self.eval_gen = torch.Generator(device=generator_device(dev))
         self.logs_samples = bool(cfg.prompts) and not isinstance(self.wandb, DummyWandb)
-        self.announced = cfg.max_iters
-        self.last_saved, self.last_eval, self.trained_before = -math.inf, self.start_iter, 0.0
+        self.last_saved, self.last_eval, self.trained_before, self.announced = -math.inf, self.start_iter, 0.0, cfg.max_iters
         self.start_time = time.time()
         return train_model
 
