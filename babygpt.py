@@ -194,7 +194,7 @@ class BabyGPT(nn.Module):
 
     def forward(self, idx, targets=None):
         idx = idx[:, -self.block_size:]  # the model only ever sees the last block_size tokens
-        x = self.embed(idx, start=0)     # (B, T, C) float32, (64, 256, 384) at the defaults (autocast: matmuls only)
+        x = self.embed(idx, start=0)     # (B, T, C) float32: (64, 256, 384) at the defaults on one process
         for block in self.blocks:
             x = block(x)
         return self.head(x, None if targets is None else targets[:, -self.block_size:])
@@ -244,7 +244,7 @@ class BabyGPT(nn.Module):
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Weights in either layout: ours (one qkv matrix a layer: state_dict(), ckpt.pt["model"]) or the original
-        script's (a module per head: model.pth), whose head count must be this model's (ours does not record it)."""
+        script's (a module per head: model.pth), whose head count must be this model's; ours records none."""
         heads, n_head = per_head_count(state_dict), self.blocks[0].sa.n_head
         if heads not in (0, n_head):
             raise ValueError(f"these weights have {heads} attention heads a layer and this model {n_head}; "
@@ -379,7 +379,6 @@ def train(cfg, clock=None):
 
     # ---- the loop. What Ctrl-C does (SIGTERM the same; the exit code is 130 after Ctrl-C, 143 after SIGTERM):
     #   in start-up, or in sample   quits at once: "interrupted; files on disk are intact"           exit 130
-    #   (a new run, without --resume, replaces an older ckpt.pt at its first evaluation, step 0)
     #   in a training step          "stopping after this step"; finishes it, saves ckpt.pt and prints
     #                               "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: ..."  exit 130
     #   in an evaluation            "stopping now"; abandons it, then as above (under torchrun: as in a step)
@@ -422,13 +421,14 @@ def train(cfg, clock=None):
         with STOP.at_once(), run.ctx:  # a Ctrl-C here leaves model.pth as it was; ckpt.pt holds the last step
             for texts in generate_texts(model, tokenizer, cfg.prompts, cfg, run.dev):
                 say("\n".join(f"{text}\n{'-' * 10}" for text in texts))  # each text, then ten dashes
-            # model.pth holds the weights alone, in the original script's layout: a module per head, keys like
-            # blocks.0.sa.heads.3.query.weight (see per_head_layout); BabyGPT.load_state_dict takes it back
-            save_atomic(per_head_layout(model.state_dict(), cfg.n_head, cfg.block_size), cfg.save_path)
+            # model.pth: the weights alone, on the CPU, in the original script's layout (a module per head: keys
+            # like blocks.0.sa.heads.3.query.weight, and tril masks); BabyGPT.load_state_dict takes it back
+            weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
+            save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)
             STOP.finished = True  # from here on a Ctrl-C exits 0
             say(f"模型已保存到{cfg.save_path}")
     # After a stop: ckpt.pt (see checkpoint below) and the resume command. Then wandb's summary gets time/<phase>
-    # and time/total and its run is closed (as failed after a NaN), and the phase line is printed.
+    # and time/total, its run is closed (as failed after a NaN), and the phase line is printed.
     return run.finish(it, completed, failure)
 
 def evaluate(run, train_model, data, it, last_step, samples):

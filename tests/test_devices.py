@@ -726,3 +726,13 @@ def test_cuda_get_batch_gathers_on_the_device():
         offsets = x[:, 0]
         want = offsets[:, None] + torch.arange(16, device="cuda")
         assert torch.equal(x, want) and torch.equal(y, want + 1)
+
+
+@cuda
+def test_cuda_model_pth_holds_cpu_tensors_that_load_on_a_machine_without_a_gpu(corpus, monkeypatch, capsys):
+    """A model.pth trained on a GPU must load with a plain torch.load on a laptop without one: its tensors are
+    saved on the CPU."""
+    monkeypatch.chdir(corpus.parent)
+    assert run_main(capsys, tiny("--device=cuda", "--compile=false", data=corpus.name)).returncode == 0
+    weights = torch.load("model.pth", weights_only=True)
+    assert {t.device.type for t in weights.values()} == {"cpu"}
