@@ -1190,9 +1190,9 @@ class Run:
         if stopped:
             self.save_checkpoint(it, evaluated=False)
         if stopped or (completed and STOP.cut_short):  # cut_short: a Ctrl-C in the final generation or save
-            where = (f"at step {it}; checkpoint saved to {cfg.ckpt_path}" if stopped else
-                     f"before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps")
-            say(f"{'' if stopped else chr(10)}interrupted {where}. Resume with: {resume_command(cfg, self.world)}")
+            what = (f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}" if stopped else
+                    f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps")
+            say(f"{what}. Resume with: {resume_command(cfg, self.world)}")
         elif completed and cfg._measured:  # what this machine decided (dtype, steps), written out
             say(f"to repeat this run exactly: {repeat_command(cfg, self.world)}")
         seconds, total = self.clock.figures()
