@@ -10,7 +10,7 @@ banner, the plumbing: mechanisms whose effects the story already states.
     python babygpt.py sample                 # generate from ckpt.pt (or model.pth)
     torchrun --standalone --nproc_per_node=4 babygpt.py   # several GPUs
 
-Importing this file only defines things; nothing runs until main().
+Importing this file (as the tests do) runs nothing; a run starts in main().
 """
 
 import os
@@ -59,7 +59,7 @@ dropout = 0.2                 # share of activations zeroed while training
 # training
 batch_size = 64               # sequences per optimizer step (over all micro-batches and GPUs)
 max_iters = 5000              # optimizer steps
-eval_interval = 50            # evaluate every this many steps (and at the last step)
+eval_interval = 50            # evaluate every this many steps (step 0 included) and at the last step
 eval_iters = 100              # batches per split in one evaluation
 learning_rate = 3e-4          # AdamW's step size
 weight_decay = 0.01           # AdamW's default, which the original script used
@@ -69,7 +69,7 @@ lr_schedule = "constant"      # constant, or cosine: linear warmup, cosine decay
 warmup_iters = 0              # warmup steps of the cosine schedule
 lr_decay_iters = 0            # 0 = max_iters; else the step where the cosine reaches min_lr
 min_lr = 3e-5                 # where the cosine schedule ends
-seed = 42                     # the random seed; a CPU run with dtype and max_iters given (not measured) repeats exactly
+seed = 42                     # the random seed: initial weights, batches, dropout and samples follow from it
 # generation
 prompts = ["春江", "往事"]      # texts to continue after training (and in sample)
 max_new_token = 100           # characters generated per prompt
@@ -193,7 +193,7 @@ class BabyGPT(nn.Module):
 
     def forward(self, idx, targets=None):
         idx = idx[:, -self.block_size:]  # the model only ever sees the last block_size tokens
-        x = self.embed(idx, start=0)     # (B, T, C) float32: (64, 256, 384) at the defaults on one process
+        x = self.embed(idx, start=0)     # (B, T, C): a training batch at the defaults is (64, 256, 384)
         for block in self.blocks:
             x = block(x)
         return self.head(x, None if targets is None else targets[:, -self.block_size:])
@@ -242,7 +242,7 @@ class BabyGPT(nn.Module):
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Weights in either layout: ours (one qkv matrix a layer: state_dict(), ckpt.pt["model"]) or the original
-        script's (a module per head: model.pth), whose head count must be this model's; ours records none."""
+        script's (a module per head: model.pth), which must have this model's head count (ours does not record it)."""
         heads, n_head = per_head_count(state_dict), self.blocks[0].sa.n_head
         if heads not in (0, n_head):
             raise ValueError(f"these weights have {heads} attention heads a layer and this model {n_head}; "
@@ -564,7 +564,7 @@ def sample(cfg):
     check_prompts(cfg, tokenizer, source)
     model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
     load_weights(model, weights, source.split(" ")[0], shape)
-    model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # sample's auto: bfloat16 (or float16) on CUDA, else float32
+    model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # the weights cast to dtype (auto: bfloat16 or float16 on CUDA, else float32)
     say(f"sampling from {source}: " + ", ".join(f"{k}={shape[k]}" for k in SHAPE_KEYS))
 
     def show(prompts):

@@ -25,7 +25,7 @@ def _ddp_worker(rank, world, init_file, start_path, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        for accum in (1, 2):  # 2 micro-batches per process exercise DDP's no_sync path
+        for accum in (1, 2):  # 2 micro-batches per process skip the gradient average on the first
             model = tiny_model()
             model.load_state_dict(babygpt.fused_layout(torch.load(start_path, weights_only=True)))
             ddp = DistributedDataParallel(model)

@@ -326,21 +326,22 @@ def test_a_second_ctrl_c_quits_at_once_without_damage(corpus):
     assert not temp_files(folder) and snapshot(folder)["ckpt.pt"] == good
 
 
-def test_a_second_ctrl_c_during_a_training_step_quits_without_finishing_the_step(corpus, capsys, monkeypatch):
-    """The second Ctrl-C is the user's way out of a slow step: it must quit at once (exit 130), not be taken as
-    another first request that repeats the message and lets the step run on."""
+@pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_ctrl_c_during_a_training_step_quits_without_finishing_the_step(corpus, capsys, monkeypatch, first):
+    """The second Ctrl-C is the user's way out of a slow step: it must quit at once with the first signal's code
+    (130, or 143 after a SIGTERM), not be taken as another first request that lets the step run on."""
     monkeypatch.chdir(corpus.parent)
     real_step, after_second = babygpt.train_step, []
 
     def train_step(*args, **kwargs):
-        if babygpt.STOP.signum is None:  # the first training step: two presses while it runs
-            babygpt.STOP.on_signal(signal.SIGINT, None)
+        if babygpt.STOP.signum is None:  # the first training step: two signals while it runs
+            babygpt.STOP.on_signal(first, None)
             babygpt.STOP.on_signal(signal.SIGINT, None)
             after_second.append(1)
         return real_step(*args, **kwargs)
     monkeypatch.setattr(babygpt, "train_step", train_step)
     res = run_main(capsys, tiny(*LONG, data=corpus.name))
-    assert res.returncode == 130 and not after_second, show(res)
+    assert res.returncode == 128 + first and not after_second, show(res)
     assert res.stderr.count("stopping after this step") == 1, show(res)
     assert "interrupted; files on disk are intact" in res.stderr and "Traceback" not in res.stderr, show(res)
     assert load_ckpt(corpus.parent / "ckpt.pt")["iter_num"] == 0  # step 0's checkpoint, whole
