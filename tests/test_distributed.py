@@ -254,3 +254,18 @@ def test_under_torchrun_a_ctrl_c_in_an_evaluation_lets_every_process_finish_it()
                 finished.append(world)
         assert stop.signum == signal.SIGINT and stop.cut_short == (world == 1)
     assert finished == [2]
+
+
+def test_under_torchrun_a_ctrl_c_after_training_leaves_the_other_processes_waiting_for_the_first():
+    """After the loop the other processes wait for the first one's generation and save, which that same Ctrl-C
+    cuts short for all: quitting there would exit 130 and leave the first process waiting for them forever."""
+    for rank, quits in ((1, False), (0, True)):
+        stop = babygpt.StopRequests()
+        with stop.while_training(2, rank):
+            pass
+        try:
+            stop.on_signal(signal.SIGINT, None)
+            quit_ = False
+        except KeyboardInterrupt:
+            quit_ = True
+        assert quit_ == quits and stop.signum == signal.SIGINT, rank
