@@ -59,7 +59,7 @@ dropout = 0.2                 # share of activations zeroed while training
 # training
 batch_size = 64               # sequences per optimizer step (over all micro-batches and GPUs)
 max_iters = 5000              # optimizer steps
-eval_interval = 50            # evaluate every this many steps (step 0 included) and at the last step
+eval_interval = 50            # evaluate before step 0, every this many steps, and after the last step
 eval_iters = 100              # batches per split in one evaluation
 learning_rate = 3e-4          # AdamW's step size
 weight_decay = 0.01           # AdamW's default, which the original script used
@@ -79,11 +79,11 @@ num_samples = 1               # continuations per prompt
 kv_cache = True               # reuse keys and values while generating (same logits up to rounding, faster)
 # system
 device = "auto"               # auto = cuda, else mps, else cpu
-dtype = "auto"                # auto = bfloat16 (or float16) on CUDA, else timed at start-up (sample: float32)
+dtype = "auto"                # auto = bfloat16 (or float16) on CUDA, else timed at start-up (sample: float32 there)
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU without accumulation, else default
 preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
-max_minutes = 0               # 0 = off; else fit max_iters and the lr schedule to these minutes (off CUDA, new runs)
+max_minutes = 0               # 0 = off; else fit max_iters and the lr schedule to these minutes (not on CUDA or resume)
 # files and logging
 save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
 ckpt_path = "ckpt.pt"         # training state for --resume=true and sample; a new run replaces it at step 0
@@ -146,7 +146,7 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:  # generation: append to the cached keys and values
             k, v = cache.update(k, v)            # each (B, nh, T_cached + T, hs)
         # softmax(q k^T / sqrt(hs)) v with the causal mask and dropout on the weights, as the original
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,  # one new token may see every cached one
                                            dropout_p=self.attn_dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)   # (B, T, nh * hs): the heads side by side
         return self.dropout(self.proj(y))        # (B, T, C)
@@ -310,10 +310,10 @@ def estimate_loss(model, data, cfg, batch_size, generator=None, batches_per_pass
 def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
     """One optimizer step over micro-batches [(x, y), ...]; returns the last micro-batch's loss.
     Each micro-batch loss is divided by their number, so the summed gradient is the gradient of
-    the mean loss: accumulation trains the same model."""
+    the mean loss: accumulation computes the same gradient."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # off (all but float16): scale() and step() are plain
     for i, (x, y) in enumerate(batches):
-        model.require_backward_grad_sync = i == len(batches) - 1  # read by DDP only: average gradients at the last
+        model.require_backward_grad_sync = i == len(batches) - 1  # DDP: all-reduce on the last only (others ignore it)
         with ctx or nullcontext():  # autocast: the matmuls in the run's dtype
             _, loss = model(x, y)
         scaler.scale(loss / len(batches)).backward()  # float16: the loss scaled up, so small gradients stay > 0
@@ -331,7 +331,7 @@ def get_lr(it, cfg):
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / cfg.warmup_iters
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # past it, min_lr (max_minutes sets lr_decay_iters once)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # past it, min_lr (max_minutes fixes it at its first fit)
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
 
@@ -363,12 +363,12 @@ def train(cfg, clock=None):
     # ---- the loop: until the last step, a NaN loss or a Ctrl-C (which lets the step finish: "Ctrl-C", below)
     it, samples, failure = run.start_iter, [], None  # samples: [iteration, prompt, text] rows logged to wandb so far
     with STOP.while_training(run.world, run.rank):
-        while not STOP.agreed(it, run.dev):  # until a Ctrl-C (under torchrun: every process knows it)
+        while not STOP.agreed(it, run.dev):  # until a Ctrl-C (torchrun: all check every 10 steps)
             last_step = it >= cfg.max_iters  # with max_minutes, an evaluation may move max_iters
             # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (a resume skips the step it evaluated)
             if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
                 failure = evaluate(run, train_model, data, it, last_step, samples)  # a NaN loss: its error
-            if last_step or failure or STOP.stopped:  # STOP.stopped: a Ctrl-C came during the evaluation
+            if last_step or failure or STOP.stopped:  # STOP.stopped: one process, a Ctrl-C in the evaluation
                 break
 
             # -------------------- TRAINING SECTION BEGIN --------------------
@@ -419,8 +419,8 @@ def evaluate(run, train_model, data, it, last_step, samples):
         # ---- 3. wandb, first process only (the others, and wandb_mode=disabled, get a DummyWandb that does nothing):
         #   start (run.prepare)  project wandb_project; online when logged in, else offline in ./wandb (WANDB_MODE
         #                        overrides; online falls back to offline); named like "6L-384 ci.txt cuda"; tags:
-        #                        device, dtype; this file's code; config: every setting above (dtype, max_iters as decided)
-        #   every evaluation     one row: these metrics, charted against iteration (lr: the next step's, or the last's)
+        #                        device, dtype; save_code; config: every setting above (dtype, max_iters as decided)
+        #   every evaluation     one row: these metrics, charted against iteration (lr: the coming step's)
         #   samples              with prompts, a table (iteration, prompt, text) at this process's first evaluation,
         #                        every sample_interval steps and the last, of all its samples so far (num_samples rows
         #                        a prompt each time), from a generator of their own so that training is unchanged
@@ -525,7 +525,7 @@ def sample(cfg):
     torch.manual_seed(cfg.seed)
     # The model: ckpt_path if it exists (even an older or stopped run's), else save_path. Its shape comes from the
     # file, not from the constants at the top: vocab_size, n_embed, block_size from its embedding tables, n_layer
-    # from its blocks, n_head from ckpt.pt's settings or model.pth's per-head keys (a fused model.pth: --n_head).
+    # from its blocks, n_head from ckpt.pt's settings or model.pth's per-head keys (--n_head only for a fused model.pth).
     if os.path.exists(cfg.ckpt_path):  # ckpt.pt: the weights, the vocabulary and the settings of the training
         state, shape = read_checkpoint(cfg.ckpt_path)
         weights, tokenizer = state["model"], Tokenizer(state["chars"])
@@ -568,7 +568,8 @@ def sample(cfg):
 
 def main(argv=None):
     """The command line: parse, validate, then train or sample. Returns the exit code of `python babygpt.py`:
-    0 when done, 1 after an error (one line), 130 or 143 after Ctrl-C or SIGTERM (the Ctrl-C table below)."""
+    0 when done, 1 after an error (one line), 130 or 143 after Ctrl-C or SIGTERM (0 under torchrun; the Ctrl-C table
+    below)."""
     clock = PhaseClock(None if argv is None else time.time())
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -584,7 +585,7 @@ def main(argv=None):
         return 1
     except torch.OutOfMemoryError:
         report_error(ProcessError("out of GPU memory; lower --batch_size or --block_size, or raise "
-                                  "--grad_accum_steps (same training, smaller pieces)"))
+                                  "--grad_accum_steps (the same gradients, in smaller pieces)"))
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted; files on disk are intact", file=sys.stderr, flush=True)
@@ -602,7 +603,7 @@ def main(argv=None):
 #
 # run.prepare, in order (the weights stay float32 throughout):
 #   dtype        autocast (run.ctx) runs the matmuls in it: bfloat16 on CUDA (float16 where a GPU lacks it, the
-#                loss scaled by run.scaler); elsewhere float32, unless bfloat16 times AUTO_MARGIN x faster here
+#                loss scaled by run.scaler); elsewhere float32, unless bfloat16 measured AUTO_MARGIN times as fast
 #   max_iters    with max_minutes, fitted to those timings (lr_decay_iters too); both kept in cfg, so in ckpt.pt,
 #                wandb's config and a resume
 #   resume       ckpt.pt's optimizer and random state
@@ -616,10 +617,10 @@ def main(argv=None):
 #   in start-up, or in sample    quits at once: "interrupted; files on disk are intact"                 exit 130
 #   in a training step           "stopping after this step"; finishes it, saves ckpt.pt and prints
 #                                "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: ..."  exit 130
-#   in an evaluation             "stopping now"; abandons it at once, then as above                       exit 130
+#   in an evaluation             "stopping now"; abandons it at once (one process), then as above         exit 130
 #   in the final generation      "stopping now"; model.pth stays as it was; ckpt.pt, saved at the last
 #     or save                    evaluation, has every step; the resume command generates and saves       exit 130
-#   after model.pth is written   the run ends at once: its files are complete (wandb may stay open)      exit 0
+#   after model.pth is written   the run ends, at once or as if unpressed: its files are complete        exit 0
 #   a second Ctrl-C              quits at once, as in start-up (no timing line, wandb not closed); ckpt.pt
 #                                as last saved, later steps lost        exit as the first (130 or 143), or 0 after model.pth
 # Under torchrun the processes agree on a stop every 10 steps (so up to 10 more steps, and an evaluation, run to
@@ -667,7 +668,7 @@ def format_time(seconds):
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that use CUDA graphs
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FUSED_ADAMW = ("cuda", "cpu")  # where AdamW's fused kernel is faster and trains the same model
+FUSED_ADAMW = ("cuda", "cpu")  # where AdamW's fused kernel is faster (the same update, up to rounding)
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 def format_setting(value):
@@ -1147,7 +1148,7 @@ class Run:
                 "dirs": checkpoint.get("wandb_offline_dirs") or []}
 
     def tokens_per_sec(self, it):
-        """Training tokens a second since the last evaluation (0 before any step); evaluation begins."""
+        """Training tokens a second since the last evaluation (0 before any step); the clock then counts evaluation."""
         self.clock.phase("evaluation")  # waits for the device: the speed is then true
         trained = self.clock.seconds["training"]
         tokens = (it - self.last_eval) * self.cfg.batch_size * self.cfg.block_size
@@ -1194,7 +1195,7 @@ class Run:
         cfg, stopped = self.cfg, not (completed or failure)
         if stopped:
             self.save_checkpoint(it, evaluated=False)
-        if stopped or (completed and STOP.cut_short):  # cut_short: a Ctrl-C in the final generation or save
+        if stopped or (completed and STOP.cut_short):  # completed and cut_short: a Ctrl-C in the generation or save
             what = (f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}" if stopped else
                     f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps")
             say(f"{what}. Resume with: {resume_command(cfg, self.world)}")
@@ -1300,7 +1301,7 @@ class StopRequests:
         self.mode, self.world = "step", world
         try:
             yield
-        finally:  # the other processes then wait for the first one's generation and save, which a Ctrl-C ends
+        finally:  # the others now wait for the first one's generation and save; a Ctrl-C cuts it short
             self.mode = "quit" if rank == 0 else "step"
 
     @contextlib.contextmanager
