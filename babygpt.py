@@ -92,7 +92,7 @@ resume = False                # continue from ckpt_path
 init_from = ""                # start from the weights of a model.pth (babygpt's or the original script's) or ckpt.pt
 wandb_mode = "auto"           # auto = online when logged in, else offline; online, offline, disabled
 wandb_project = "babygpt"     # the Weights & Biases project
-sample_interval = 500         # log samples to wandb at the first evaluation, every this many steps and the last
+sample_interval = 500         # log samples to wandb at the first evaluation, the evaluations every this many steps, the last
 
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if k.islower() and not k.startswith("_") and isinstance(v, (bool, int, float, str, list))]
@@ -420,7 +420,7 @@ def evaluate(run, train_model, data, it, last_step, samples):
         #   start (run.prepare)  project wandb_project; online when logged in, else offline in ./wandb (WANDB_MODE
         #                        overrides; online falls back to offline); named like "6L-384 ci.txt cuda"; tags:
         #                        device, dtype; save_code; config: every setting above (dtype, max_iters as decided)
-        #   every evaluation     one row: these metrics, charted against iteration (lr: the coming step's)
+        #   every evaluation     one row: these metrics, charted against iteration
         #   samples              with prompts, a table (iteration, prompt, text) at this process's first evaluation,
         #                        every sample_interval steps and the last, of all its samples so far (num_samples rows
         #                        a prompt each time), from a generator of their own so that training is unchanged
@@ -568,7 +568,7 @@ def sample(cfg):
 
 def main(argv=None):
     """The command line: parse, validate, then train or sample. Returns the exit code of `python babygpt.py`:
-    0 when done, 1 after an error (one line), 130 or 143 after Ctrl-C or SIGTERM (0 under torchrun; the Ctrl-C table
+    0 when done, 1 after an error (one line), 130 or 143 after Ctrl-C or SIGTERM (torchrun: see the Ctrl-C table
     below)."""
     clock = PhaseClock(None if argv is None else time.time())
     argv = sys.argv[1:] if argv is None else argv
@@ -601,7 +601,7 @@ def main(argv=None):
 #   run.start_iter, run.evaluated_at  the first step (a resume's), and the step ckpt.pt already evaluated
 #   run.model, run.tokenizer          train()'s (train_model: the same weights, compiled on CUDA, in DDP if torchrun)
 #
-# run.prepare, in order (the weights stay float32 throughout):
+# run.prepare, in order (the weights stay float32 in training):
 #   dtype        autocast (run.ctx) runs the matmuls in it: bfloat16 on CUDA (float16 where a GPU lacks it, the
 #                loss scaled by run.scaler); elsewhere float32, unless bfloat16 measured AUTO_MARGIN times as fast
 #   max_iters    with max_minutes, fitted to those timings (lr_decay_iters too); both kept in cfg, so in ckpt.pt,
@@ -623,9 +623,9 @@ def main(argv=None):
 #   after model.pth is written   the run ends, at once or as if unpressed: its files are complete        exit 0
 #   a second Ctrl-C              quits at once, as in start-up (no timing line, wandb not closed); ckpt.pt
 #                                as last saved, later steps lost        exit as the first (130 or 143), or 0 after model.pth
-# Under torchrun the processes agree on a stop every 10 steps (so up to 10 more steps, and an evaluation, run to
-# their end), then save and print as above, and each exits 0: torchrun reports other codes as failures (torchrun
-# itself, signalled too, exits 1). In start-up, or at a second Ctrl-C, each exits 130 or 143.
+# Under torchrun (which passes a Ctrl-C on to each process once) the processes agree on a stop every 10 steps (so
+# up to 10 more steps, and an evaluation, run to their end), then save and print as above, and each exits 0, as
+# torchrun reports other codes as failures (torchrun itself exits 1). In start-up or at a second signal: 130 or 143.
 
 # =============================================================================
 # ---- plumbing: how the story's promises are kept. In order: errors and printing; Run, resume, PhaseClock and
@@ -879,7 +879,7 @@ class StopRequests:
 
     @contextlib.contextmanager
     def at_once(self):
-        """A block that a Ctrl-C abandons at once, except an evaluation under torchrun (all processes run it)."""
+        """A block that a Ctrl-C abandons at once, except in training under torchrun (every process must run it)."""
         before = self.mode
         self.mode = "abandon" if before == "quit" or self.world == 1 else before
         try:
@@ -1537,7 +1537,7 @@ def choose_eval_passes(cfg, eval_batch, vocab_size, dev):
     eval_iters within ~330k tokens and half the free memory; elsewhere one (no gain on a CPU)."""
     if dev.type != "cuda":
         return 1
-    tokens = min(20 * 64 * 256, torch.cuda.mem_get_info(dev)[0] // 2 // (12 * vocab_size))  # bf16 + fp32 logits
+    tokens = min(20 * 64 * 256, torch.cuda.mem_get_info(dev)[0] // 2 // (12 * vocab_size))  # bf16 logits, fp32 copies
     most = max(1, min(cfg.eval_iters, tokens // (eval_batch * cfg.block_size)))
     return max(d for d in range(1, most + 1) if cfg.eval_iters % d == 0)
 
