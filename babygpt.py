@@ -83,7 +83,7 @@ dtype = "auto"                # auto = bfloat16 (or float16) on CUDA, else timed
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU without accumulation, else default
 preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
-max_minutes = 0               # 0 = off; else fit max_iters and the lr schedule to these minutes (not on CUDA or resume)
+max_minutes = 0               # 0 = off; else a new run off CUDA without --max_iters fits its steps and lr schedule to it
 # files and logging
 save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
 ckpt_path = "ckpt.pt"         # training state for --resume=true and sample; a new run replaces it at step 0
@@ -362,7 +362,7 @@ def train(cfg, clock=None):
 
     # ---- the loop: until the last step, a NaN loss or a Ctrl-C (which lets the step finish: "Ctrl-C", below)
     it, samples, failure = run.start_iter, [], None  # samples: [iteration, prompt, text] rows logged to wandb so far
-    with STOP.while_training(run.world, run.rank):
+    with STOP.while_training(run.world):
         while not STOP.agreed(it, run.dev):  # until a Ctrl-C (torchrun: all check every 10 steps)
             last_step = it >= cfg.max_iters  # with max_minutes, an evaluation may move max_iters
             # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (a resume skips the step it evaluated)
@@ -568,8 +568,8 @@ def sample(cfg):
 
 def main(argv=None):
     """The command line: parse, validate, then train or sample. Returns the exit code of `python babygpt.py`:
-    0 when done, 1 after an error (one line), 130 or 143 after Ctrl-C or SIGTERM (torchrun: see the Ctrl-C table
-    below)."""
+    0 when done, 1 after an error (one line), 130 or 143 after Ctrl-C or SIGTERM, 0 once model.pth is written (and
+    under torchrun: see the Ctrl-C table below)."""
     clock = PhaseClock(None if argv is None else time.time())
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -600,18 +600,16 @@ def main(argv=None):
 #                                     and of an evaluation batch, batch_size / world
 #   run.start_iter, run.evaluated_at  the first step (a resume's), and the step ckpt.pt already evaluated
 #   run.model, run.tokenizer          train()'s (train_model: the same weights, compiled on CUDA, in DDP if torchrun)
-#
 # run.prepare, in order (the weights stay float32 in training):
 #   dtype        autocast (run.ctx) runs the matmuls in it: bfloat16 on CUDA (float16 where a GPU lacks it, the
 #                loss scaled by run.scaler); elsewhere float32, unless bfloat16 measured AUTO_MARGIN times as fast
-#   max_iters    with max_minutes, fitted to those timings (lr_decay_iters too); both kept in cfg, so in ckpt.pt,
-#                wandb's config and a resume
+#   max_iters    with max_minutes (not on CUDA, on resume or with --max_iters), fitted to those timings, and
+#                lr_decay_iters with it; kept in cfg, so in ckpt.pt, wandb's config and a resume
 #   resume       ckpt.pt's optimizer and random state
 #   eval_passes  on CUDA, the evaluation batches that fit one forward pass together (else 1)
 #   compile      on CUDA, torch.compile
 #   DDP          under torchrun: backward() then averages the gradients of all processes
 #   wandb        on the first process (see evaluate())
-#
 # run.finish: after a stop, ckpt.pt (evaluated: False) and the resume command; after a measured run, the command
 # that repeats it; wandb's summary and close; the timing line; the exit code. Ctrl-C (SIGTERM the same, but 143):
 #   in start-up, or in sample    quits at once: "interrupted; files on disk are intact"                 exit 130
@@ -623,9 +621,10 @@ def main(argv=None):
 #   after model.pth is written   the run ends, at once or as if unpressed: its files are complete        exit 0
 #   a second Ctrl-C              quits at once, as in start-up (no timing line, wandb not closed); ckpt.pt
 #                                as last saved, later steps lost        exit as the first (130 or 143), or 0 after model.pth
-# Under torchrun (which passes a Ctrl-C on to each process once) the processes agree on a stop every 10 steps (so
-# up to 10 more steps, and an evaluation, run to their end), then save and print as above, and each exits 0, as
-# torchrun reports other codes as failures (torchrun itself exits 1). In start-up or at a second signal: 130 or 143.
+# Under torchrun (which passes a Ctrl-C on to each process once, and kills them 30 s later) the processes agree on
+# a stop every 10 steps (so up to 10 more steps, and an evaluation, run to their end), then save and print as above,
+# and each exits 0, as torchrun reports other codes as failures (torchrun itself exits 1). A stop after the last
+# check before max_iters comes too late: the run finishes. In start-up or at a second signal: 130 or 143.
 
 # =============================================================================
 # ---- plumbing: how the story's promises are kept. In order: errors and printing; Run, resume, PhaseClock and
@@ -848,7 +847,7 @@ class StopRequests:
 
     def __init__(self):
         self.signum = None  # the signal of the first request, once one came
-        self.mode = "quit"  # what a first request does now: quit, "step" (stop after it) or "abandon" (at once)
+        self.mode = "quit"  # a first request now: quits, "step": stops after it, "abandon": at once, "late": is noted
         self.world, self.agreed_at, self.cut_short, self.finished = 1, None, False, False
 
     def __enter__(self):  # the handlers of SIGINT (Ctrl-C) and SIGTERM, until __exit__
@@ -864,24 +863,25 @@ class StopRequests:
         second, self.signum = self.signum is not None, self.signum or signum
         if second or self.mode == "quit":
             raise KeyboardInterrupt
-        say(f"\nstopping {'now' if self.mode == 'abandon' else 'after this step'} "
-            "(press Ctrl-C again to quit at once)", file=sys.stderr)
+        if self.mode != "late":
+            say(f"\nstopping {'now' if self.mode == 'abandon' else 'after this step'} "
+                "(press Ctrl-C again to quit at once)", file=sys.stderr)
         if self.mode == "abandon":
             raise Interrupted
 
     @contextlib.contextmanager
-    def while_training(self, world, rank=0):
+    def while_training(self, world):
         self.mode, self.world = "step", world
         try:
             yield
-        finally:  # the others now wait for the first one's generation and save; a Ctrl-C cuts it short
-            self.mode = "quit" if rank == 0 else "step"
+        finally:  # under torchrun every process must reach run.finish's barrier: a request is only noted
+            self.mode = "quit" if world == 1 else "late"
 
     @contextlib.contextmanager
     def at_once(self):
         """A block that a Ctrl-C abandons at once, except in training under torchrun (every process must run it)."""
         before = self.mode
-        self.mode = "abandon" if before == "quit" or self.world == 1 else before
+        self.mode = "step" if before == "step" and self.world > 1 else "abandon"
         try:
             yield
         except Interrupted:

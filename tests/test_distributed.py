@@ -21,14 +21,18 @@ from conftest import (WRAPPED, ROOT, LONG, Running, all_finite, assert_close_wei
 
 def _ddp_worker(rank, world, init_file, start_path, out_path):
     import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        for accum in (1, 2):  # 2 micro-batches per process skip the gradient average on the first
+        averages = {}  # accum: the gradient averages (all-reduces) one step made
+        for accum in (1, 2):  # with 2 micro-batches the first one's backward must not average
             model = tiny_model()
             model.load_state_dict(babygpt.fused_layout(torch.load(start_path, weights_only=True)))
             ddp = DistributedDataParallel(model)
+            calls = []
+            ddp.register_comm_hook(None, lambda _, bucket: calls.append(1) or default_hooks.allreduce_hook(None, bucket))
             optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
             x, y = batch(8)
             per = 8 // world
@@ -37,6 +41,8 @@ def _ddp_worker(rank, world, init_file, start_path, out_path):
             micro = [(xs[i * m:(i + 1) * m], ys[i * m:(i + 1) * m]) for i in range(accum)]
             babygpt.train_step(ddp, optimizer, micro)
             torch.save(model.state_dict(), f"{out_path}.{accum}.{rank}")
+            averages[accum] = len(calls)
+        torch.save(averages, f"{out_path}.averages.{rank}")
         dist.barrier()  # both are done before either tears down (gloo could abort otherwise)
     finally:
         dist.destroy_process_group()
@@ -44,7 +50,7 @@ def _ddp_worker(rank, world, init_file, start_path, out_path):
 
 def test_ddp_gradient_equivalence(tmp_path):
     """Two processes with half the batch each (in 1 or 2 micro-batches) take the step one process takes with the
-    whole batch, not the step of its own half."""
+    whole batch, not the step of its own half; with 2 micro-batches the gradients are averaged once, not twice."""
     model = tiny_model()
     start = tmp_path / "start.pt"
     torch.save(model.state_dict(), start)
@@ -65,6 +71,9 @@ def test_ddp_gradient_equivalence(tmp_path):
     for accum in (1, 2):
         for rank in range(2):
             assert_close_weights(torch.load(tmp_path / f"out.{accum}.{rank}", weights_only=True), expected)
+    for rank in range(2):
+        averages = torch.load(tmp_path / f"out.averages.{rank}", weights_only=True)
+        assert averages[2] == averages[1] > 0, averages
 
 
 # each rank writes its first training batch, its own evaluations and its final weights next to the run
@@ -256,16 +265,27 @@ def test_under_torchrun_a_ctrl_c_in_an_evaluation_lets_every_process_finish_it()
     assert finished == [2]
 
 
-def test_under_torchrun_a_ctrl_c_after_training_leaves_the_other_processes_waiting_for_the_first():
-    """After the loop the other processes wait for the first one's generation and save, which that same Ctrl-C
-    cuts short for all: quitting there would exit 130 and leave the first process waiting for them forever."""
-    for rank, quits in ((1, False), (0, True)):
+def test_under_torchrun_a_ctrl_c_after_training_is_noted_and_every_process_reaches_the_end():
+    """After the loop every process of a torchrun job must reach run.finish's barrier: a Ctrl-C there is only noted
+    (one that quit would leave the others blocked there), except in the first one's generation and save, which it
+    cuts short. On one process the same press quits at once."""
+    for world in (2, 1):
         stop = babygpt.StopRequests()
-        with stop.while_training(2, rank):
+        with stop.while_training(world):
             pass
-        try:
+        with stop.at_once():  # the first process's generation and save
             stop.on_signal(signal.SIGINT, None)
-            quit_ = False
-        except KeyboardInterrupt:
-            quit_ = True
-        assert quit_ == quits and stop.signum == signal.SIGINT, rank
+            pytest.fail("the generation and save went on after a Ctrl-C")
+        assert stop.cut_short
+        stop = babygpt.StopRequests()
+        with stop.while_training(world):
+            pass
+        if world == 1:
+            with pytest.raises(KeyboardInterrupt):
+                stop.on_signal(signal.SIGINT, None)
+        else:
+            try:
+                stop.on_signal(signal.SIGINT, None)  # noted: this process goes on to the barrier
+            except KeyboardInterrupt:
+                pytest.fail("a Ctrl-C after training ended a torchrun process before run.finish's barrier")
+            assert stop.signum == signal.SIGINT
