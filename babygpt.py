@@ -592,7 +592,7 @@ def main(argv=None):
         return 0 if STOP.finished else 128 + (STOP.signum or signal.SIGINT)
 
 # -----------------------------------------------------------------------------
-# The run: what train() leaves to `run` (a Run, below the banner) and to STOP, as a user meets it
+# The run: what train() leaves to `run` (a Run, below the banner) and to STOP (StopRequests, at this section's end)
 
 # run = Run(cfg), this process's part in the training:
 #   run.rank, run.world, run.dev      this process's rank of run.world processes (1 without torchrun), its device
@@ -625,10 +625,75 @@ def main(argv=None):
 # a stop every 10 steps (so up to 10 more steps, and an evaluation, run to their end), then save and print as above,
 # and each exits 0, as torchrun reports other codes as failures (torchrun itself exits 1). A stop after the last
 # check before max_iters comes too late: the run finishes. In start-up or at a second signal: 130 or 143.
+class StopRequests:
+    """Ctrl-C and SIGTERM for the whole process, as the table above says; main() enters the one instance, STOP."""
+
+    def __init__(self):
+        self.signum = None  # the signal of the first request, once one came
+        self.mode = "quit"  # a first request now: quits, "step": stops after it, "abandon": at once, "late": is noted
+        self.world, self.agreed_at = 1, None  # under torchrun: the processes, and the step they agreed to stop before
+        self.cut_short, self.finished = False, False  # an at_once block was abandoned; model.pth is written (exit 0)
+
+    def __enter__(self):  # the handlers of SIGINT (Ctrl-C) and SIGTERM, until __exit__
+        self.__init__()
+        self.old = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+    def on_signal(self, signum, frame):
+        second, self.signum = self.signum is not None, self.signum or signum
+        if second or self.mode == "quit":
+            raise KeyboardInterrupt
+        if self.mode != "late":
+            say(f"\nstopping {'now' if self.mode == 'abandon' else 'after this step'} "
+                "(press Ctrl-C again to quit at once)", file=sys.stderr)
+        if self.mode == "abandon":
+            raise Interrupted
+
+    @contextlib.contextmanager
+    def while_training(self, world):
+        self.mode, self.world = "step", world
+        try:
+            yield
+        finally:  # under torchrun every process must reach run.finish's barrier: a request is only noted
+            self.mode = "quit" if world == 1 else "late"
+
+    @contextlib.contextmanager
+    def at_once(self):
+        """A block that a Ctrl-C abandons at once, except in training under torchrun (every process must run it)."""
+        before = self.mode
+        self.mode = "step" if before == "step" and self.world > 1 else "abandon"
+        try:
+            yield
+        except Interrupted:
+            self.cut_short = not self.finished
+        finally:
+            self.mode = before
+
+    @property
+    def stopped(self):
+        """Whether training stopped on request (under torchrun: when the processes agreed)."""
+        return self.signum is not None if self.world == 1 else self.agreed_at is not None
+
+    def agreed(self, it, dev):
+        """Whether to stop before step `it`; under torchrun the processes compare notes every 10 steps."""
+        if self.world == 1:
+            return self.signum is not None
+        if it % 10:
+            return False
+        flag = torch.tensor([float(self.signum is not None)], device=dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.agreed_at = it if flag.item() > 0 else None
+        return self.agreed_at is not None
+
+STOP = StopRequests()
 
 # =============================================================================
-# ---- plumbing: how the story's promises are kept. In order: errors and printing; Run, resume, PhaseClock and
-# ---- StopRequests (Ctrl-C); weight files; wandb; settings and --help; the corpus; devices, dtype and compile.
+# ---- plumbing: how the story's promises are kept. In order: errors and printing; Run, resume and the phase
+# ---- clock; weight files; wandb; settings and --help; the corpus; devices, dtype and compile.
 # =============================================================================
 
 class UserError(Exception):
@@ -841,71 +906,6 @@ class PhaseClock:
         """({phase: seconds} up to now, the total)."""
         now = time.time()
         return {**self.seconds, self.current: self.seconds[self.current] + now - self.since}, now - self.start
-
-class StopRequests:
-    """Ctrl-C and SIGTERM for the whole process; the Ctrl-C table above the banner says what each does."""
-
-    def __init__(self):
-        self.signum = None  # the signal of the first request, once one came
-        self.mode = "quit"  # a first request now: quits, "step": stops after it, "abandon": at once, "late": is noted
-        self.world, self.agreed_at, self.cut_short, self.finished = 1, None, False, False
-
-    def __enter__(self):  # the handlers of SIGINT (Ctrl-C) and SIGTERM, until __exit__
-        self.__init__()
-        self.old = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-    def on_signal(self, signum, frame):
-        second, self.signum = self.signum is not None, self.signum or signum
-        if second or self.mode == "quit":
-            raise KeyboardInterrupt
-        if self.mode != "late":
-            say(f"\nstopping {'now' if self.mode == 'abandon' else 'after this step'} "
-                "(press Ctrl-C again to quit at once)", file=sys.stderr)
-        if self.mode == "abandon":
-            raise Interrupted
-
-    @contextlib.contextmanager
-    def while_training(self, world):
-        self.mode, self.world = "step", world
-        try:
-            yield
-        finally:  # under torchrun every process must reach run.finish's barrier: a request is only noted
-            self.mode = "quit" if world == 1 else "late"
-
-    @contextlib.contextmanager
-    def at_once(self):
-        """A block that a Ctrl-C abandons at once, except in training under torchrun (every process must run it)."""
-        before = self.mode
-        self.mode = "step" if before == "step" and self.world > 1 else "abandon"
-        try:
-            yield
-        except Interrupted:
-            self.cut_short = not self.finished
-        finally:
-            self.mode = before
-
-    @property
-    def stopped(self):
-        """Whether training stopped on request (under torchrun: when the processes agreed)."""
-        return self.signum is not None if self.world == 1 else self.agreed_at is not None
-
-    def agreed(self, it, dev):
-        """Whether to stop before step `it`; under torchrun the processes compare notes every 10 steps."""
-        if self.world == 1:
-            return self.signum is not None
-        if it % 10:
-            return False
-        flag = torch.tensor([float(self.signum is not None)], device=dev)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.agreed_at = it if flag.item() > 0 else None
-        return self.agreed_at is not None
-
-STOP = StopRequests()
 
 def command_line(args, world):
     """`python babygpt.py ARGS` (or the torchrun command of this job), as a user types it."""
