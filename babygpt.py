@@ -647,9 +647,9 @@ class StopRequests:
         second, self.signum = self.signum is not None, self.signum or signum
         if second or self.mode == "quit":
             raise KeyboardInterrupt
+        when = "now" if self.mode == "abandon" else "after this step" if self.world == 1 else "within 10 steps"
         if self.mode != "late":
-            say(f"\nstopping {'now' if self.mode == 'abandon' else 'after this step'} "
-                "(press Ctrl-C again to quit at once)", file=sys.stderr)
+            say(f"\nstopping {when} (press Ctrl-C again to quit at once)", file=sys.stderr)
         if self.mode == "abandon":
             raise Interrupted
 

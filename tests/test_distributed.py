@@ -289,3 +289,13 @@ def test_under_torchrun_a_ctrl_c_after_training_is_noted_and_every_process_reach
             except KeyboardInterrupt:
                 pytest.fail("a Ctrl-C after training ended a torchrun process before run.finish's barrier")
             assert stop.signum == signal.SIGINT
+
+
+def test_under_torchrun_a_ctrl_c_in_training_says_the_stop_comes_within_10_steps(capsys, monkeypatch):
+    """Under torchrun the processes agree on a stop every 10 steps, so the message must not promise the next step."""
+    monkeypatch.setenv("RANK", "0")
+    for world, message in ((2, "stopping within 10 steps"), (1, "stopping after this step")):
+        stop = babygpt.StopRequests()
+        with stop.while_training(world):
+            stop.on_signal(signal.SIGINT, None)
+        assert message in capsys.readouterr().err, world
