@@ -79,11 +79,11 @@ num_samples = 1               # continuations per prompt
 kv_cache = True               # reuse keys and values while generating (same logits up to rounding, faster)
 # system
 device = "auto"               # auto = cuda, else mps, else cpu
-dtype = "auto"                # auto = bfloat16 (or float16) on CUDA, else timed at start-up (sample: float32 there)
+dtype = "auto"                # auto = bfloat16 (or float16) on CUDA, else timed at start-up (sample: float32 off CUDA)
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU without accumulation, else default
 preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
-max_minutes = 0               # 0 = off; else a new run off CUDA without --max_iters fits its steps and lr schedule to it
+max_minutes = 0               # 0 = off; else max_iters fits this many minutes (off CUDA, unless --max_iters is given)
 # files and logging
 save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
 ckpt_path = "ckpt.pt"         # training state for --resume=true and sample; a new run replaces it at step 0
@@ -331,7 +331,7 @@ def get_lr(it, cfg):
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / cfg.warmup_iters
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # past it, min_lr (max_minutes fixes it at its first fit)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # past it, min_lr (max_minutes sets it once, at start-up)
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
 
@@ -340,7 +340,7 @@ def get_lr(it, cfg):
 
 def train(cfg, clock=None):
     """The original script's steps: the text, tokenizer and split, the model and AdamW, the loop, generate,
-    save model.pth. Returns the exit code; after a NaN loss, run.finish raises its error."""
+    save model.pth. Returns the exit code (at its end); after a NaN loss, raises its error."""
     run = Run(cfg, clock)  # this process's device, rank, clock, wandb run and checkpoints ("The run", below)
 
     # ---- the text, its tokenizer, and the train/validation split
@@ -348,8 +348,8 @@ def train(cfg, clock=None):
     tokenizer = Tokenizer(text)  # from the whole text, so validation has no unknown characters
     check_prompts(cfg, tokenizer, cfg.data_path)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    n = int(cfg.train_data_ratio * len(ids))  # one cut: the first 90% trains, the rest validates
-    data = {"train": ids[:n].to(run.dev), "val": ids[n:].to(run.dev)}
+    n = int(cfg.train_data_ratio * len(ids))  # one cut: the first 90% trains; the tail (ci.txt: its last Song ci and
+    data = {"train": ids[:n].to(run.dev), "val": ids[n:].to(run.dev)}  # the Southern Tang poems) validates
     check_split(data, cfg)
 
     # ---- the model and AdamW (--resume: as ckpt.pt left them; --init_from: a model.pth's or ckpt.pt's weights)
@@ -358,9 +358,15 @@ def train(cfg, clock=None):
     model.to(run.dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=run.dev.type in FUSED_ADAMW)
-    train_model = run.prepare(model, optimizer, tokenizer, data, resumed)  # dtype, compile, DDP, wandb: "The run"
+    run.prepare(model, optimizer, tokenizer, data, resumed)  # the dtype, max_iters, resume's state: "The run", below
+    # on CUDA torch.compile: the same maths, faster; compiled here on a few passes (a failure: a warning, eager)
+    train_model = compile_model(model, cfg, run.dev, run.world, run.clock, lambda m: warm_up(m, data, run))
+    if run.world > 1:  # under torchrun, DDP: backward() then averages the gradients of all processes
+        train_model = DDP(train_model, device_ids=[run.dev.index] if run.dev.type == "cuda" else None)
+    run.wandb = start_wandb(run)  # on the first process (the others: a DummyWandb, whose every call does nothing)
+    run.start_time = time.time()  # the printed time counts from here
 
-    # ---- the loop: until the last step, a NaN loss or a Ctrl-C (which lets the step finish: "Ctrl-C", below)
+    # ---- the loop: from step 0 (a resume: its step) to max_iters; a NaN loss or a Ctrl-C ends it early ("Ctrl-C" below)
     it, samples, failure = run.start_iter, [], None  # samples: [iteration, prompt, text] rows logged to wandb so far
     with STOP.while_training(run.world):
         while not STOP.agreed(it, run.dev):  # until a Ctrl-C (torchrun: all check every 10 steps)
@@ -398,7 +404,11 @@ def train(cfg, clock=None):
             save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)
             STOP.finished = True  # from here on a Ctrl-C exits 0
             say(f"模型已保存到{cfg.save_path}")
-    return run.finish(it, completed, failure)  # ckpt.pt after a stop, wandb closed, the exit code: "The run"
+    run.finish(it, completed, failure)  # ckpt.pt and the resume command after a stop; wandb closed; the timing line
+    if failure:
+        raise UserError(failure)  # main() prints it: exit 1
+    stopped = STOP.stopped or STOP.cut_short  # a Ctrl-C or SIGTERM came before model.pth was written
+    return 128 + STOP.signum if stopped and run.world == 1 else 0  # 130: Ctrl-C, 143: SIGTERM; torchrun: 0 (see "Ctrl-C")
 
 def evaluate(run, train_model, data, it, last_step, samples):
     """The evaluation at step it, in the five parts below. Returns the error of a NaN or infinite loss, else None."""
@@ -416,27 +426,37 @@ def evaluate(run, train_model, data, it, last_step, samples):
         # ---- 2. the line (say: print on the first process only); its time counts from the end of start-up
         say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - run.start_time)}")
-        # ---- 3. wandb, first process only (the others, and wandb_mode=disabled, get a DummyWandb that does nothing):
-        #   start (run.prepare)  project wandb_project; online when logged in, else offline in ./wandb (WANDB_MODE
-        #                        overrides; online falls back to offline); named like "6L-384 ci.txt cuda"; tags:
-        #                        device, dtype; save_code; config: every setting above (dtype, max_iters as decided)
-        #   every evaluation     one row: these metrics, charted against iteration
-        #   samples              with prompts, a table (iteration, prompt, text) at this process's first evaluation,
-        #                        every sample_interval steps and the last, of all its samples so far (num_samples rows
-        #                        a prompt each time), from a generator of their own so that training is unchanged
-        #   summary              the lowest val_loss; at the end time/<phase> and time/total, then the run is closed
+        # ---- 3. wandb (run.wandb, started by start_wandb below; a DummyWandb on the other processes): one row of
+        #   these metrics, charted against iteration; with prompts, a table (iteration, prompt, text) of all samples
+        #   so far, at this run's first evaluation (a resumed run's too), every sample_interval steps and the last
+        #   (num_samples rows a prompt), drawn from a generator of their own so that training is unchanged. At the
+        #   end run.finish adds time/<phase> and time/total to the summary (beside the lowest val_loss) and closes it
         metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
                    "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
         if run.logs_samples and (not samples or last_step or it % cfg.sample_interval == 0):
             draws = torch.Generator(device=generator_device(run.dev)).manual_seed(cfg.seed + it)
             texts = generate_texts(run.model, run.tokenizer, cfg.prompts, cfg, run.dev, draws)
             samples += [[it, prompt, text] for prompt, ts in zip(cfg.prompts, texts) for text in ts]
-            metrics["samples"] = run.table(["iteration", "prompt", "text"], samples)
-        run.log(metrics)
+            metrics["samples"] = run.table(["iteration", "prompt", "text"], samples)  # a wandb.Table
+        run.log(metrics)  # wandb.log(metrics) (on a failure: a warning, and no wandb from then on)
         run.refit(it, last_step)  # ---- 4. max_minutes: max_iters re-fitted to the speed so far (and wandb's config)
         # ---- 5. ckpt.pt at the first evaluation (replacing an older one), the last, and checkpoint_interval s apart
         if last_step or time.time() - run.last_saved >= cfg.checkpoint_interval:
             run.save_checkpoint(it, evaluated=True)
+
+def start_wandb(run):
+    """The first process's wandb run: online when logged in, else offline in ./wandb (WANDB_MODE overrides auto; online
+    falls back to offline). The other processes, wandb_mode=disabled, or a failure (a warning): a DummyWandb."""
+    cfg = run.cfg
+    mode = choose_wandb_mode(cfg) if run.rank == 0 else None  # None: no wandb
+    wb = connect_wandb(mode, run, project=cfg.wandb_project, name=f"{cfg.n_layer}L-{cfg.n_embed} "
+                       f"{os.path.basename(cfg.data_path)} {run.dev.type}", tags=[run.dev.type, cfg.dtype], save_code=True,
+                       config={k: getattr(cfg, k) for k in CONFIG_KEYS})  # every setting, dtype and max_iters as decided
+    wb = wandb_call(wb, "set-up", lambda w: (w.define_metric("iteration"),
+                                             w.define_metric("*", step_metric="iteration"),  # every chart's x-axis
+                                             w.define_metric("val_loss", step_metric="iteration", summary="min")))
+    run.logs_samples = bool(cfg.prompts) and not isinstance(wb, DummyWandb)  # evaluate()'s samples table
+    return wb
 
 def checkpoint(run, it, evaluated):
     """What ckpt.pt holds: all that --resume and sample need, the weights in the fused layout (one qkv a layer, on the
@@ -462,6 +482,18 @@ def per_head_count(state_dict):
     """The number of attention heads a state_dict in the original script's layout has (0 for the fused layout)."""
     found = (re.match(r"(?:module\.|_orig_mod\.)*blocks\.0\.sa\.heads\.(\d+)\.", k) for k in state_dict)
     return len({m[1] for m in found if m})
+
+def state_dict_shape(sd, path):
+    """vocab_size, n_embed, block_size and n_layer, read off the tensors of a state_dict in either layout."""
+    if not isinstance(sd, dict) or not any(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"{path} holds no model weights")
+    ours = fused_layout(sd)
+    try:
+        vocab_size, n_embed = ours["token_embedding_table.weight"].shape
+        return {"vocab_size": vocab_size, "n_embed": n_embed, "block_size": ours["position_embedding_table.weight"].shape[0],
+                "n_layer": len({k.split(".")[1] for k in ours if k.startswith("blocks.")})}
+    except (KeyError, ValueError, AttributeError):
+        raise UserError(f"{path} does not hold babygpt weights") from None
 
 def fused_layout(state_dict):
     """The fused layout from either: per-head query/key/value rows joined into qkv, the tril masks dropped
@@ -524,16 +556,17 @@ def sample(cfg):
     dev = choose_device(cfg.device)
     torch.manual_seed(cfg.seed)
     # The model: ckpt_path if it exists (even an older or stopped run's), else save_path. Its shape comes from the
-    # file, not from the constants at the top: vocab_size, n_embed, block_size from its embedding tables, n_layer
-    # from its blocks, n_head from ckpt.pt's settings or model.pth's per-head keys (--n_head only for a fused model.pth).
+    # file, never from the constants at the top (they only build the model that trains).
     if os.path.exists(cfg.ckpt_path):  # ckpt.pt: the weights, the vocabulary and the settings of the training
-        state, shape = read_checkpoint(cfg.ckpt_path)
+        state, shape = read_checkpoint(cfg.ckpt_path)  # n_head: state["config"]["n_head"]; the rest as below
         weights, tokenizer = state["model"], Tokenizer(state["chars"])
         source = f"{cfg.ckpt_path} (step {state['iter_num']})"
     elif os.path.exists(cfg.save_path):  # model.pth: weights only; the vocabulary is that of data_path
         weights, source = load_file(cfg.save_path, "model file"), cfg.save_path
         tokenizer = model_pth_vocabulary(cfg, weights)
-        shape = {"n_head": cfg.n_head, **state_dict_shape(weights, source)}
+        # the sizes of its tensors; n_head: its modules per head (babygpt's and the original script's model.pth),
+        # or --n_head for a file in the fused layout (a state_dict() saved by hand), whose qkv matrix records none
+        shape = {**state_dict_shape(weights, source), "n_head": per_head_count(weights) or cfg.n_head}
     else:
         raise UserError(f"no model to sample from: neither {cfg.ckpt_path} nor {cfg.save_path} "
                         f"exists; train one first with: python babygpt.py")
@@ -600,18 +633,17 @@ def main(argv=None):
 #                                     and of an evaluation batch, batch_size / world
 #   run.start_iter, run.evaluated_at  the first step (a resume's), and the step ckpt.pt already evaluated
 #   run.model, run.tokenizer          train()'s (train_model: the same weights, compiled on CUDA, in DDP if torchrun)
+#   run.log, run.table                wandb's log and Table; a failure is a warning, then no wandb from there on
 # run.prepare, in order (the weights stay float32 in training):
 #   dtype        autocast (run.ctx) runs the matmuls in it: bfloat16 on CUDA (float16 where a GPU lacks it, the
 #                loss scaled by run.scaler); elsewhere float32, unless bfloat16 measured AUTO_MARGIN times as fast
-#   max_iters    with max_minutes (not on CUDA, on resume or with --max_iters), fitted to those timings, and
+#   max_iters    with max_minutes, in a new run off CUDA without --max_iters: fitted to those timings, and
 #                lr_decay_iters with it; kept in cfg, so in ckpt.pt, wandb's config and a resume
 #   resume       ckpt.pt's optimizer and random state
 #   eval_passes  on CUDA, the evaluation batches that fit one forward pass together (else 1)
-#   compile      on CUDA, torch.compile
-#   DDP          under torchrun: backward() then averages the gradients of all processes
-#   wandb        on the first process (see evaluate())
 # run.finish: after a stop, ckpt.pt (evaluated: False) and the resume command; after a measured run, the command
-# that repeats it; wandb's summary and close; the timing line; the exit code. Ctrl-C (SIGTERM the same, but 143):
+# that repeats it; wandb's summary and close; the timing line. train() then returns the exit code, as below.
+# Ctrl-C (SIGTERM the same, but 143):
 #   in start-up, or in sample    quits at once: "interrupted; files on disk are intact"                 exit 130
 #   in a training step           "stopping after this step"; finishes it, saves ckpt.pt and prints
 #                                "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: ..."  exit 130
@@ -743,7 +775,7 @@ class Run:
             check_output_paths(cfg)
 
     def prepare(self, model, optimizer, tokenizer, data, checkpoint):
-        """Decide the dtype and steps, resume, compile, wrap for DDP, start wandb; returns the model to train."""
+        """Decide the dtype and steps; restore a resume's optimizer and random state; size the evaluation passes."""
         cfg, dev = self.cfg, self.dev
         self.model, self.optimizer, self.tokenizer = model, optimizer, tokenizer
         self.start_iter = checkpoint["iter_num"] if checkpoint else 0
@@ -751,19 +783,10 @@ class Run:
         self.ctx = autocast(dev, self.dtype)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)
         self.evaluated_at = None
-        wandb_runs = self.resume(checkpoint) if checkpoint else {}  # the checkpoint's optimizer, RNG, wandb runs
+        self.wandb_runs = self.resume(checkpoint) if checkpoint else {}  # the checkpoint's optimizer, RNG, wandb runs
         self.eval_passes = choose_eval_passes(cfg, self.eval_batch, tokenizer.vocab_size, dev)
-        warm = functools.partial(warm_up, data=data, run=self)  # compiles on the passes training runs
-        train_model = compile_model(model, cfg, dev, self.world, self.clock, warm)
-        if self.world > 1:  # DDP averages the gradients of all processes
-            train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        self.wandb, self.wandb_runs = (start_wandb(cfg, dev, wandb_runs, self.start_iter) if self.rank == 0
-                                       else (DummyWandb(), wandb_runs))
         self.eval_gen = torch.Generator(device=generator_device(dev))
-        self.logs_samples = bool(cfg.prompts) and not isinstance(self.wandb, DummyWandb)
         self.last_saved, self.last_eval, self.trained_before, self.announced = -math.inf, self.start_iter, 0.0, cfg.max_iters
-        self.start_time = time.time()
-        return train_model
 
     def resume(self, checkpoint):
         """Restore the checkpoint's optimizer, scaler and random state; returns its wandb runs."""
@@ -803,8 +826,7 @@ class Run:
             self.logs_samples = False
 
     def log(self, metrics):  # never with step=: wandb drops rows whose step goes back after a resume
-        logged = {k: v for k, v in metrics.items() if v is not None}
-        self.wandb = wandb_call(self.wandb, "logging", lambda w: w.log(logged))
+        self.wandb = wandb_call(self.wandb, "logging", lambda w: w.log({k: v for k, v in metrics.items() if v is not None}))
         self.logs_samples &= not isinstance(self.wandb, DummyWandb)
 
     def refit(self, it, last_step):
@@ -828,7 +850,7 @@ class Run:
         self.last_saved = time.time()
 
     def finish(self, it, completed, failure):
-        """Save ckpt.pt and say how to resume after a stop; close wandb and DDP; the phase line; the exit code."""
+        """Save ckpt.pt and say how to resume after a stop; close wandb and DDP; print the timing line."""
         cfg, stopped = self.cfg, not (completed or failure)
         if stopped:
             self.save_checkpoint(it, evaluated=False)
@@ -849,9 +871,6 @@ class Run:
             dist.destroy_process_group()
         seconds, total = self.clock.figures()  # again: closing wandb took time too
         say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
-        if failure:
-            raise UserError(failure)
-        return 128 + STOP.signum if (stopped or STOP.cut_short) and self.world == 1 else 0  # 130: Ctrl-C; 143: SIGTERM
 
 def load_start(cfg, model, tokenizer):
     """With --resume the checkpoint, its weights loaded into model; else None (after --init_from)."""
@@ -971,25 +990,10 @@ def model_pth_vocabulary(cfg, weights):
 
 SHAPE_KEYS = ("vocab_size", "block_size", "n_embed", "n_head", "n_layer")
 
-def state_dict_shape(sd, path):
-    """The shape settings of a state_dict (either layout); n_head only where the per-head layout records it."""
-    if not isinstance(sd, dict) or not any(torch.is_tensor(v) for v in sd.values()):
-        raise UserError(f"{path} holds no model weights")
-    ours = fused_layout(sd)
-    try:
-        vocab_size, n_embed = ours["token_embedding_table.weight"].shape
-        shape = {"vocab_size": vocab_size, "n_embed": n_embed,
-                 "block_size": ours["position_embedding_table.weight"].shape[0],
-                 "n_layer": len({k.split(".")[1] for k in ours if k.startswith("blocks.")})}
-    except (KeyError, ValueError, AttributeError):
-        raise UserError(f"{path} does not hold babygpt weights") from None
-    heads = per_head_count(sd)
-    return {**shape, "n_head": heads} if heads else shape
-
 def load_weights(model, sd, path, shape=None, fix="use the data and shape settings it was trained with"):
     """Load a state_dict (either layout) into model, or say in one line which shape setting or tensor differs."""
     here = {**state_dict_shape(model.state_dict(), "model"), "n_head": model.blocks[0].sa.n_head}
-    found = shape or state_dict_shape(sd, path)
+    found = shape or {**state_dict_shape(sd, path), "n_head": per_head_count(sd) or None}  # fused: no head count
     diffs = [f"{k}={found[k]} (here {here[k]})" for k in SHAPE_KEYS if found.get(k) not in (None, here[k])]
     if diffs:
         raise UserError(f"{path} does not fit this model: it was trained with {', '.join(diffs)}; {fix}")
@@ -1002,10 +1006,10 @@ def load_weights(model, sd, path, shape=None, fix="use the data and shape settin
 def read_checkpoint(path):
     """(ckpt.pt's dict, its shape: n_head from its settings, the rest from its weights), or a one-line error."""
     state = load_file(path, "checkpoint")
-    if not isinstance(state, dict) or not {"model", "iter_num", "chars"} <= state.keys():
+    if not (isinstance(state, dict) and {"model", "iter_num", "chars", "config"} <= state.keys()
+            and "n_head" in state["config"]):
         raise UserError(f"checkpoint {path} is not a babygpt training checkpoint")
-    shape = state_dict_shape(state["model"], path)
-    return state, {**shape, "n_head": state.get("config", {}).get("n_head", shape.get("n_head"))}
+    return state, {**state_dict_shape(state["model"], path), "n_head": state["config"]["n_head"]}
 
 def load_file(path, what):
     """torch.load(weights_only=True) with one-line errors for missing or unreadable files."""
@@ -1043,7 +1047,7 @@ def save_atomic(obj, path):
 
 class DummyWandb:
     """Stands in for a wandb run when logging is off or has failed: every call does nothing."""
-    log = finish = staticmethod(lambda *args, **kwargs: None)
+    log = finish = define_metric = staticmethod(lambda *args, **kwargs: None)
     def __init__(self):
         self.summary, self.config = {}, SimpleNamespace(update=self.log)
 
@@ -1061,12 +1065,12 @@ def choose_wandb_mode(cfg):
     except (OSError, netrc.NetrcParseError):
         return "offline"
 
-def start_wandb(cfg, dev, runs, start_iter):
-    """(a wandb run or a DummyWandb, with a warning why; {id, group, dirs} of this training's runs, for ckpt.pt).
-    Online a resume continues its run; offline each piece is a new run (one id would overwrite on sync), one group."""
-    mode = choose_wandb_mode(cfg)
+def connect_wandb(mode, run, **init):
+    """wandb.init(**init) in `mode` (online falls back to offline), or a DummyWandb with a warning why; the run's ids
+    go to run.wandb_runs, for ckpt.pt. Online a resume continues its run; offline each piece is a new run (one id
+    would overwrite on sync), all in one group."""
     if mode is None:
-        return DummyWandb(), runs
+        return DummyWandb()
     try:
         import wandb
         timeout = os.environ.get("WANDB_INIT_TIMEOUT", "30")  # then fall back to offline
@@ -1076,34 +1080,30 @@ def start_wandb(cfg, dev, runs, start_iter):
     except Exception as e:  # not installed, a broken install, or a setting wandb refuses
         warn(f"wandb could not start ({first_line(e)}); metrics are printed only"
              + (" (pip install wandb)" if isinstance(e, ImportError) else ""))
-        return DummyWandb(), runs
-    name = f"{cfg.n_layer}L-{cfg.n_embed} {os.path.basename(cfg.data_path)} {dev.type}"
+        return DummyWandb()
+    runs = run.wandb_runs
     last_id, dirs = runs.get("id"), list(runs.get("dirs") or [])
     last_was_online = last_id and not any(d.endswith("-" + last_id) for d in dirs)
     for attempt in [mode] + (["offline"] if mode == "online" else []):
         run_id = last_id if attempt == "online" and last_was_online else secrets.token_hex(4)
         group = runs.get("group") or last_id or run_id
-        resumed = start_iter > 0 and run_id != last_id
+        resumed = f" resumed at step {run.start_iter}" if run.start_iter > 0 and run_id != last_id else ""
         try:
-            run = wandb.init(project=cfg.wandb_project, config={k: getattr(cfg, k) for k in CONFIG_KEYS},
-                             mode=attempt, id=run_id, resume="allow" if attempt == "online" else None,
-                             group=group, name=name + (f" resumed at step {start_iter}" if resumed else ""),
-                             tags=[dev.type, cfg.dtype], save_code=True, settings=settings)
-            run.define_metric("iteration")
-            run.define_metric("*", step_metric="iteration")  # every chart's x-axis is the training step
-            run.define_metric("val_loss", step_metric="iteration", summary="min")
+            wb = wandb.init(**{**init, "name": init["name"] + resumed}, mode=attempt, id=run_id, group=group,
+                            resume="allow" if attempt == "online" else None, settings=settings)
         except Exception as e:
             warn(f"wandb {attempt} failed ({first_line(e)})"
                  + ("; logging offline instead" if attempt == "online" else "; metrics are printed only"))
             continue
         if attempt == "offline":
-            dirs.append(os.path.relpath(os.path.dirname(run.dir.rstrip("/"))))
+            dirs.append(os.path.relpath(os.path.dirname(wb.dir.rstrip("/"))))
             say(f"wandb: offline run in {dirs[-1]}; see it with: wandb leet {dirs[-1]}; upload "
                 f"{'every piece of this training' if len(dirs) > 1 else 'it'} later with: wandb sync {' '.join(dirs)}")
         else:
-            say(f"wandb: {run.url}")
-        return run, {"id": run.id, "group": group, "dirs": dirs}
-    return DummyWandb(), runs
+            say(f"wandb: {wb.url}")
+        run.wandb_runs = {"id": wb.id, "group": group, "dirs": dirs}
+        return wb
+    return DummyWandb()
 
 def wandb_call(run, what, call):
     """call(run), a log or a config update; on failure, a warning and a DummyWandb from then on."""

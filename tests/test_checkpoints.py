@@ -295,6 +295,10 @@ def _setup(work, steps):
             sd = torch.load(path, weights_only=True)
             del sd["lm_head.bias"]
             torch.save(sd, path)
+        elif kind == "unconfigured":  # a checkpoint whose settings lack the head count its weights do not record
+            state = torch.load(path, weights_only=True)
+            del state["config"]["n_head"]
+            torch.save(state, path)
         elif kind == "dict":
             torch.save({"weights": torch.zeros(3), "iter_num": 3}, path)
         elif kind == "other":  # the same text plus characters the trained model never saw
@@ -311,6 +315,7 @@ CKPT_CASES = {
     "sample-ckpt-text": (["text:ckpt.pt"], ["sample"], ["ckpt.pt"]),
     "sample-ckpt-directory": (["dir:ckpt.pt"], ["sample"], ["ckpt.pt", "directory"]),
     "sample-ckpt-not-babygpt": (["list:ckpt.pt"], ["sample"], ["ckpt.pt", "not a babygpt"]),
+    "sample-ckpt-no-n_head": (["unconfigured:ckpt.pt"], ["sample"], ["ckpt.pt", "not a babygpt"]),
     "sample-pth-truncated": (["rm:ckpt.pt", "truncate:model.pth"], ["sample"], ["model.pth"]),
     "sample-pth-text": (["rm:ckpt.pt", "text:model.pth"], ["sample"], ["model.pth"]),
     "sample-pth-not-weights": (["rm:ckpt.pt", "list:model.pth"], ["sample"], ["model.pth", "no model weights"]),

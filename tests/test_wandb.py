@@ -233,6 +233,24 @@ def test_wandb_failures_in_logging_never_stop_training(corpus, monkeypatch, caps
     assert "step 10:" in res.stdout and "模型已保存到model.pth" in res.stdout
 
 
+def test_wandb_that_cannot_set_its_x_axis_never_stops_training(corpus, monkeypatch, capsys):
+    """When define_metric fails right after wandb.init, one warning says so, nothing more goes to wandb, and the run
+    trains, prints and saves."""
+    fake = install_fake_wandb(monkeypatch, corpus.parent)
+    real_init = fake.init
+
+    def init(**kw):
+        run = real_init(**kw)
+        run.define_metric = lambda *a, **k: (_ for _ in ()).throw(ValueError("bad metric"))
+        return run
+    fake.init = init
+    monkeypatch.chdir(corpus.parent)
+    res = run_main(capsys, tiny_wandb(data=corpus.name))
+    assert res.returncode == 0, show(res)
+    assert res.stderr.count("warning: wandb set-up failed (bad metric); continuing without it") == 1, res.stderr
+    assert fake.logged == [] and "step 10:" in res.stdout and "模型已保存到model.pth" in res.stdout
+
+
 def test_wandb_that_cannot_start_never_stops_training(corpus, monkeypatch, capsys):
     """When wandb cannot start online nor offline, two warnings say so and the run trains, prints and saves."""
     fake = install_fake_wandb(monkeypatch, corpus.parent)
