@@ -79,11 +79,11 @@ num_samples = 1               # continuations per prompt
 kv_cache = True               # reuse keys and values while generating (same logits up to rounding, faster)
 # system
 device = "auto"               # auto = cuda, else mps, else cpu
-dtype = "auto"                # auto = bfloat16 (or float16) on CUDA, else timed at start-up (sample: float32 off CUDA)
+dtype = "auto"                # auto = bfloat16 (or float16) on CUDA; elsewhere float32 unless bfloat16 times clearly faster
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU without accumulation, else default
 preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
-max_minutes = 0               # 0 = off; else max_iters fits this many minutes (off CUDA, unless --max_iters is given)
+max_minutes = 0               # 0 = off; else fit max_iters to this many minutes (a new run off CUDA without --max_iters)
 # files and logging
 save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
 ckpt_path = "ckpt.pt"         # training state for --resume=true and sample; a new run replaces it at step 0
@@ -92,7 +92,7 @@ resume = False                # continue from ckpt_path
 init_from = ""                # start from the weights of a model.pth (babygpt's or the original script's) or ckpt.pt
 wandb_mode = "auto"           # auto = online when logged in, else offline; online, offline, disabled
 wandb_project = "babygpt"     # the Weights & Biases project
-sample_interval = 500         # log samples to wandb at the first evaluation, the evaluations every this many steps, the last
+sample_interval = 500         # log samples to wandb at the first and last evaluation, and at steps that are multiples of it
 
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if k.islower() and not k.startswith("_") and isinstance(v, (bool, int, float, str, list))]
@@ -331,7 +331,7 @@ def get_lr(it, cfg):
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / cfg.warmup_iters
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # past it, min_lr (max_minutes sets it once, at start-up)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # past it, min_lr (max_minutes: the first fit's max_iters)
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
 
@@ -370,7 +370,7 @@ def train(cfg, clock=None):
     it, samples, failure = run.start_iter, [], None  # samples: [iteration, prompt, text] rows logged to wandb so far
     with STOP.while_training(run.world):
         while not STOP.agreed(it, run.dev):  # until a Ctrl-C (torchrun: all check every 10 steps)
-            last_step = it >= cfg.max_iters  # with max_minutes, an evaluation may move max_iters
+            last_step = it >= cfg.max_iters  # max_minutes: each evaluation may move max_iters (not the lr schedule)
             # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (a resume skips the step it evaluated)
             if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
                 failure = evaluate(run, train_model, data, it, last_step, samples)  # a NaN loss: its error
@@ -381,7 +381,7 @@ def train(cfg, clock=None):
             run.clock.phase("training")
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(it, cfg)
-            # grad_accum_steps micro-batches: x, y (micro_batch, block_size) ids; logits (.., vocab); loss, a 0-dim tensor
+            # grad_accum_steps micro-batches of x, y: (micro_batch, block_size) token ids each; loss: one number
             batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
             loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
             # one CPU process reads every loss (on a GPU that would wait for it), so a NaN stops at its step
@@ -402,7 +402,7 @@ def train(cfg, clock=None):
             # blocks.0.sa.heads.3.query.weight, and tril masks); BabyGPT.load_state_dict takes it back
             weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
             save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)
-            STOP.finished = True  # from here on a Ctrl-C exits 0
+            STOP.finished = True  # from here on a Ctrl-C quits at once, exit 0 (torchrun: it is only noted)
             say(f"模型已保存到{cfg.save_path}")
     run.finish(it, completed, failure)  # ckpt.pt and the resume command after a stop; wandb closed; the timing line
     if failure:
@@ -414,7 +414,7 @@ def evaluate(run, train_model, data, it, last_step, samples):
     """The evaluation at step it, in the five parts below. Returns the error of a NaN or infinite loss, else None."""
     cfg = run.cfg
     with STOP.at_once(), run.ctx:  # a Ctrl-C abandons this evaluation (on one process); the loop then stops
-        speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation (training time only)
+        speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation (0.0 at a run's first)
         # ---- 1. the losses: eval_iters batches a split of run.eval_batch x block_size tokens (on CUDA, eval_passes
         # batches a forward pass), dropout off, from a generator seeded by the step (the same batches at step it,
         # resumed or not); then the mean over processes
@@ -427,10 +427,10 @@ def evaluate(run, train_model, data, it, last_step, samples):
         say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - run.start_time)}")
         # ---- 3. wandb (run.wandb, started by start_wandb below; a DummyWandb on the other processes): one row of
-        #   these metrics, charted against iteration; with prompts, a table (iteration, prompt, text) of all samples
-        #   so far, at this run's first evaluation (a resumed run's too), every sample_interval steps and the last
-        #   (num_samples rows a prompt), drawn from a generator of their own so that training is unchanged. At the
-        #   end run.finish adds time/<phase> and time/total to the summary (beside the lowest val_loss) and closes it
+        #   these metrics, charted against iteration; with prompts, a table (iteration, prompt, text) of every sample
+        #   this run (since its start or resume) has drawn, at its first evaluation, at steps that are multiples of
+        #   sample_interval, and at the last (num_samples rows a prompt each time), from a generator of their own so
+        #   that training is unchanged. At the end run.finish adds time/<phase> and time/total to the summary
         metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
                    "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
         if run.logs_samples and (not samples or last_step or it % cfg.sample_interval == 0):
@@ -438,8 +438,8 @@ def evaluate(run, train_model, data, it, last_step, samples):
             texts = generate_texts(run.model, run.tokenizer, cfg.prompts, cfg, run.dev, draws)
             samples += [[it, prompt, text] for prompt, ts in zip(cfg.prompts, texts) for text in ts]
             metrics["samples"] = run.table(["iteration", "prompt", "text"], samples)  # a wandb.Table
-        run.log(metrics)  # wandb.log(metrics) (on a failure: a warning, and no wandb from then on)
-        run.refit(it, last_step)  # ---- 4. max_minutes: max_iters re-fitted to the speed so far (and wandb's config)
+        run.log(metrics)  # wandb.log(metrics), no step= (a failed table left out; a failure: a warning, no more wandb)
+        run.refit(it, last_step)  # ---- 4. max_minutes: max_iters (only) re-fitted to the speed so far, and in wandb
         # ---- 5. ckpt.pt at the first evaluation (replacing an older one), the last, and checkpoint_interval s apart
         if last_step or time.time() - run.last_saved >= cfg.checkpoint_interval:
             run.save_checkpoint(it, evaluated=True)
@@ -558,14 +558,13 @@ def sample(cfg):
     # The model: ckpt_path if it exists (even an older or stopped run's), else save_path. Its shape comes from the
     # file, never from the constants at the top (they only build the model that trains).
     if os.path.exists(cfg.ckpt_path):  # ckpt.pt: the weights, the vocabulary and the settings of the training
-        state, shape = read_checkpoint(cfg.ckpt_path)  # n_head: state["config"]["n_head"]; the rest as below
+        state, shape = read_checkpoint(cfg.ckpt_path)  # n_head: its config's; the other sizes: state_dict_shape()
         weights, tokenizer = state["model"], Tokenizer(state["chars"])
         source = f"{cfg.ckpt_path} (step {state['iter_num']})"
     elif os.path.exists(cfg.save_path):  # model.pth: weights only; the vocabulary is that of data_path
         weights, source = load_file(cfg.save_path, "model file"), cfg.save_path
         tokenizer = model_pth_vocabulary(cfg, weights)
-        # the sizes of its tensors; n_head: its modules per head (babygpt's and the original script's model.pth),
-        # or --n_head for a file in the fused layout (a state_dict() saved by hand), whose qkv matrix records none
+        # n_head: its modules per head, or --n_head for a fused file (a hand-saved state_dict(): no head count)
         shape = {**state_dict_shape(weights, source), "n_head": per_head_count(weights) or cfg.n_head}
     else:
         raise UserError(f"no model to sample from: neither {cfg.ckpt_path} nor {cfg.save_path} "
@@ -600,9 +599,8 @@ def sample(cfg):
             show([prompt])
 
 def main(argv=None):
-    """The command line: parse, validate, then train or sample. Returns the exit code of `python babygpt.py`:
-    0 when done, 1 after an error (one line), 130 or 143 after Ctrl-C or SIGTERM, 0 once model.pth is written (and
-    under torchrun: see the Ctrl-C table below)."""
+    """The command line: parse, validate, then train or sample. Returns the exit code of `python babygpt.py`: 0 when
+    done, 1 after an error (one line), after Ctrl-C or SIGTERM as the Ctrl-C table below says (130 or 143, or 0)."""
     clock = PhaseClock(None if argv is None else time.time())
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -629,34 +627,38 @@ def main(argv=None):
 
 # run = Run(cfg), this process's part in the training:
 #   run.rank, run.world, run.dev      this process's rank of run.world processes (1 without torchrun), its device
-#   run.micro_batch, run.eval_batch   rows of a training forward pass, batch_size / (grad_accum_steps x world),
-#                                     and of an evaluation batch, batch_size / world
+#   run.micro_batch, run.eval_batch   rows of a training forward pass, batch_size // (grad_accum_steps * world),
+#                                     and of an evaluation batch, batch_size // world (validate_config: no remainder)
 #   run.start_iter, run.evaluated_at  the first step (a resume's), and the step ckpt.pt already evaluated
 #   run.model, run.tokenizer          train()'s (train_model: the same weights, compiled on CUDA, in DDP if torchrun)
 #   run.log, run.table                wandb's log and Table; a failure is a warning, then no wandb from there on
 # run.prepare, in order (the weights stay float32 in training):
 #   dtype        autocast (run.ctx) runs the matmuls in it: bfloat16 on CUDA (float16 where a GPU lacks it, the
 #                loss scaled by run.scaler); elsewhere float32, unless bfloat16 measured AUTO_MARGIN times as fast
-#   max_iters    with max_minutes, in a new run off CUDA without --max_iters: fitted to those timings, and
-#                lr_decay_iters with it; kept in cfg, so in ckpt.pt, wandb's config and a resume
+#   max_iters    max_minutes (a new run off CUDA without --max_iters): max_iters fitted to those timings, and the lr
+#                schedule fixed to it (lr_decay_iters); evaluations re-fit max_iters only; kept in ckpt.pt and wandb
 #   resume       ckpt.pt's optimizer and random state
-#   eval_passes  on CUDA, the evaluation batches that fit one forward pass together (else 1)
+#   eval_passes  on CUDA, how many evaluation batches go through the model together: the largest divisor of
+#                eval_iters within 20 x 64 x 256 tokens and half the free memory (else 1)
 # run.finish: after a stop, ckpt.pt (evaluated: False) and the resume command; after a measured run, the command
 # that repeats it; wandb's summary and close; the timing line. train() then returns the exit code, as below.
-# Ctrl-C (SIGTERM the same, but 143):
-#   in start-up, or in sample    quits at once: "interrupted; files on disk are intact"                 exit 130
-#   in a training step           "stopping after this step"; finishes it, saves ckpt.pt and prints
-#                                "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: ..."  exit 130
-#   in an evaluation             "stopping now"; abandons it at once (one process), then as above         exit 130
-#   in the final generation      "stopping now"; model.pth stays as it was; ckpt.pt, saved at the last
-#     or save                    evaluation, has every step; the resume command generates and saves       exit 130
-#   after model.pth is written   the run ends, at once or as if unpressed: its files are complete        exit 0
-#   a second Ctrl-C              quits at once, as in start-up (no timing line, wandb not closed); ckpt.pt
-#                                as last saved, later steps lost        exit as the first (130 or 143), or 0 after model.pth
-# Under torchrun (which passes a Ctrl-C on to each process once, and kills them 30 s later) the processes agree on
-# a stop every 10 steps (so up to 10 more steps, and an evaluation, run to their end), then save and print as above,
-# and each exits 0, as torchrun reports other codes as failures (torchrun itself exits 1). A stop after the last
-# check before max_iters comes too late: the run finishes. In start-up or at a second signal: 130 or 143.
+# Ctrl-C (SIGTERM the same, but 143 for 130). Exit codes of one process, and of each process under torchrun:
+#   when                  what happens, and the files                                                  exit  torchrun
+#   start-up, or sample   quits at once: "interrupted; files on disk are intact"                        130   130
+#   a training step       "stopping after this step" (torchrun: "within 10 steps", as the processes
+#                         agree every 10 steps); the step ends, ckpt.pt is saved (evaluated: False),
+#                         "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: ..."        130   0
+#   an evaluation         one process: "stopping now", abandoned at once, then as above; torchrun:
+#                         it runs to its end, as a training step                                        130   0
+#   the final generation  "stopping now", abandoned at once; model.pth stays as it was; ckpt.pt, from
+#     or save             the last evaluation, has every step: "interrupted before model.pth was
+#                         written; ... Resume with: ..." (which evaluates nothing, generates and saves)  130   0
+#   after model.pth       one process: quits at once, as in start-up (no timing line, wandb not
+#     is written          closed); torchrun: only noted, the run ends normally; the files are complete   0     0
+#   a second press        quits at once, as in start-up; ckpt.pt as last saved         the first's, or 0 after model.pth
+# torchrun passes a signal on to each process once, kills them 30 s later, and exits 1 even when each exits 0 (it
+# reports other codes as failures). A stop after the processes' last check (the last multiple of 10 up to max_iters)
+# comes too late: the run finishes.
 class StopRequests:
     """Ctrl-C and SIGTERM for the whole process, as the table above says; main() enters the one instance, STOP."""
 
@@ -677,7 +679,7 @@ class StopRequests:
 
     def on_signal(self, signum, frame):
         second, self.signum = self.signum is not None, self.signum or signum
-        if second or self.mode == "quit":
+        if second or self.mode == "quit" or (self.finished and self.world == 1):  # after model.pth: exit 0
             raise KeyboardInterrupt
         when = "now" if self.mode == "abandon" else "after this step" if self.world == 1 else "within 10 steps"
         if self.mode != "late":
@@ -768,22 +770,21 @@ class Run:
         self.cfg, self.clock = cfg, clock or PhaseClock()
         self.rank, self.world, self.dev = setup_distributed(cfg)  # one process, unless started by torchrun
         self.clock.dev = self.dev
-        self.micro_batch = cfg.batch_size // (self.world * cfg.grad_accum_steps)  # sequences per forward pass
-        self.eval_batch = cfg.batch_size // self.world
+        self.micro_batch, self.eval_batch = cfg.batch_size // (self.world * cfg.grad_accum_steps), cfg.batch_size // self.world
         torch.manual_seed(cfg.seed + self.rank)  # each process draws batches of its own
         if self.rank == 0:
             check_output_paths(cfg)
 
-    def prepare(self, model, optimizer, tokenizer, data, checkpoint):
+    def prepare(self, model, optimizer, tokenizer, data, resumed):
         """Decide the dtype and steps; restore a resume's optimizer and random state; size the evaluation passes."""
         cfg, dev = self.cfg, self.dev
         self.model, self.optimizer, self.tokenizer = model, optimizer, tokenizer
-        self.start_iter = checkpoint["iter_num"] if checkpoint else 0
+        self.start_iter = resumed["iter_num"] if resumed else 0
         self.dtype = plan_run(cfg, model, data["train"], self)
         self.ctx = autocast(dev, self.dtype)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)
         self.evaluated_at = None
-        self.wandb_runs = self.resume(checkpoint) if checkpoint else {}  # the checkpoint's optimizer, RNG, wandb runs
+        self.wandb_runs = self.resume(resumed) if resumed else {}  # the checkpoint's optimizer, RNG, wandb runs
         self.eval_passes = choose_eval_passes(cfg, self.eval_batch, tokenizer.vocab_size, dev)
         self.eval_gen = torch.Generator(device=generator_device(dev))
         self.last_saved, self.last_eval, self.trained_before, self.announced = -math.inf, self.start_iter, 0.0, cfg.max_iters
@@ -1081,12 +1082,11 @@ def connect_wandb(mode, run, **init):
         warn(f"wandb could not start ({first_line(e)}); metrics are printed only"
              + (" (pip install wandb)" if isinstance(e, ImportError) else ""))
         return DummyWandb()
-    runs = run.wandb_runs
-    last_id, dirs = runs.get("id"), list(runs.get("dirs") or [])
+    last_id, dirs = run.wandb_runs.get("id"), list(run.wandb_runs.get("dirs") or [])
     last_was_online = last_id and not any(d.endswith("-" + last_id) for d in dirs)
     for attempt in [mode] + (["offline"] if mode == "online" else []):
         run_id = last_id if attempt == "online" and last_was_online else secrets.token_hex(4)
-        group = runs.get("group") or last_id or run_id
+        group = run.wandb_runs.get("group") or last_id or run_id
         resumed = f" resumed at step {run.start_iter}" if run.start_iter > 0 and run_id != last_id else ""
         try:
             wb = wandb.init(**{**init, "name": init["name"] + resumed}, mode=attempt, id=run_id, group=group,

@@ -380,3 +380,21 @@ def test_ctrl_c_after_model_pth_is_written_exits_0(corpus, capsys, monkeypatch):
     res = run_main(capsys, tiny(data=corpus.name))
     assert pressed and res.returncode == 0, show(res)
     assert "模型已保存到model.pth" in res.stdout and (corpus.parent / "model.pth").exists()
+
+
+def test_ctrl_c_as_the_saved_message_is_printed_exits_0_at_once(corpus, capsys, monkeypatch):
+    """A Ctrl-C between writing model.pth and saying so quits at once with exit 0: the files are complete, so it
+    is neither an abandoned save ("stopping now") nor a stop that the shell must hear about (130)."""
+    monkeypatch.chdir(corpus.parent)
+    real_say, pressed = babygpt.say, []
+
+    def say(*args, **kwargs):
+        if args and str(args[0]).startswith("模型已保存到") and not pressed:
+            pressed.append(1)
+            babygpt.STOP.on_signal(signal.SIGINT, None)
+        real_say(*args, **kwargs)
+    monkeypatch.setattr(babygpt, "say", say)
+    res = run_main(capsys, tiny(data=corpus.name))
+    assert pressed and res.returncode == 0, show(res)
+    assert "stopping now" not in res.stderr and "interrupted; files on disk are intact" in res.stderr, show(res)
+    assert (corpus.parent / "model.pth").exists()
