@@ -623,25 +623,129 @@ def main(argv=None):
         return 0 if STOP.finished else 128 + (STOP.signum or signal.SIGINT)
 
 # -----------------------------------------------------------------------------
-# The run: what train() leaves to `run` (a Run, below the banner) and to STOP (StopRequests, at this section's end)
+# The run: this process's part in a training (Run, `run` in train()), and Ctrl-C (StopRequests, STOP)
 
-# run = Run(cfg), this process's part in the training:
-#   run.rank, run.world, run.dev      this process's rank of run.world processes (1 without torchrun), its device
-#   run.micro_batch, run.eval_batch   rows of a training forward pass, batch_size // (grad_accum_steps * world),
-#                                     and of an evaluation batch, batch_size // world (validate_config: no remainder)
-#   run.start_iter, run.evaluated_at  the first step (a resume's), and the step ckpt.pt already evaluated
-#   run.model, run.tokenizer          train()'s (train_model: the same weights, compiled on CUDA, in DDP if torchrun)
-#   run.log, run.table                wandb's log and Table; a failure is a warning, then no wandb from there on
-# run.prepare, in order (the weights stay float32 in training):
-#   dtype        autocast (run.ctx) runs the matmuls in it: bfloat16 on CUDA (float16 where a GPU lacks it, the
-#                loss scaled by run.scaler); elsewhere float32, unless bfloat16 measured AUTO_MARGIN times as fast
-#   max_iters    max_minutes (a new run off CUDA without --max_iters): max_iters fitted to those timings, and the lr
-#                schedule fixed to it (lr_decay_iters); evaluations re-fit max_iters only; kept in ckpt.pt and wandb
-#   resume       ckpt.pt's optimizer and random state
-#   eval_passes  on CUDA, how many evaluation batches go through the model together: the largest divisor of
-#                eval_iters within 20 x 64 x 256 tokens and half the free memory (else 1)
-# run.finish: after a stop, ckpt.pt (evaluated: False) and the resume command; after a measured run, the command
-# that repeats it; wandb's summary and close; the timing line. train() then returns the exit code, as below.
+class Run:
+    """This process's part in a training (`run` in train()): its rank and device, the number format, the clock, the
+    speed, the wandb run and the checkpoints."""
+
+    def __init__(self, cfg, clock=None):
+        self.cfg, self.clock = cfg, clock or PhaseClock()
+        self.rank, self.world, self.dev = setup_distributed(cfg)  # rank of world processes: 0 of 1 without torchrun
+        self.clock.dev = self.dev
+        # the rows of a training forward pass and of an evaluation batch (validate_config: no remainders)
+        self.micro_batch, self.eval_batch = cfg.batch_size // (self.world * cfg.grad_accum_steps), cfg.batch_size // self.world
+        torch.manual_seed(cfg.seed + self.rank)  # each process draws batches of its own
+        if self.rank == 0:
+            check_output_paths(cfg)
+
+    def prepare(self, model, optimizer, tokenizer, data, resumed):
+        """Decide the dtype and steps; restore a resume's optimizer and random state; size the evaluation passes."""
+        cfg, dev = self.cfg, self.dev
+        self.model, self.optimizer, self.tokenizer = model, optimizer, tokenizer  # train()'s, uncompiled
+        self.start_iter = resumed["iter_num"] if resumed else 0
+        # the dtype autocast (self.ctx) runs the matmuls in, the weights staying float32: bfloat16 on CUDA (float16
+        # where a GPU lacks it, the loss scaled by self.scaler); elsewhere float32, unless bfloat16 measured
+        # AUTO_MARGIN times as fast. max_minutes (a new run off CUDA without --max_iters): max_iters fitted to those
+        # timings and the lr schedule fixed to it (lr_decay_iters); evaluations re-fit max_iters only
+        self.dtype = plan_run(cfg, model, data["train"], self)
+        self.ctx = autocast(dev, self.dtype)
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)
+        self.evaluated_at = None  # the step whose evaluation ckpt.pt already holds (a resume skips it)
+        self.wandb_runs = self.resume(resumed) if resumed else {}  # the checkpoint's optimizer, RNG, wandb runs
+        # on CUDA, how many evaluation batches go through the model together: the largest divisor of eval_iters
+        # within 20 x 64 x 256 tokens and half the free memory (else 1)
+        self.eval_passes = choose_eval_passes(cfg, self.eval_batch, tokenizer.vocab_size, dev)
+        self.eval_gen = torch.Generator(device=generator_device(dev))
+        self.last_saved = -math.inf  # so that the first evaluation writes ckpt.pt
+        self.last_eval, self.trained_before = self.start_iter, 0.0  # where tokens_per_sec counts from
+        self.announced = cfg.max_iters  # the step count max_minutes last reported
+
+    def resume(self, checkpoint):  # --resume
+        """Restore the checkpoint's optimizer, scaler and random state; returns its wandb runs."""
+        cfg, it = self.cfg, checkpoint["iter_num"]
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if "scaler" in checkpoint and self.scaler.is_enabled():
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.world == 1:
+            torch.set_rng_state(checkpoint["rng"]["cpu"])
+            if self.dev.type == "cuda" and "cuda" in checkpoint["rng"]:
+                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.dev)
+        else:  # one saved state for all processes would make them draw the same batches
+            torch.manual_seed(cfg.seed + self.rank + 1_000_003 * it)
+        say(f"resuming from {cfg.ckpt_path} at step {it}, in {cfg.dtype}")
+        if it >= cfg.max_iters:
+            say(f"note: the checkpoint already has {it} steps; raise --max_iters to train more")
+        self.evaluated_at = it if checkpoint.get("evaluated") else None
+        return {"id": checkpoint.get("wandb_id"), "group": checkpoint.get("wandb_group"),
+                "dirs": checkpoint.get("wandb_offline_dirs") or []}
+
+    def tokens_per_sec(self, it):
+        """Training tokens a second since the last evaluation (0 before any step); the clock then counts evaluation."""
+        self.clock.phase("evaluation")  # waits for the device: the speed is then true
+        trained = self.clock.seconds["training"]
+        tokens = (it - self.last_eval) * self.cfg.batch_size * self.cfg.block_size
+        speed = tokens / max(trained - self.trained_before, 1e-9) if tokens else 0.0
+        self.last_eval, self.trained_before = it, trained
+        return speed
+
+    def table(self, columns, rows):
+        """A wandb.Table, or None (a warning, and no samples from then on) if wandb cannot make one."""
+        try:
+            import wandb
+            return wandb.Table(columns=columns, data=[list(r) for r in rows])
+        except Exception as e:
+            warn(f"wandb samples failed ({first_line(e)}); logging the metrics without them")
+            self.logs_samples = False
+
+    def log(self, metrics):  # never with step=: wandb drops rows whose step goes back after a resume
+        self.wandb = wandb_call(self.wandb, "logging", lambda w: w.log({k: v for k, v in metrics.items() if v is not None}))
+        self.logs_samples &= not isinstance(self.wandb, DummyWandb)
+
+    def refit(self, it, last_step):
+        """max_minutes: max_iters re-fitted to this run's speed so far; said when it moved 5%, and sent to wandb."""
+        if not self.fitted or it == self.start_iter or last_step:
+            return
+        before = self.cfg.max_iters
+        fit_steps(self.cfg, it, (time.time() - self.start_time) / (it - self.start_iter), 0, self)
+        if self.cfg.max_iters != before:
+            update = {"max_iters": self.cfg.max_iters}
+            self.wandb = wandb_call(self.wandb, "config update", lambda w: w.config.update(update, allow_val_change=True))
+        if abs(self.cfg.max_iters - self.announced) >= 0.05 * self.announced:  # news, not every 50 steps
+            self.announced = self.cfg.max_iters
+            say(f"max_minutes: {self.announced:,} steps fit now, at this run's speed so far")
+
+    def save_checkpoint(self, it, evaluated):
+        """ckpt.pt (see checkpoint()), written by the first process."""
+        self.clock.phase("checkpoints")
+        if self.rank == 0:
+            save_atomic(checkpoint(self, it, evaluated), self.cfg.ckpt_path)
+        self.last_saved = time.time()
+
+    def finish(self, it, completed, failure):
+        """After a stop, ckpt.pt (evaluated: False) and the resume command; after a measured run, the command that
+        repeats it; wandb's summary and close; DDP's teardown; the timing line. train() then returns the exit code."""
+        cfg, stopped = self.cfg, not (completed or failure)
+        if stopped:
+            self.save_checkpoint(it, evaluated=False)
+        if stopped or (completed and STOP.cut_short):  # completed and cut_short: a Ctrl-C in the generation or save
+            what = (f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}" if stopped else
+                    f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps")
+            say(f"{what}. Resume with: {resume_command(cfg, self.world)}")
+        elif completed and cfg._measured:  # what this machine decided (dtype, steps), written out
+            say(f"to repeat this run exactly: {repeat_command(cfg, self.world)}")
+        seconds, total = self.clock.figures()
+        try:
+            self.wandb.summary.update({**{f"time/{k}": v for k, v in seconds.items()}, "time/total": total})
+            self.wandb.finish(exit_code=1 if failure else 0)
+        except Exception as e:
+            warn(f"wandb could not finish the run ({first_line(e)})")
+        if self.world > 1:
+            dist.barrier()  # the first process finishes generating and saving before teardown
+            dist.destroy_process_group()
+        seconds, total = self.clock.figures()  # again: closing wandb took time too
+        say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+
 # Ctrl-C (SIGTERM the same, but 143 for 130). Exit codes of one process, and of each process under torchrun:
 #   when                  what happens, and the files                                                  exit  torchrun
 #   start-up, or sample   quits at once: "interrupted; files on disk are intact"                        130   130
@@ -726,8 +830,8 @@ class StopRequests:
 STOP = StopRequests()
 
 # =============================================================================
-# ---- plumbing: how the story's promises are kept. In order: errors and printing; Run, resume and the phase
-# ---- clock; weight files; wandb; settings and --help; the corpus; devices, dtype and compile.
+# ---- plumbing: how the story's promises are kept. In order: errors and printing; resume, the phase clock and
+# ---- the printed commands; weight files; wandb; settings and --help; the corpus; devices, dtype and compile.
 # =============================================================================
 
 class UserError(Exception):
@@ -761,117 +865,7 @@ def format_time(seconds):
     return f"{tenths // 600}m {tenths % 600 / 10:.1f}s"
 
 # -----------------------------------------------------------------------------
-# The training loop's plumbing: the run, resume, time, signals
-
-class Run:
-    """This process's part in a training: rank, device, number format, clock, wandb run and checkpoints."""
-
-    def __init__(self, cfg, clock=None):
-        self.cfg, self.clock = cfg, clock or PhaseClock()
-        self.rank, self.world, self.dev = setup_distributed(cfg)  # one process, unless started by torchrun
-        self.clock.dev = self.dev
-        self.micro_batch, self.eval_batch = cfg.batch_size // (self.world * cfg.grad_accum_steps), cfg.batch_size // self.world
-        torch.manual_seed(cfg.seed + self.rank)  # each process draws batches of its own
-        if self.rank == 0:
-            check_output_paths(cfg)
-
-    def prepare(self, model, optimizer, tokenizer, data, resumed):
-        """Decide the dtype and steps; restore a resume's optimizer and random state; size the evaluation passes."""
-        cfg, dev = self.cfg, self.dev
-        self.model, self.optimizer, self.tokenizer = model, optimizer, tokenizer
-        self.start_iter = resumed["iter_num"] if resumed else 0
-        self.dtype = plan_run(cfg, model, data["train"], self)
-        self.ctx = autocast(dev, self.dtype)
-        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)
-        self.evaluated_at = None
-        self.wandb_runs = self.resume(resumed) if resumed else {}  # the checkpoint's optimizer, RNG, wandb runs
-        self.eval_passes = choose_eval_passes(cfg, self.eval_batch, tokenizer.vocab_size, dev)
-        self.eval_gen = torch.Generator(device=generator_device(dev))
-        self.last_saved, self.last_eval, self.trained_before, self.announced = -math.inf, self.start_iter, 0.0, cfg.max_iters
-
-    def resume(self, checkpoint):
-        """Restore the checkpoint's optimizer, scaler and random state; returns its wandb runs."""
-        cfg, it = self.cfg, checkpoint["iter_num"]
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if "scaler" in checkpoint and self.scaler.is_enabled():
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        if self.world == 1:
-            torch.set_rng_state(checkpoint["rng"]["cpu"])
-            if self.dev.type == "cuda" and "cuda" in checkpoint["rng"]:
-                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.dev)
-        else:  # one saved state for all processes would make them draw the same batches
-            torch.manual_seed(cfg.seed + self.rank + 1_000_003 * it)
-        say(f"resuming from {cfg.ckpt_path} at step {it}, in {cfg.dtype}")
-        if it >= cfg.max_iters:
-            say(f"note: the checkpoint already has {it} steps; raise --max_iters to train more")
-        self.evaluated_at = it if checkpoint.get("evaluated") else None
-        return {"id": checkpoint.get("wandb_id"), "group": checkpoint.get("wandb_group"),
-                "dirs": checkpoint.get("wandb_offline_dirs") or []}
-
-    def tokens_per_sec(self, it):
-        """Training tokens a second since the last evaluation (0 before any step); the clock then counts evaluation."""
-        self.clock.phase("evaluation")  # waits for the device: the speed is then true
-        trained = self.clock.seconds["training"]
-        tokens = (it - self.last_eval) * self.cfg.batch_size * self.cfg.block_size
-        speed = tokens / max(trained - self.trained_before, 1e-9) if tokens else 0.0
-        self.last_eval, self.trained_before = it, trained
-        return speed
-
-    def table(self, columns, rows):
-        """A wandb.Table, or None (a warning, and no samples from then on) if wandb cannot make one."""
-        try:
-            import wandb
-            return wandb.Table(columns=columns, data=[list(r) for r in rows])
-        except Exception as e:
-            warn(f"wandb samples failed ({first_line(e)}); logging the metrics without them")
-            self.logs_samples = False
-
-    def log(self, metrics):  # never with step=: wandb drops rows whose step goes back after a resume
-        self.wandb = wandb_call(self.wandb, "logging", lambda w: w.log({k: v for k, v in metrics.items() if v is not None}))
-        self.logs_samples &= not isinstance(self.wandb, DummyWandb)
-
-    def refit(self, it, last_step):
-        """max_minutes: max_iters re-fitted to this run's speed so far; said when it moved 5%, and sent to wandb."""
-        if not self.fitted or it == self.start_iter or last_step:
-            return
-        before = self.cfg.max_iters
-        fit_steps(self.cfg, it, (time.time() - self.start_time) / (it - self.start_iter), 0, self)
-        if self.cfg.max_iters != before:
-            update = {"max_iters": self.cfg.max_iters}
-            self.wandb = wandb_call(self.wandb, "config update", lambda w: w.config.update(update, allow_val_change=True))
-        if abs(self.cfg.max_iters - self.announced) >= 0.05 * self.announced:  # news, not every 50 steps
-            self.announced = self.cfg.max_iters
-            say(f"max_minutes: {self.announced:,} steps fit now, at this run's speed so far")
-
-    def save_checkpoint(self, it, evaluated):
-        """ckpt.pt (see checkpoint()), written by the first process."""
-        self.clock.phase("checkpoints")
-        if self.rank == 0:
-            save_atomic(checkpoint(self, it, evaluated), self.cfg.ckpt_path)
-        self.last_saved = time.time()
-
-    def finish(self, it, completed, failure):
-        """Save ckpt.pt and say how to resume after a stop; close wandb and DDP; print the timing line."""
-        cfg, stopped = self.cfg, not (completed or failure)
-        if stopped:
-            self.save_checkpoint(it, evaluated=False)
-        if stopped or (completed and STOP.cut_short):  # completed and cut_short: a Ctrl-C in the generation or save
-            what = (f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}" if stopped else
-                    f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps")
-            say(f"{what}. Resume with: {resume_command(cfg, self.world)}")
-        elif completed and cfg._measured:  # what this machine decided (dtype, steps), written out
-            say(f"to repeat this run exactly: {repeat_command(cfg, self.world)}")
-        seconds, total = self.clock.figures()
-        try:
-            self.wandb.summary.update({**{f"time/{k}": v for k, v in seconds.items()}, "time/total": total})
-            self.wandb.finish(exit_code=1 if failure else 0)
-        except Exception as e:
-            warn(f"wandb could not finish the run ({first_line(e)})")
-        if self.world > 1:
-            dist.barrier()  # the first process finishes generating and saving before teardown
-            dist.destroy_process_group()
-        seconds, total = self.clock.figures()  # again: closing wandb took time too
-        say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+# The run's plumbing: resume, time, the commands it prints, checks
 
 def load_start(cfg, model, tokenizer):
     """With --resume the checkpoint, its weights loaded into model; else None (after --init_from)."""
