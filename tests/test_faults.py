@@ -398,3 +398,12 @@ def test_ctrl_c_as_the_saved_message_is_printed_exits_0_at_once(corpus, capsys, 
     assert pressed and res.returncode == 0, show(res)
     assert "stopping now" not in res.stderr and "interrupted; files on disk are intact" in res.stderr, show(res)
     assert (corpus.parent / "model.pth").exists()
+
+
+def test_under_torchrun_a_ctrl_c_once_model_pth_is_written_is_only_noted(capsys):
+    """Under torchrun the first process, still saying that model.pth is saved, neither abandons that nor announces
+    a stop: the files are complete and every process must reach the end."""
+    stop = babygpt.StopRequests()
+    stop.world, stop.finished, stop.mode = 2, True, "abandon"
+    stop.on_signal(signal.SIGINT, None)  # raises neither Interrupted nor KeyboardInterrupt
+    assert stop.signum == signal.SIGINT and "stopping" not in capsys.readouterr().err
