@@ -22,7 +22,6 @@ if __name__ == "__main__":  # PyTorch reads this at its first CPU allocation, so
 
 import contextlib
 import copy
-import functools
 import hashlib
 import json
 import math
@@ -34,7 +33,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
@@ -59,7 +57,7 @@ dropout = 0.2                 # share of activations zeroed while training
 # training
 batch_size = 64               # sequences per optimizer step (over all micro-batches and GPUs)
 max_iters = 5000              # optimizer steps
-eval_interval = 50            # evaluate before step 0, every this many steps, and after the last step
+eval_interval = 50            # evaluate at step 0 (a resume: its first step), every this many steps, and at the last
 eval_iters = 100              # batches per split in one evaluation
 learning_rate = 3e-4          # AdamW's step size
 weight_decay = 0.01           # AdamW's default, which the original script used
@@ -79,20 +77,20 @@ num_samples = 1               # continuations per prompt
 kv_cache = True               # reuse keys and values while generating (same logits up to rounding, faster)
 # system
 device = "auto"               # auto = cuda, else mps, else cpu
-dtype = "auto"                # auto = bfloat16 (or float16) on CUDA; elsewhere float32 unless bfloat16 times clearly faster
+dtype = "auto"                # auto = bfloat16 (or float16) on CUDA; elsewhere float32 unless bfloat16 is timed faster
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU without accumulation, else default
 preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
-max_minutes = 0               # 0 = off; else fit max_iters to this many minutes (a new run off CUDA without --max_iters)
+max_minutes = 0               # 0 = off; else set max_iters to fit this many minutes (ignored on CUDA, resume, --max_iters)
 # files and logging
 save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
-ckpt_path = "ckpt.pt"         # training state for --resume=true and sample; a new run replaces it at step 0
+ckpt_path = "ckpt.pt"         # training state for --resume=true and sample; a new run overwrites it at its first evaluation
 checkpoint_interval = 60      # seconds between checkpoints at evaluations (0 = every evaluation)
 resume = False                # continue from ckpt_path
 init_from = ""                # start from the weights of a model.pth (babygpt's or the original script's) or ckpt.pt
 wandb_mode = "auto"           # auto = online when logged in, else offline; online, offline, disabled
 wandb_project = "babygpt"     # the Weights & Biases project
-sample_interval = 500         # log samples to wandb at the first and last evaluation, and at steps that are multiples of it
+sample_interval = 500         # log samples to wandb at the first and last evaluation, and at those whose step it divides
 
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if k.islower() and not k.startswith("_") and isinstance(v, (bool, int, float, str, list))]
@@ -241,7 +239,7 @@ class BabyGPT(nn.Module):
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Weights in either layout: fused (one qkv matrix a layer: state_dict(), ckpt.pt["model"]) or per-head (the
-        original script's, and model.pth), which must have this model's head count (a fused qkv records none)."""
+        original script's, and model.pth), which must have this model's head count (fused weights cannot say theirs)."""
         heads, n_head = per_head_count(state_dict), self.blocks[0].sa.n_head
         if heads not in (0, n_head):
             raise ValueError(f"these weights have {heads} attention heads a layer and this model {n_head}; "
@@ -310,11 +308,11 @@ def estimate_loss(model, data, cfg, batch_size, generator=None, batches_per_pass
 def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
     """One optimizer step over micro-batches [(x, y), ...]; returns the last micro-batch's loss.
     Each micro-batch loss is divided by their number, so the summed gradient is the gradient of
-    the mean loss: accumulation computes the same gradient."""
+    the mean loss: on the same rows, accumulation computes the same gradient (up to rounding)."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # off (all but float16): scale() and step() are plain
     for i, (x, y) in enumerate(batches):
-        model.require_backward_grad_sync = i == len(batches) - 1  # DDP: all-reduce on the last only (others ignore it)
-        with ctx or nullcontext():  # autocast: the matmuls in the run's dtype
+        model.require_backward_grad_sync = i == len(batches) - 1  # DDP averages on the last only; a plain model ignores it
+        with ctx or contextlib.nullcontext():  # autocast: the matmuls in the run's dtype
             _, loss = model(x, y)
         scaler.scale(loss / len(batches)).backward()  # float16: the loss scaled up, so small gradients stay > 0
     if grad_clip > 0:
@@ -331,7 +329,7 @@ def get_lr(it, cfg):
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / cfg.warmup_iters
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # past it, min_lr (max_minutes: the first fit's max_iters)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # past it, min_lr (max_minutes sets lr_decay_iters once)
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
 
@@ -348,7 +346,7 @@ def train(cfg, clock=None):
     tokenizer = Tokenizer(text)  # built from the whole text, so validation has no unknown characters
     check_prompts(cfg, tokenizer, cfg.data_path)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    # One cut, no shuffling: the first 90% trains, the rest validates (in ci.txt: late Song ci, the Southern Tang).
+    # One cut, no shuffling: the first 90% trains, the rest validates (in ci.txt: the last Song ci, the Southern Tang).
     n = int(cfg.train_data_ratio * len(ids))
     data = {"train": ids[:n].to(run.dev), "val": ids[n:].to(run.dev)}
     check_split(data, cfg)
@@ -372,7 +370,7 @@ def train(cfg, clock=None):
     with STOP.while_training(run.world):
         while not STOP.agreed(it, run.dev):  # True after a Ctrl-C (under torchrun: checked every 10 steps)
             last_step = it >= cfg.max_iters  # max_minutes may move max_iters at an evaluation
-            # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (a resume skips a step already done)
+            # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (not again a resume's evaluated step)
             if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
                 failure = evaluate(run, train_model, data, it, last_step, samples)  # None, or a NaN loss's error
             if last_step or failure or STOP.stopped:  # STOP.stopped: a Ctrl-C abandoned the evaluation
@@ -403,13 +401,13 @@ def train(cfg, clock=None):
             # blocks.0.sa.heads.3.query.weight). BabyGPT.load_state_dict loads it back.
             weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
             save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)
-            STOP.finished = True  # from here on, a Ctrl-C stops nothing that matters: exit 0
+            STOP.finished = True  # from here on the files are complete: a Ctrl-C exits 0
             say(f"模型已保存到{cfg.save_path}")
     run.finish(it, completed, failure)  # after a stop: ckpt.pt and the resume command; then wandb closes
     if failure:
         raise UserError(failure)  # main() prints it and exits 1
     stopped = STOP.stopped or STOP.cut_short  # a Ctrl-C or SIGTERM came before model.pth was written
-    # The shell must hear of a stop: 130 after Ctrl-C, 143 after SIGTERM. Under torchrun 0 (see "Ctrl-C" below).
+    # The shell must hear of a stop: 130 after Ctrl-C, 143 after SIGTERM (torchrun: see "Ctrl-C" below).
     return 128 + STOP.signum if stopped and run.world == 1 else 0
 
 def evaluate(run, train_model, data, it, last_step, samples):
@@ -430,32 +428,34 @@ def evaluate(run, train_model, data, it, last_step, samples):
             f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - run.start_time)}")
         # ---- 3. wandb: one row of these metrics, charted against iteration (see start_wandb below)
         metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
-                   "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}  # lr: of the step about to run
+                   "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}  # lr: of step it (the last: of max_iters-1)
         # With prompts, a samples table at this run's first evaluation, at steps that are multiples of
         # sample_interval, and at the last. It holds every row drawn since this run started or resumed.
         if run.logs_samples and (not samples or last_step or it % cfg.sample_interval == 0):
-            draws = torch.Generator(device=generator_device(run.dev)).manual_seed(cfg.seed + it)  # training's unused
+            draws = torch.Generator(device=generator_device(run.dev)).manual_seed(cfg.seed + it)  # not training's random state
             texts = generate_texts(run.model, run.tokenizer, cfg.prompts, cfg, run.dev, draws)
             samples += [[it, prompt, text] for prompt, ts in zip(cfg.prompts, texts) for text in ts]  # num_samples each
             metrics["samples"] = run.table(["iteration", "prompt", "text"], samples)  # a wandb.Table
         run.log(metrics)  # wandb.log(metrics), without step=
-        # ---- 4. max_minutes: fit max_iters again to the speed so far (the lr schedule stays as it is)
-        run.refit(it, last_step)
+        run.refit(it, last_step)  # ---- 4. max_minutes: max_iters fitted again to the speed so far (not the lr)
         # ---- 5. ckpt.pt: at the first evaluation, at the last, and whenever checkpoint_interval seconds have passed
         if last_step or time.time() - run.last_saved >= cfg.checkpoint_interval:
             run.save_checkpoint(it, evaluated=True)
 
 def start_wandb(run):
     """The first process's wandb run: online when logged in, else offline in ./wandb (WANDB_MODE overrides auto; online
-    falls back to offline). The other processes, wandb_mode=disabled, or a failure (a warning): a DummyWandb."""
+    falls back to offline). The other processes, wandb_mode=disabled, or a failure (a warning): a DummyWandb. A resume
+    continues its online run; offline, each resumed piece is a run of its own ("... resumed at step N"), in one group.
+    Later: evaluate()'s rows and samples table, Run.refit's max_iters, Run.finish's summary time/<phase>, time/total."""
     cfg = run.cfg
     mode = choose_wandb_mode(cfg) if run.rank == 0 else None  # None: no wandb
-    wb = connect_wandb(mode, run, project=cfg.wandb_project, name=f"{cfg.n_layer}L-{cfg.n_embed} "
+    def charts(wb):  # every chart's x-axis is the training step; val_loss's summary keeps its lowest
+        wb.define_metric("iteration")
+        wb.define_metric("*", step_metric="iteration")
+        wb.define_metric("val_loss", step_metric="iteration", summary="min")
+    wb = connect_wandb(mode, run, charts, project=cfg.wandb_project, name=f"{cfg.n_layer}L-{cfg.n_embed} "
                        f"{os.path.basename(cfg.data_path)} {run.dev.type}", tags=[run.dev.type, cfg.dtype], save_code=True,
                        config={k: getattr(cfg, k) for k in CONFIG_KEYS})  # every setting, dtype and max_iters as decided
-    wb = wandb_call(wb, "set-up", lambda w: (w.define_metric("iteration"),
-                                             w.define_metric("*", step_metric="iteration"),  # every chart's x-axis
-                                             w.define_metric("val_loss", step_metric="iteration", summary="min")))
     run.logs_samples = bool(cfg.prompts) and not isinstance(wb, DummyWandb)  # evaluate()'s samples table
     return wb
 
@@ -469,7 +469,7 @@ def checkpoint(run, it, evaluated):
             "chars": "".join(run.tokenizer.chars),  # the vocabulary
             "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},  # every setting, dtype and max_iters as decided
             "argv": list(cfg._argv), "measured": sorted(cfg._measured),  # the command line; what was measured
-            "rng": {"cpu": torch.get_rng_state(),  # without torchrun, a resume draws the batches an unstopped run would
+            "rng": {"cpu": torch.get_rng_state(),  # so a resumed run draws the batches and dropout an unstopped run would
                     **({"cuda": torch.cuda.get_rng_state(run.dev)} if run.dev.type == "cuda" else {})},
             "wandb_id": run.wandb_runs.get("id"), "wandb_group": run.wandb_runs.get("group"),
             "wandb_offline_dirs": run.wandb_runs.get("dirs", [])}
@@ -557,7 +557,7 @@ def sample(cfg):
     dev = choose_device(cfg.device)
     torch.manual_seed(cfg.seed)
     # The model: ckpt_path if it exists (even an older or stopped run's), else save_path. Its shape comes from the
-    # file, never from the constants at the top (they only build the model that trains).
+    # file; the constants at the top only build the model that trains (and --n_head a fused model.pth's heads).
     if os.path.exists(cfg.ckpt_path):  # ckpt.pt: the weights, the vocabulary and the settings of the training
         state, shape = read_checkpoint(cfg.ckpt_path)  # n_head: its config's; the other sizes: state_dict_shape()
         weights, tokenizer = state["model"], Tokenizer(state["chars"])
@@ -571,6 +571,8 @@ def sample(cfg):
         raise UserError(f"no model to sample from: neither {cfg.ckpt_path} nor {cfg.save_path} "
                         f"exists; train one first with: python babygpt.py")
     check_prompts(cfg, tokenizer, source)
+    if shape["n_embed"] % shape["n_head"]:  # only a fused model.pth with --n_head gets here
+        raise UserError(f"{source} has n_embed={shape['n_embed']}, which --n_head={shape['n_head']} does not divide")
     model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
     load_weights(model, weights, source.split(" ")[0], shape)
     model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # weights cast (auto: bfloat16 or float16 on CUDA, else float32)
@@ -634,9 +636,8 @@ class Run:
         self.cfg, self.clock = cfg, clock or PhaseClock()
         self.rank, self.world, self.dev = setup_distributed(cfg)  # rank of world processes: 0 of 1 without torchrun
         self.clock.dev = self.dev
-        # the rows of a training forward pass and of an evaluation batch (validate_config: no remainders)
-        self.micro_batch = cfg.batch_size // (self.world * cfg.grad_accum_steps)
-        self.eval_batch = cfg.batch_size // self.world
+        # the rows of a training forward pass and of an evaluation batch (setup_distributed: no remainders)
+        self.micro_batch, self.eval_batch = cfg.batch_size // (self.world * cfg.grad_accum_steps), cfg.batch_size // self.world
         torch.manual_seed(cfg.seed + self.rank)  # each process draws batches of its own
         if self.rank == 0:
             check_output_paths(cfg)
@@ -646,10 +647,9 @@ class Run:
         cfg, dev = self.cfg, self.dev
         self.model, self.optimizer, self.tokenizer = model, optimizer, tokenizer  # train()'s, uncompiled
         self.start_iter = resumed["iter_num"] if resumed else 0
-        # the dtype autocast (self.ctx) runs the matmuls in, the weights staying float32: bfloat16 on CUDA (float16
-        # where a GPU lacks it, the loss scaled by self.scaler); elsewhere float32, unless bfloat16 measured
-        # AUTO_MARGIN times as fast. max_minutes (a new run off CUDA without --max_iters): max_iters fitted to those
-        # timings and the lr schedule fixed to it (lr_decay_iters); evaluations re-fit max_iters only
+        # The dtype autocast (self.ctx) runs the matmuls in (the weights stay float32): bfloat16 on CUDA (float16, with
+        # self.scaler, where a GPU lacks it), else float32 unless bfloat16 measured AUTO_MARGIN x as fast. max_minutes:
+        # max_iters fitted to those timings, and lr_decay_iters fixed to it (a new run off CUDA without --max_iters).
         self.dtype = plan_run(cfg, model, data["train"], self)
         self.ctx = autocast(dev, self.dtype)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)
@@ -751,9 +751,8 @@ class Run:
 # Ctrl-C (SIGTERM the same, but 143 for 130). Exit codes of one process, and of each process under torchrun:
 #   when                  what happens, and the files                                                  exit  torchrun
 #   start-up, or sample   quits at once: "interrupted; files on disk are intact"                        130   130
-#   a training step       "stopping after this step" (torchrun: "within 10 steps", as the processes
-#                         agree every 10 steps); the step ends, ckpt.pt is saved (evaluated: False),
-#                         "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: ..."        130   0
+#   a training step       "stopping after this step" (torchrun: "within 10 steps"); the step ends; ckpt.pt
+#                         (evaluated: False): "interrupted at step N; checkpoint saved ... Resume with: ..."  130   0
 #   an evaluation         one process: "stopping now", abandoned at once, then as above; torchrun:
 #                         it runs to its end, as a training step                                        130   0
 #   the final generation  "stopping now", abandoned at once; model.pth stays as it was; ckpt.pt, from
@@ -762,7 +761,7 @@ class Run:
 #   after model.pth       one process: quits at once, as in start-up (no timing line, wandb not
 #     is written          closed); torchrun: only noted, the run ends normally; the files are complete   0     0
 #   a second press        quits at once, as in start-up; ckpt.pt as last saved, later steps lost        130   130
-#                         (143 if the first was a SIGTERM; 0 once model.pth is written)
+#                         (143 if the first was a SIGTERM; 0 in the process that has written model.pth)
 # torchrun passes a signal on to each process once, kills them 30 s later, and exits 1 even when each exits 0 (it
 # reports other codes as failures). A stop after the processes' last check (the last multiple of 10 up to max_iters)
 # is too late for training, which ends at max_iters; the rows after training then apply.
@@ -771,7 +770,7 @@ class StopRequests:
 
     def __init__(self):
         self.signum = None  # the signal of the first request, once one came
-        self.mode = "quit"  # a first request now: quits, "step": stops after it, "abandon": at once, "late": is noted
+        self.mode = "quit"  # a request now: "quit" at once; stop after the "step"; "abandon" the block; "late": note it
         self.world, self.agreed_at = 1, None  # under torchrun: the processes, and the step they agreed to stop before
         self.cut_short, self.finished = False, False  # an at_once block was abandoned; model.pth is written (exit 0)
 
@@ -811,7 +810,7 @@ class StopRequests:
         try:
             yield
         except Interrupted:
-            self.cut_short = not self.finished
+            self.cut_short = True
         finally:
             self.mode = before
 
@@ -883,9 +882,11 @@ def load_start(cfg, model, tokenizer):
                      f"(that run used: {' '.join(state.get('argv', [])) or 'the defaults'})")
         return state
     if cfg.init_from:
-        sd = load_file(cfg.init_from, "init_from")
-        sd = sd["model"] if isinstance(sd, dict) and isinstance(sd.get("model"), dict) else sd  # a ckpt.pt too
-        load_weights(model, sd, cfg.init_from)
+        sd, shape = load_file(cfg.init_from, "init_from"), None
+        if isinstance(sd, dict) and isinstance(sd.get("model"), dict):  # a ckpt.pt: its weights, with its head count
+            state, shape = read_checkpoint(cfg.init_from)
+            sd = state["model"]
+        load_weights(model, sd, cfg.init_from, shape)
     return None
 
 def keep_settings(cfg, state):
@@ -1006,7 +1007,7 @@ def read_checkpoint(path):
     """(ckpt.pt's dict, its shape: n_head from its settings, the rest from its weights), or a one-line error."""
     state = load_file(path, "checkpoint")
     if not (isinstance(state, dict) and {"model", "iter_num", "chars", "config"} <= state.keys()
-            and "n_head" in state["config"]):
+            and isinstance(state["config"], dict) and "n_head" in state["config"]):
         raise UserError(f"checkpoint {path} is not a babygpt training checkpoint")
     return state, {**state_dict_shape(state["model"], path), "n_head": state["config"]["n_head"]}
 
@@ -1046,7 +1047,7 @@ def save_atomic(obj, path):
 
 class DummyWandb:
     """Stands in for a wandb run when logging is off or has failed: every call does nothing."""
-    log = finish = define_metric = staticmethod(lambda *args, **kwargs: None)
+    log = finish = staticmethod(lambda *args, **kwargs: None)
     def __init__(self):
         self.summary, self.config = {}, SimpleNamespace(update=self.log)
 
@@ -1064,10 +1065,10 @@ def choose_wandb_mode(cfg):
     except (OSError, netrc.NetrcParseError):
         return "offline"
 
-def connect_wandb(mode, run, **init):
-    """wandb.init(**init) in `mode` (online falls back to offline), or a DummyWandb with a warning why; the run's ids
-    go to run.wandb_runs, for ckpt.pt. Online a resume continues its run; offline each piece is a new run (one id
-    would overwrite on sync), all in one group."""
+def connect_wandb(mode, run, charts, **init):
+    """wandb.init(**init) and charts(it) in `mode` (online falls back to offline), or a DummyWandb and a warning; the
+    ids go to run.wandb_runs, for ckpt.pt. Online a resume continues its run; offline, each piece is a run of its own
+    (one id would overwrite on sync), all in one group."""
     if mode is None:
         return DummyWandb()
     try:
@@ -1089,6 +1090,7 @@ def connect_wandb(mode, run, **init):
         try:
             wb = wandb.init(**{**init, "name": init["name"] + resumed}, mode=attempt, id=run_id, group=group,
                             resume="allow" if attempt == "online" else None, settings=settings)
+            charts(wb)
         except Exception as e:
             warn(f"wandb {attempt} failed ({first_line(e)})"
                  + ("; logging offline instead" if attempt == "online" else "; metrics are printed only"))
@@ -1103,11 +1105,11 @@ def connect_wandb(mode, run, **init):
         return wb
     return DummyWandb()
 
-def wandb_call(run, what, call):
-    """call(run), a log or a config update; on failure, a warning and a DummyWandb from then on."""
+def wandb_call(wb, what, call):
+    """call(wb) on a wandb run: a log or a config update; on failure, a warning and a DummyWandb from then on."""
     try:
-        call(run)
-        return run
+        call(wb)
+        return wb
     except Exception as e:
         warn(f"wandb {what} failed ({first_line(e)}); continuing without it")
         return DummyWandb()
@@ -1372,7 +1374,7 @@ def dtype_name(dt):
     return str(dt).replace("torch.", "")
 
 def autocast(dev, dt):
-    return nullcontext() if dt == torch.float32 else torch.autocast(device_type=dev.type, dtype=dt)
+    return contextlib.nullcontext() if dt == torch.float32 else torch.autocast(device_type=dev.type, dtype=dt)
 
 def generator_device(dev):
     """Where random draws happen: on the CPU for MPS, where torch.multinomial has open bugs."""
@@ -1381,7 +1383,7 @@ def generator_device(dev):
 def generation_attention(dev):
     """Generation's attention kernels: on CUDA not cuDNN's, which prepares anew for each key length."""
     if dev.type != "cuda":
-        return nullcontext()
+        return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
@@ -1408,7 +1410,7 @@ def probe_dtypes(model, data, micro_batch, dev, dtypes, budget=2.5):
     model, block_size, base = copy.deepcopy(model).train(), model.block_size, dtypes[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=dev.type in FUSED_ADAMW)
     gen = torch.Generator(device=generator_device(dev)).manual_seed(0)
-    step = functools.partial(time_step, model, optimizer)
+    step = lambda x, y, dt, dev: time_step(model, optimizer, x, y, dt, dev)
     with fork_rng(dev):
         x, y = get_batch(data, min(micro_batch, 2), min(block_size, 64), gen)  # first passes prepare kernels
         scout = {}
@@ -1541,7 +1543,7 @@ def choose_eval_passes(cfg, eval_batch, vocab_size, dev):
 
 if __name__ == "__main__":
     code = main()
-    if code == 0:  # done: skip tearing down torch's thousands of modules, which takes seconds
+    if code == 0 and STOP.signum is None:  # done: skip tearing down torch's modules (after a Ctrl-C, wandb's exit runs)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

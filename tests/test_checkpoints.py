@@ -295,6 +295,8 @@ def _setup(work, steps):
             sd = torch.load(path, weights_only=True)
             del sd["lm_head.bias"]
             torch.save(sd, path)
+        elif kind == "fused":  # ckpt.pt's weights alone: a state_dict() saved by hand, which records no head count
+            torch.save(torch.load(work / "ckpt.pt", weights_only=True)["model"], path)
         elif kind == "unconfigured":  # a checkpoint whose settings lack the head count its weights do not record
             state = torch.load(path, weights_only=True)
             del state["config"]["n_head"]
@@ -316,6 +318,8 @@ CKPT_CASES = {
     "sample-ckpt-directory": (["dir:ckpt.pt"], ["sample"], ["ckpt.pt", "directory"]),
     "sample-ckpt-not-babygpt": (["list:ckpt.pt"], ["sample"], ["ckpt.pt", "not a babygpt"]),
     "sample-ckpt-no-n_head": (["unconfigured:ckpt.pt"], ["sample"], ["ckpt.pt", "not a babygpt"]),
+    "sample-pth-heads-misfit": (["fused:model.pth", "rm:ckpt.pt"], ["sample", "--n_embed=30", "--n_head=3"],
+                                ["model.pth", "n_embed=32", "--n_head=3"]),
     "sample-pth-truncated": (["rm:ckpt.pt", "truncate:model.pth"], ["sample"], ["model.pth"]),
     "sample-pth-text": (["rm:ckpt.pt", "text:model.pth"], ["sample"], ["model.pth"]),
     "sample-pth-not-weights": (["rm:ckpt.pt", "list:model.pth"], ["sample"], ["model.pth", "no model weights"]),
@@ -337,6 +341,7 @@ CKPT_CASES = {
     "init-not-weights": (["list:model.pth"], ["--init_from=model.pth"], ["model.pth", "no model weights"]),
     "init-foreign-weights": (["dict:model.pth"], ["--init_from=model.pth"], ["model.pth", "not hold babygpt weights"]),
     "init-missing-weight": (["drop:model.pth"], ["--init_from=model.pth"], ["model.pth", "does not fit this model"]),
+    "init-ckpt-other-heads": ([], ["--init_from=ckpt.pt", "--n_head=4"], ["ckpt.pt", "n_head=2", "4"]),
     "init-other-shape": ([], ["--init_from=model.pth", "--n_embed=48"], ["model.pth", "n_embed=32", "48"]),
     "init-other-layers": ([], ["--init_from=model.pth", "--n_layer=1"], ["model.pth", "n_layer=2", "1"]),
     "init-other-vocab": (["other:"], ["--init_from=model.pth", f"--data_path={OTHER}"], ["model.pth", "vocab_size"]),
