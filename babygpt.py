@@ -1,16 +1,19 @@
 """
-babygpt: a character-level GPT that learns to write Song-dynasty ci (宋词). A faithful refactor of
-the teaching script babygpt_v12_wandb.py ("the original script" below): its constants, then its
-story (tokenizer, model, batches, training loop, the weights' layouts, sampling, main), then, below a
-banner, the plumbing: mechanisms whose effects the story already states.
+babygpt: a character-level GPT that learns to write Song-dynasty ci (宋词), refactored from the teaching script
+babygpt_v12_wandb.py ("the original script" below). Top to bottom: the constants, the story (tokenizer, model,
+batches, training loop, weight layouts, sampling, main, the run), then the plumbing. Importing it runs nothing.
+
+A training at the defaults: the text's first 90% trains, the rest validates. Each of 5000 steps draws 64 windows of
+256 characters (x: (64, 256) token ids), which become (64, 256, 384) vectors, pass 6 blocks and give logits
+(64, 256, vocab) for one cross-entropy loss; AdamW then steps at 3e-4. At step 0, every 50 steps and at step 5000
+(101 times) it evaluates 100 batches of each split, prints a line, logs to wandb and saves ckpt.pt (at the first,
+then at most once a minute, and at the last). Then it continues the prompts and saves model.pth.
 
     python babygpt.py                        # train with the constants below, then generate
     python babygpt.py --preset=cpu           # a small model that trains in ~10 minutes on a CPU
     python babygpt.py --max_iters=200 ...    # override any constant for one run
     python babygpt.py sample                 # generate from ckpt.pt (or model.pth)
     torchrun --standalone --nproc_per_node=4 babygpt.py   # several GPUs
-
-Importing this file runs nothing; a run starts in main(), called by the last lines.
 """
 
 import os
@@ -397,8 +400,7 @@ def train(cfg, clock=None):
         with STOP.at_once(), run.ctx:  # a Ctrl-C abandons generating and saving; model.pth stays as it was
             for texts in generate_texts(model, tokenizer, cfg.prompts, cfg, run.dev):
                 say("\n".join(f"{text}\n{'-' * 10}" for text in texts))  # each text, then ten dashes
-            # model.pth holds the weights alone, on the CPU, in the original script's per-head layout (keys like
-            # blocks.0.sa.heads.3.query.weight). BabyGPT.load_state_dict loads it back.
+            # model.pth: the weights alone, on the CPU, in the per-head layout ("The two layouts", below)
             weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
             save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)
             STOP.finished = True  # from here on the files are complete: a Ctrl-C exits 0
@@ -475,9 +477,8 @@ def checkpoint(run, it, evaluated):
             "wandb_offline_dirs": run.wandb_runs.get("dirs", [])}
 
 # -----------------------------------------------------------------------------
-# The two layouts of the weights. The fused one (the model's, ckpt.pt's) keeps one qkv matrix a layer, rows: every
-# head's queries, then keys, then values. The per-head one (the original script's, model.pth's) keeps a module per
-# head, keys like blocks.0.sa.heads.3.query.weight, a tril mask buffer per head, the spelling postion_embedding_table.
+# The two layouts of the weights. Fused (the model's, ckpt.pt's): one qkv matrix a layer, rows all queries, keys, values.
+# Per-head (the original script's, model.pth's): blocks.0.sa.heads.3.query.weight and so on, a tril buffer a head.
 
 def per_head_count(state_dict):
     """The number of attention heads a state_dict in the original script's layout has (0 for the fused layout)."""
@@ -626,7 +627,7 @@ def main(argv=None):
         return 0 if STOP.finished else 128 + (STOP.signum or signal.SIGINT)
 
 # -----------------------------------------------------------------------------
-# The run: this process's part in a training (Run, `run` in train()), and Ctrl-C (StopRequests, STOP)
+# The run: this process's part in a training (Run, `run` in train()), and what Ctrl-C does
 
 class Run:
     """This process's part in a training (`run` in train()): its rank and device, the number format, the clock, the
@@ -655,8 +656,7 @@ class Run:
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)
         self.evaluated_at = None  # the step whose evaluation ckpt.pt already holds (a resume skips it)
         self.wandb_runs = self.resume(resumed) if resumed else {}  # the checkpoint's optimizer, RNG, wandb runs
-        # on CUDA, how many evaluation batches go through the model together: the largest divisor of eval_iters
-        # within 20 x 64 x 256 tokens and half the free memory (else 1)
+        # on CUDA, several evaluation batches share one forward pass (see choose_eval_passes); elsewhere one
         self.eval_passes = choose_eval_passes(cfg, self.eval_batch, tokenizer.vocab_size, dev)
         self.eval_gen = torch.Generator(device=generator_device(dev))
         self.last_saved = -math.inf  # so that the first evaluation writes ckpt.pt
@@ -711,8 +711,8 @@ class Run:
         before = self.cfg.max_iters
         fit_steps(self.cfg, it, (time.time() - self.start_time) / (it - self.start_iter), 0, self)
         if self.cfg.max_iters != before:
-            update = {"max_iters": self.cfg.max_iters}
-            self.wandb = wandb_call(self.wandb, "config update", lambda w: w.config.update(update, allow_val_change=True))
+            self.wandb = wandb_call(self.wandb, "config update",
+                                    lambda w: w.config.update({"max_iters": self.cfg.max_iters}, allow_val_change=True))
         if abs(self.cfg.max_iters - self.announced) >= 0.05 * self.announced:  # news, not every 50 steps
             self.announced = self.cfg.max_iters
             say(f"max_minutes: {self.announced:,} steps fit now, at this run's speed so far")
@@ -748,25 +748,44 @@ class Run:
         seconds, total = self.clock.figures()  # again: closing wandb took time too
         say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
 
-# Ctrl-C (SIGTERM the same, but 143 for 130). Exit codes of one process, and of each process under torchrun:
+# Ctrl-C, as STOP (a StopRequests, below the banner) handles it; SIGTERM the same but 143 for 130. Exit codes of one
+# process, and of each process under torchrun:
 #   when                  what happens, and the files                                                  exit  torchrun
 #   start-up, or sample   quits at once: "interrupted; files on disk are intact"                        130   130
 #   a training step       "stopping after this step" (torchrun: "within 10 steps"); the step ends; ckpt.pt
 #                         (evaluated: False): "interrupted at step N; checkpoint saved ... Resume with: ..."  130   0
-#   an evaluation         one process: "stopping now", abandoned at once, then as above; torchrun:
-#                         it runs to its end, as a training step                                        130   0
-#   the final generation  "stopping now", abandoned at once; model.pth stays as it was; ckpt.pt, from
-#     or save             the last evaluation, has every step: "interrupted before model.pth was
-#                         written; ... Resume with: ..." (which evaluates nothing, generates and saves)  130   0
-#   after model.pth       one process: quits at once, as in start-up (no timing line, wandb not
-#     is written          closed); torchrun: only noted, the run ends normally; the files are complete   0     0
+#   an evaluation         one process: "stopping now", abandoned, then as above; torchrun: as in a step  130   0
+#   the final generation  "stopping now", abandoned; model.pth stays as it was; ckpt.pt from the last
+#     or save             evaluation has every step: "interrupted before model.pth was written; ...
+#                         Resume with: ..." (which evaluates nothing, then generates and saves)        130   0
+#   after model.pth       one process: quits at once, as in start-up (no timing line; wandb closes as
+#     is written          the process exits); torchrun: only noted; the files are complete             0     0
 #   a second press        quits at once, as in start-up; ckpt.pt as last saved, later steps lost        130   130
 #                         (143 if the first was a SIGTERM; 0 in the process that has written model.pth)
-# torchrun passes a signal on to each process once, kills them 30 s later, and exits 1 even when each exits 0 (it
-# reports other codes as failures). A stop after the processes' last check (the last multiple of 10 up to max_iters)
-# is too late for training, which ends at max_iters; the rows after training then apply.
+# torchrun passes a signal to each process once, kills them 30 s later, and exits 1 itself (it would report other
+# codes as failures). A stop after the processes' last check (a multiple of 10) is too late for training.
+
+# =============================================================================
+# ---- plumbing: how the story's promises are kept. In order: errors, signals, printing; resume, the phase clock and
+# ---- the printed commands; weight files; wandb; settings and --help; the corpus; devices, dtype and compile.
+# =============================================================================
+
+class UserError(Exception):
+    """A problem with the user's input or files: one line, exit code 1 (under torchrun printed once)."""
+
+class ProcessError(UserError):
+    """A UserError that only this process met (its GPU, its memory): under torchrun printed with its rank."""
+
+def report_error(e):
+    if "RANK" in os.environ and isinstance(e, ProcessError):
+        return print(f"error: rank {os.environ['RANK']}: {e}", file=sys.stderr, flush=True)
+    say(f"error: {e}", file=sys.stderr)
+
+class Interrupted(BaseException):
+    """Ends a `with STOP.at_once()` block on Ctrl-C (a BaseException: no `except Exception` swallows it)."""
+
 class StopRequests:
-    """Ctrl-C and SIGTERM for the whole process, as the table above says; main() enters the one instance, STOP."""
+    """Ctrl-C and SIGTERM, as the Ctrl-C table (above the banner) says; main() enters the one instance, STOP."""
 
     def __init__(self):
         self.signum = None  # the signal of the first request, once one came
@@ -831,25 +850,6 @@ class StopRequests:
         return self.agreed_at is not None
 
 STOP = StopRequests()
-
-# =============================================================================
-# ---- plumbing: how the story's promises are kept. In order: errors and printing; resume, the phase clock and
-# ---- the printed commands; weight files; wandb; settings and --help; the corpus; devices, dtype and compile.
-# =============================================================================
-
-class UserError(Exception):
-    """A problem with the user's input or files: one line, exit code 1 (under torchrun printed once)."""
-
-class ProcessError(UserError):
-    """A UserError that only this process met (its GPU, its memory): under torchrun printed with its rank."""
-
-def report_error(e):
-    if "RANK" in os.environ and isinstance(e, ProcessError):
-        return print(f"error: rank {os.environ['RANK']}: {e}", file=sys.stderr, flush=True)
-    say(f"error: {e}", file=sys.stderr)
-
-class Interrupted(BaseException):
-    """Ends a `with STOP.at_once()` block on Ctrl-C (a BaseException: no `except Exception` swallows it)."""
 
 def say(*args, **kwargs):
     """print() on the first process only (torchrun's rank 0), flushed so piped logs stay in order."""
