@@ -1,7 +1,7 @@
 """
 babygpt: a character-level GPT that learns to write Song-dynasty ci (宋词), refactored from the teaching script
 babygpt_v12_wandb.py ("the original script" below). Top to bottom: the constants, the story (tokenizer, model,
-batches, training loop, weight layouts, sampling, main, the run), then the plumbing. Importing it runs nothing.
+batches, training loop, weight layouts, sampling, main, the run), then the plumbing. Importing it only defines.
 
 A training at the defaults: the text's first 90% trains, the rest validates. Each of 5000 steps draws 64 windows of
 256 characters (x: (64, 256) token ids), which become (64, 256, 384) vectors, pass 6 blocks and give logits
@@ -60,7 +60,7 @@ dropout = 0.2                 # share of activations zeroed while training
 # training
 batch_size = 64               # sequences per optimizer step (over all micro-batches and GPUs)
 max_iters = 5000              # optimizer steps
-eval_interval = 50            # evaluate at step 0 (a resume: its first step), every this many steps, and at the last
+eval_interval = 50            # evaluate at step 0, every this many steps, and at the last (a resume: not twice the same)
 eval_iters = 100              # batches per split in one evaluation
 learning_rate = 3e-4          # AdamW's step size
 weight_decay = 0.01           # AdamW's default, which the original script used
@@ -84,7 +84,7 @@ dtype = "auto"                # auto = bfloat16 (or float16) on CUDA; elsewhere 
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU without accumulation, else default
 preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
-max_minutes = 0               # 0 = off; else set max_iters to fit this many minutes (ignored on CUDA, resume, --max_iters)
+max_minutes = 0               # 0 = off; else fit max_iters to these minutes (off CUDA, no --max_iters; a resume keeps it)
 # files and logging
 save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
 ckpt_path = "ckpt.pt"         # training state for --resume=true and sample; a new run overwrites it at its first evaluation
@@ -134,7 +134,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, n_embed, n_head, dropout):
         super().__init__()
         self.n_head = n_head
-        self.qkv = nn.Linear(n_embed, 3 * n_embed, bias=False)  # rows: all queries, keys, values
+        self.qkv = nn.Linear(n_embed, 3 * n_embed, bias=False)  # output rows: every head's queries, keys, then values
         self.proj = nn.Linear(n_embed, n_embed)
         self.attn_dropout = dropout
         self.dropout = nn.Dropout(dropout)
@@ -242,7 +242,7 @@ class BabyGPT(nn.Module):
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Weights in either layout: fused (one qkv matrix a layer: state_dict(), ckpt.pt["model"]) or per-head (the
-        original script's, and model.pth), which must have this model's head count (fused weights cannot say theirs)."""
+        original script's, and model.pth), which must have this model's head count (fused weights do not record one)."""
         heads, n_head = per_head_count(state_dict), self.blocks[0].sa.n_head
         if heads not in (0, n_head):
             raise ValueError(f"these weights have {heads} attention heads a layer and this model {n_head}; "
@@ -332,7 +332,7 @@ def get_lr(it, cfg):
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / cfg.warmup_iters
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # past it, min_lr (max_minutes sets lr_decay_iters once)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # past it, min_lr (max_minutes: fixed at its first fit)
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
 
@@ -349,7 +349,7 @@ def train(cfg, clock=None):
     tokenizer = Tokenizer(text)  # built from the whole text, so validation has no unknown characters
     check_prompts(cfg, tokenizer, cfg.data_path)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    # One cut, no shuffling: the first 90% trains, the rest validates (in ci.txt: the last Song ci, the Southern Tang).
+    # One cut, no shuffling: the first 90% trains, the rest validates (ci.txt ends with Song ci, then Southern Tang).
     n = int(cfg.train_data_ratio * len(ids))
     data = {"train": ids[:n].to(run.dev), "val": ids[n:].to(run.dev)}
     check_split(data, cfg)
@@ -373,7 +373,7 @@ def train(cfg, clock=None):
     with STOP.while_training(run.world):
         while not STOP.agreed(it, run.dev):  # True after a Ctrl-C (under torchrun: checked every 10 steps)
             last_step = it >= cfg.max_iters  # max_minutes may move max_iters at an evaluation
-            # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (not again a resume's evaluated step)
+            # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (a resume skips one ckpt.pt has done)
             if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
                 failure = evaluate(run, train_model, data, it, last_step, samples)  # None, or a NaN loss's error
             if last_step or failure or STOP.stopped:  # STOP.stopped: a Ctrl-C abandoned the evaluation
@@ -439,7 +439,7 @@ def evaluate(run, train_model, data, it, last_step, samples):
             samples += [[it, prompt, text] for prompt, ts in zip(cfg.prompts, texts) for text in ts]  # num_samples each
             metrics["samples"] = run.table(["iteration", "prompt", "text"], samples)  # a wandb.Table
         run.log(metrics)  # wandb.log(metrics), without step=
-        run.refit(it, last_step)  # ---- 4. max_minutes: max_iters fitted again to the speed so far (not the lr)
+        run.refit(it, last_step)  # ---- 4. max_minutes: max_iters re-fitted to the speed so far; the lr schedule stays
         # ---- 5. ckpt.pt: at the first evaluation, at the last, and whenever checkpoint_interval seconds have passed
         if last_step or time.time() - run.last_saved >= cfg.checkpoint_interval:
             run.save_checkpoint(it, evaluated=True)
@@ -457,7 +457,7 @@ def start_wandb(run):
         wb.define_metric("val_loss", step_metric="iteration", summary="min")
     wb = connect_wandb(mode, run, charts, project=cfg.wandb_project, name=f"{cfg.n_layer}L-{cfg.n_embed} "
                        f"{os.path.basename(cfg.data_path)} {run.dev.type}", tags=[run.dev.type, cfg.dtype], save_code=True,
-                       config={k: getattr(cfg, k) for k in CONFIG_KEYS})  # every setting, dtype and max_iters as decided
+                       config={k: getattr(cfg, k) for k in CONFIG_KEYS})  # every setting; dtype, max_iters as decided
     run.logs_samples = bool(cfg.prompts) and not isinstance(wb, DummyWandb)  # evaluate()'s samples table
     return wb
 
@@ -469,7 +469,7 @@ def checkpoint(run, it, evaluated):
             "scaler": run.scaler.state_dict(),  # float16's loss scale
             "iter_num": it, "evaluated": evaluated,  # steps done; whether step it's evaluation is done too
             "chars": "".join(run.tokenizer.chars),  # the vocabulary
-            "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},  # every setting, dtype and max_iters as decided
+            "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},  # every setting as given; dtype, max_iters as decided
             "argv": list(cfg._argv), "measured": sorted(cfg._measured),  # the command line; what was measured
             "rng": {"cpu": torch.get_rng_state(),  # so a resumed run draws the batches and dropout an unstopped run would
                     **({"cuda": torch.cuda.get_rng_state(run.dev)} if run.dev.type == "cuda" else {})},
@@ -523,7 +523,7 @@ def per_head_layout(state_dict, n_head, block_size):
         if m is None:
             out[key.replace("position_embedding_table", "postion_embedding_table")] = value
             continue
-        q, k, v = (w.chunk(n_head) for w in value.chunk(3))  # rows: all queries, keys, values
+        q, k, v = (w.chunk(n_head) for w in value.chunk(3))  # rows: every head's queries, keys, then values
         for h in range(n_head):
             prefix = f"blocks.{m[1]}.sa.heads.{h}."
             out.update({prefix + "tril": tril, prefix + "key.weight": k[h].clone(),
@@ -558,7 +558,7 @@ def sample(cfg):
     dev = choose_device(cfg.device)
     torch.manual_seed(cfg.seed)
     # The model: ckpt_path if it exists (even an older or stopped run's), else save_path. Its shape comes from the
-    # file; the constants at the top only build the model that trains (and --n_head a fused model.pth's heads).
+    # file. The constants at the top only shape the next training (and --n_head a fused model.pth, which has no count).
     if os.path.exists(cfg.ckpt_path):  # ckpt.pt: the weights, the vocabulary and the settings of the training
         state, shape = read_checkpoint(cfg.ckpt_path)  # n_head: its config's; the other sizes: state_dict_shape()
         weights, tokenizer = state["model"], Tokenizer(state["chars"])
@@ -751,7 +751,7 @@ class Run:
 # Ctrl-C, as STOP (a StopRequests, below the banner) handles it; SIGTERM the same but 143 for 130. Exit codes of one
 # process, and of each process under torchrun:
 #   when                  what happens, and the files                                                  exit  torchrun
-#   start-up, or sample   quits at once: "interrupted; files on disk are intact"                        130   130
+#   start-up, sample      quits at once (start-up: before the loop): "interrupted; files on disk are intact"  130   130
 #   a training step       "stopping after this step" (torchrun: "within 10 steps"); the step ends; ckpt.pt
 #                         (evaluated: False): "interrupted at step N; checkpoint saved ... Resume with: ..."  130   0
 #   an evaluation         one process: "stopping now", abandoned, then as above; torchrun: as in a step  130   0
@@ -762,8 +762,8 @@ class Run:
 #     is written          the process exits); torchrun: only noted; the files are complete             0     0
 #   a second press        quits at once, as in start-up; ckpt.pt as last saved, later steps lost        130   130
 #                         (143 if the first was a SIGTERM; 0 in the process that has written model.pth)
-# torchrun passes a signal to each process once, kills them 30 s later, and exits 1 itself (it would report other
-# codes as failures). A stop after the processes' last check (a multiple of 10) is too late for training.
+# torchrun passes a signal to each process once, kills them 30 s later, and itself exits 1 (the processes return 0 so it
+# reports none as failed). A Ctrl-C in training after their last check (a multiple of 10) is too late: the run ends normally.
 
 # =============================================================================
 # ---- plumbing: how the story's promises are kept. In order: errors, signals, printing; resume, the phase clock and
