@@ -60,7 +60,7 @@ dropout = 0.2                 # share of activations zeroed while training
 # training
 batch_size = 64               # sequences per optimizer step (over all micro-batches and GPUs)
 max_iters = 5000              # optimizer steps
-eval_interval = 50            # evaluate at step 0, every this many steps, and at the last (a resume: not twice the same)
+eval_interval = 50            # evaluate at step 0, every this many steps, and at the last step
 eval_iters = 100              # batches per split in one evaluation
 learning_rate = 3e-4          # AdamW's step size
 weight_decay = 0.01           # AdamW's default, which the original script used
@@ -84,7 +84,7 @@ dtype = "auto"                # auto = bfloat16 (or float16) on CUDA; elsewhere 
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU without accumulation, else default
 preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
-max_minutes = 0               # 0 = off; else fit max_iters to these minutes (off CUDA, no --max_iters; a resume keeps it)
+max_minutes = 0               # 0 = off; else set max_iters to end in about this many minutes (not on CUDA; --max_iters wins)
 # files and logging
 save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
 ckpt_path = "ckpt.pt"         # training state for --resume=true and sample; a new run overwrites it at its first evaluation
