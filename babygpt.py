@@ -3,11 +3,11 @@ babygpt: a character-level GPT that learns to write Song-dynasty ci (宋词), re
 babygpt_v12_wandb.py ("the original script" below). Top to bottom: the constants, the story (tokenizer, model,
 batches, training loop, weight layouts, sampling, main, the run), then the plumbing. Importing it only defines.
 
-A training at the defaults: the text's first 90% trains, the rest validates. Each of 5000 steps draws 64 windows of
-256 characters (x: (64, 256) token ids), which become (64, 256, 384) vectors, pass 6 blocks and give logits
-(64, 256, vocab) for one cross-entropy loss; AdamW then steps at 3e-4. At step 0, every 50 steps and at step 5000
-(101 times) it evaluates 100 batches of each split, prints a line, logs to wandb and saves ckpt.pt (at the first,
-then at most once a minute, and at the last). Then it continues the prompts and saves model.pth.
+A training at the defaults, on one process: the text's first 90% trains, the rest validates. Each of 5000 steps
+draws 64 windows of 256 characters (x: (64, 256) token ids), which become (64, 256, 384) vectors, pass 6 blocks and
+give logits (64, 256, vocab) for one cross-entropy loss; AdamW then steps at 3e-4. At step 0, every 50 steps and at
+step 5000 (101 times) it evaluates 100 batches of each split, prints a line, logs to wandb and saves ckpt.pt (at the
+first, then at most once a minute, at the last, and when stopped). Then it continues the prompts, saves model.pth.
 
     python babygpt.py                        # train with the constants below, then generate
     python babygpt.py --preset=cpu           # a small model that trains in ~10 minutes on a CPU
@@ -80,20 +80,20 @@ num_samples = 1               # continuations per prompt
 kv_cache = True               # reuse keys and values while generating (same logits up to rounding, faster)
 # system
 device = "auto"               # auto = cuda, else mps, else cpu
-dtype = "auto"                # auto = bfloat16 (or float16) on CUDA; elsewhere float32 unless bfloat16 is timed faster
+dtype = "auto"                # auto = bfloat16 (or float16) on CUDA; elsewhere float32 unless bfloat16 runs 1.2x as fast
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU without accumulation, else default
 preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
 max_minutes = 0               # 0 = off; else set max_iters to end in about this many minutes (not on CUDA; --max_iters wins)
 # files and logging
 save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
-ckpt_path = "ckpt.pt"         # training state for --resume=true and sample; a new run overwrites it at its first evaluation
+ckpt_path = "ckpt.pt"         # training state for --resume=true, and what sample reads first; a new run overwrites it
 checkpoint_interval = 60      # seconds between checkpoints at evaluations (0 = every evaluation)
 resume = False                # continue from ckpt_path
 init_from = ""                # start from the weights of a model.pth (babygpt's or the original script's) or ckpt.pt
 wandb_mode = "auto"           # auto = online when logged in, else offline; online, offline, disabled
 wandb_project = "babygpt"     # the Weights & Biases project
-sample_interval = 500         # log samples to wandb at the first and last evaluation, and at those whose step it divides
+sample_interval = 500         # with prompts, log samples to wandb at the first and last evaluation and every this many steps
 
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if k.islower() and not k.startswith("_") and isinstance(v, (bool, int, float, str, list))]
@@ -312,7 +312,7 @@ def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
     """One optimizer step over micro-batches [(x, y), ...]; returns the last micro-batch's loss.
     Each micro-batch loss is divided by their number, so the summed gradient is the gradient of
     the mean loss: on the same rows, accumulation computes the same gradient (up to rounding)."""
-    scaler = scaler or torch.amp.GradScaler(enabled=False)  # off (all but float16): scale() and step() are plain
+    scaler = scaler or torch.amp.GradScaler(enabled=False)  # used in float16 only; disabled, it changes nothing
     for i, (x, y) in enumerate(batches):
         model.require_backward_grad_sync = i == len(batches) - 1  # DDP averages on the last only; a plain model ignores it
         with ctx or contextlib.nullcontext():  # autocast: the matmuls in the run's dtype
@@ -332,7 +332,7 @@ def get_lr(it, cfg):
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / cfg.warmup_iters
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # past it, min_lr (max_minutes: fixed at its first fit)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # from this step on, the rate stays at min_lr
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
 
@@ -361,7 +361,7 @@ def train(cfg, clock=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=run.dev.type in FUSED_ADAMW)
     run.prepare(model, optimizer, tokenizer, data, resumed)  # decides the dtype and max_iters: see Run.prepare
-    # On CUDA, torch.compile: the same maths, faster. It compiles now, on a few passes of its own.
+    # On CUDA, torch.compile: the same maths, faster; its warm-up passes change no weight or random state.
     train_model = compile_model(model, cfg, run.dev, run.world, run.clock, lambda m: warm_up(m, data, run))
     if run.world > 1:  # under torchrun, DDP averages the gradients of all processes in backward()
         train_model = DDP(train_model, device_ids=[run.dev.index] if run.dev.type == "cuda" else None)
@@ -373,7 +373,7 @@ def train(cfg, clock=None):
     with STOP.while_training(run.world):
         while not STOP.agreed(it, run.dev):  # True after a Ctrl-C (under torchrun: checked every 10 steps)
             last_step = it >= cfg.max_iters  # max_minutes may move max_iters at an evaluation
-            # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (a resume skips one ckpt.pt has done)
+            # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (a resume skips one its ckpt.pt holds)
             if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
                 failure = evaluate(run, train_model, data, it, last_step, samples)  # None, or a NaN loss's error
             if last_step or failure or STOP.stopped:  # STOP.stopped: a Ctrl-C abandoned the evaluation
@@ -413,8 +413,7 @@ def train(cfg, clock=None):
     return 128 + STOP.signum if stopped and run.world == 1 else 0
 
 def evaluate(run, train_model, data, it, last_step, samples):
-    """Evaluate at step it in five parts: the losses, the printed line, wandb, max_minutes, ckpt.pt. Returns the
-    error of a NaN or infinite loss, else None."""
+    """Evaluate at step it: the losses, the printed line, wandb, max_minutes, ckpt.pt. Returns a NaN's error, or None."""
     cfg = run.cfg
     with STOP.at_once(), run.ctx:  # on one process, a Ctrl-C abandons the evaluation at once
         speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation; 0.0 at the first
@@ -478,7 +477,8 @@ def checkpoint(run, it, evaluated):
 
 # -----------------------------------------------------------------------------
 # The two layouts of the weights. Fused (the model's, ckpt.pt's): one qkv matrix a layer, rows all queries, keys, values.
-# Per-head (the original script's, model.pth's): blocks.0.sa.heads.3.query.weight and so on, a tril buffer a head.
+# Per-head (the original script's, model.pth's): blocks.0.sa.heads.3.query.weight, ..., a tril mask for each head,
+# and the original's spelling postion_embedding_table, so that its classes load model.pth strictly.
 
 def per_head_count(state_dict):
     """The number of attention heads a state_dict in the original script's layout has (0 for the fused layout)."""
@@ -572,8 +572,8 @@ def sample(cfg):
         raise UserError(f"no model to sample from: neither {cfg.ckpt_path} nor {cfg.save_path} "
                         f"exists; train one first with: python babygpt.py")
     check_prompts(cfg, tokenizer, source)
-    if shape["n_embed"] % shape["n_head"]:  # only a fused model.pth with --n_head gets here
-        raise UserError(f"{source} has n_embed={shape['n_embed']}, which --n_head={shape['n_head']} does not divide")
+    if shape["n_embed"] % shape["n_head"]:  # a fused model.pth with another --n_head, or a damaged file
+        raise UserError(f"{source} has n_embed={shape['n_embed']}, which n_head={shape['n_head']} does not divide")
     model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
     load_weights(model, weights, source.split(" ")[0], shape)
     model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # weights cast (auto: bfloat16 or float16 on CUDA, else float32)
@@ -630,8 +630,7 @@ def main(argv=None):
 # The run: this process's part in a training (Run, `run` in train()), and what Ctrl-C does
 
 class Run:
-    """This process's part in a training (`run` in train()): its rank and device, the number format, the clock, the
-    speed, the wandb run and the checkpoints."""
+    """This process's part in a training (`run` in train()): rank, device, dtype, clock, speed, wandb, checkpoints."""
 
     def __init__(self, cfg, clock=None):
         self.cfg, self.clock = cfg, clock or PhaseClock()
@@ -748,8 +747,7 @@ class Run:
         seconds, total = self.clock.figures()  # again: closing wandb took time too
         say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
 
-# Ctrl-C, as STOP (a StopRequests, below the banner) handles it; SIGTERM the same but 143 for 130. Exit codes of one
-# process, and of each process under torchrun:
+# Ctrl-C, as STOP (a StopRequests, below the banner) handles it; SIGTERM the same, but 143 for 130.
 #   when                  what happens, and the files                                                  exit  torchrun
 #   start-up, sample      quits at once (start-up: before the loop): "interrupted; files on disk are intact"  130   130
 #   a training step       "stopping after this step" (torchrun: "within 10 steps"); the step ends; ckpt.pt
@@ -758,8 +756,8 @@ class Run:
 #   the final generation  "stopping now", abandoned; model.pth stays as it was; ckpt.pt from the last
 #     or save             evaluation has every step: "interrupted before model.pth was written; ...
 #                         Resume with: ..." (which evaluates nothing, then generates and saves)        130   0
-#   after model.pth       one process: quits at once, as in start-up (no timing line; wandb closes as
-#     is written          the process exits); torchrun: only noted; the files are complete             0     0
+#   after model.pth       one process: quits at once, as in start-up (no timing or repeat line; wandb
+#     is written          closes at exit); torchrun: only noted; the files are complete                 0     0
 #   a second press        quits at once, as in start-up; ckpt.pt as last saved, later steps lost        130   130
 #                         (143 if the first was a SIGTERM; 0 in the process that has written model.pth)
 # torchrun passes a signal to each process once, kills them 30 s later, and itself exits 1 (the processes return 0 so it
@@ -882,11 +880,9 @@ def load_start(cfg, model, tokenizer):
                      f"(that run used: {' '.join(state.get('argv', [])) or 'the defaults'})")
         return state
     if cfg.init_from:
-        sd, shape = load_file(cfg.init_from, "init_from"), None
-        if isinstance(sd, dict) and isinstance(sd.get("model"), dict):  # a ckpt.pt: its weights, with its head count
-            state, shape = read_checkpoint(cfg.init_from)
-            sd = state["model"]
-        load_weights(model, sd, cfg.init_from, shape)
+        sd = load_file(cfg.init_from, "init_from")
+        state, shape = read_checkpoint(cfg.init_from) if isinstance(sd, dict) and "model" in sd else (None, None)
+        load_weights(model, state["model"] if state else sd, cfg.init_from, shape)  # a ckpt.pt: with its head count
     return None
 
 def keep_settings(cfg, state):
@@ -1007,7 +1003,8 @@ def read_checkpoint(path):
     """(ckpt.pt's dict, its shape: n_head from its settings, the rest from its weights), or a one-line error."""
     state = load_file(path, "checkpoint")
     if not (isinstance(state, dict) and {"model", "iter_num", "chars", "config"} <= state.keys()
-            and isinstance(state["config"], dict) and "n_head" in state["config"]):
+            and isinstance(state["config"], dict) and isinstance(state["config"].get("n_head"), int)
+            and state["config"]["n_head"] > 0):
         raise UserError(f"checkpoint {path} is not a babygpt training checkpoint")
     return state, {**state_dict_shape(state["model"], path), "n_head": state["config"]["n_head"]}
 
@@ -1092,6 +1089,8 @@ def connect_wandb(mode, run, charts, **init):
                             resume="allow" if attempt == "online" else None, settings=settings)
             charts(wb)
         except Exception as e:
+            with contextlib.suppress(Exception):  # a run that failed its set-up: closed, or the next init returns it
+                wandb.finish(exit_code=1)
             warn(f"wandb {attempt} failed ({first_line(e)})"
                  + ("; logging offline instead" if attempt == "online" else "; metrics are printed only"))
             continue
@@ -1543,8 +1542,9 @@ def choose_eval_passes(cfg, eval_batch, vocab_size, dev):
 
 if __name__ == "__main__":
     code = main()
-    if code == 0 and STOP.signum is None:  # done: skip tearing down torch's modules (after a Ctrl-C, wandb's exit runs)
+    if code == 0 and getattr(sys.modules.get("wandb"), "run", None) is None:  # no wandb run left open to close
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(0)  # skips tearing down torch's thousands of modules, which takes seconds
+    signal.signal(signal.SIGINT, lambda *_: os._exit(code))  # while wandb closes its run at exit: a Ctrl-C quits
     sys.exit(code)

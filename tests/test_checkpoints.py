@@ -297,9 +297,9 @@ def _setup(work, steps):
             torch.save(sd, path)
         elif kind == "fused":  # ckpt.pt's weights alone: a state_dict() saved by hand, which records no head count
             torch.save(torch.load(work / "ckpt.pt", weights_only=True)["model"], path)
-        elif kind == "unconfigured":  # a checkpoint whose settings lack the head count its weights do not record
+        elif kind in ("unconfigured", "headless"):  # its settings lack the head count, or say 0
             state = torch.load(path, weights_only=True)
-            del state["config"]["n_head"]
+            state["config"].pop("n_head") if kind == "unconfigured" else state["config"].update(n_head=0)
             torch.save(state, path)
         elif kind == "dict":
             torch.save({"weights": torch.zeros(3), "iter_num": 3}, path)
@@ -318,8 +318,9 @@ CKPT_CASES = {
     "sample-ckpt-directory": (["dir:ckpt.pt"], ["sample"], ["ckpt.pt", "directory"]),
     "sample-ckpt-not-babygpt": (["list:ckpt.pt"], ["sample"], ["ckpt.pt", "not a babygpt"]),
     "sample-ckpt-no-n_head": (["unconfigured:ckpt.pt"], ["sample"], ["ckpt.pt", "not a babygpt"]),
+    "sample-ckpt-zero-heads": (["headless:ckpt.pt"], ["sample"], ["ckpt.pt", "not a babygpt"]),
     "sample-pth-heads-misfit": (["fused:model.pth", "rm:ckpt.pt"], ["sample", "--n_embed=30", "--n_head=3"],
-                                ["model.pth", "n_embed=32", "--n_head=3"]),
+                                ["model.pth", "n_embed=32", "n_head=3"]),
     "sample-pth-truncated": (["rm:ckpt.pt", "truncate:model.pth"], ["sample"], ["model.pth"]),
     "sample-pth-text": (["rm:ckpt.pt", "text:model.pth"], ["sample"], ["model.pth"]),
     "sample-pth-not-weights": (["rm:ckpt.pt", "list:model.pth"], ["sample"], ["model.pth", "no model weights"]),

@@ -252,6 +252,26 @@ def test_wandb_that_cannot_set_its_x_axis_never_stops_training(corpus, monkeypat
     assert fake.logged == [] and "step 10:" in res.stdout and "模型已保存到model.pth" in res.stdout
 
 
+def test_an_online_run_whose_set_up_fails_is_closed_before_logging_offline(corpus, monkeypatch, capsys):
+    """When the online run starts but its charts cannot be set up, it is closed (else wandb.init would hand it back)
+    and a new offline run logs the metrics."""
+    fake = install_fake_wandb(monkeypatch, corpus.parent)
+    real_init, closed = fake.init, []
+    fake.finish = lambda exit_code=None: closed.append(exit_code)
+
+    def init(**kw):
+        run = real_init(**kw)
+        if kw["mode"] == "online":
+            run.define_metric = lambda *a, **k: (_ for _ in ()).throw(ValueError("bad metric"))
+        return run
+    fake.init = init
+    monkeypatch.chdir(corpus.parent)
+    res = run_main(capsys, tiny_wandb(data=corpus.name, mode="online"))
+    assert res.returncode == 0, show(res)
+    assert res.stderr.strip().splitlines() == ["warning: wandb online failed (bad metric); logging offline instead"]
+    assert closed == [1] and [i["mode"] for i in fake.inits] == ["online", "offline"] and fake.logged, show(res)
+
+
 def test_wandb_that_cannot_start_never_stops_training(corpus, monkeypatch, capsys):
     """When wandb cannot start online nor offline, two warnings say so and the run trains, prints and saves."""
     fake = install_fake_wandb(monkeypatch, corpus.parent)
