@@ -181,6 +181,8 @@ class Block(nn.Module):
         return x
 
 class BabyGPT(nn.Module):
+    """The GPT. Its default shape is the constants above as this file has them (never --name=value overrides)."""
+
     def __init__(self, vocab_size, block_size=block_size, n_embed=n_embed, n_head=n_head,
                  n_layer=n_layer, dropout=dropout):
         super().__init__()
@@ -291,8 +293,7 @@ def get_batch(data, batch_size, block_size, generator=None):
 
 @torch.no_grad()
 def estimate_loss(model, data, cfg, batch_size, generator=None, batches_per_pass=1):
-    """Mean loss over cfg.eval_iters random batches of each split, with dropout off. batches_per_pass
-    batches go through the model together (same batches, same mean); the host waits once, at the end."""
+    """Mean loss over cfg.eval_iters random batches of each split, dropout off; batches_per_pass share a forward pass."""
     was_training = model.training
     model.eval()
     losses = []
@@ -534,8 +535,7 @@ def per_head_layout(state_dict, n_head, block_size):
 # Sampling
 
 def generate_texts(model, tokenizer, prompts, cfg, dev, generator=None):
-    """For each prompt, num_samples continuations that start with the prompt. Prompts of one
-    length share a batch: a one-token step costs about the same for several rows as for one."""
+    """For each prompt, num_samples continuations that start with it; prompts of one length share a batch."""
     if generator is None and dev.type == "mps":  # torch.multinomial has open bugs on MPS: draw on the CPU
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
     results = [None] * len(prompts)
