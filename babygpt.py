@@ -93,7 +93,7 @@ resume = False                # continue from ckpt_path
 init_from = ""                # start from the weights of a model.pth (babygpt's or the original script's) or ckpt.pt
 wandb_mode = "auto"           # auto = online when logged in, else offline; online, offline, disabled
 wandb_project = "babygpt"     # the Weights & Biases project
-sample_interval = 500         # with prompts, log samples to wandb at the first and last evaluation and every this many steps
+sample_interval = 500         # with prompts: samples to wandb at the first and last evaluation, and those whose step it divides
 
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if k.islower() and not k.startswith("_") and isinstance(v, (bool, int, float, str, list))]
@@ -404,7 +404,7 @@ def train(cfg, clock=None):
             # model.pth: the weights alone, on the CPU, in the per-head layout ("The two layouts", below)
             weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
             save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)
-            STOP.finished = True  # from here on the files are complete: a Ctrl-C exits 0
+            STOP.finished = True  # from here on a Ctrl-C exits 0 at once, skipping run.finish (torchrun: only noted)
             say(f"模型已保存到{cfg.save_path}")
     run.finish(it, completed, failure)  # after a stop: ckpt.pt and the resume command; then wandb closes
     if failure:
@@ -760,8 +760,8 @@ class Run:
 #     is written          closes at exit); torchrun: only noted; the files are complete                 0     0
 #   a second press        quits at once, as in start-up; ckpt.pt as last saved, later steps lost        130   130
 #                         (143 if the first was a SIGTERM; 0 in the process that has written model.pth)
-# torchrun passes a signal to each process once, kills them 30 s later, and itself exits 1 (the processes return 0 so it
-# reports none as failed). A Ctrl-C in training after their last check (a multiple of 10) is too late: the run ends normally.
+# torchrun (whose processes run in a session of their own) passes a signal on to each once, kills them 30 s later, and
+# itself exits 1. A Ctrl-C after the processes' last check (a multiple of 10) is too late: the training ends normally.
 
 # =============================================================================
 # ---- plumbing: how the story's promises are kept. In order: errors, signals, printing; resume, the phase clock and
