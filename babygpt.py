@@ -6,8 +6,8 @@ batches, training loop, weight layouts, sampling, main, the run), then the plumb
 A training at the defaults, on one process: the text's first 90% trains, the rest validates. Each of 5000 steps
 draws 64 windows of 256 characters (x: (64, 256) token ids), which become (64, 256, 384) vectors, pass 6 blocks and
 give logits (64, 256, vocab) for one cross-entropy loss; AdamW then steps at 3e-4. At step 0, every 50 steps and at
-step 5000 (101 times) it evaluates 100 batches of each split, prints a line, logs to wandb and saves ckpt.pt (at the
-first, then at most once a minute, at the last, and when stopped). Then it continues the prompts, saves model.pth.
+step 5000 (101 times) it evaluates 100 batches of each split, prints a line, logs to wandb and saves ckpt.pt (at step
+0, then when a minute has passed since the last save, at the last, and when stopped). Then it generates, saves model.pth.
 
     python babygpt.py                        # train with the constants below, then generate
     python babygpt.py --preset=cpu           # a small model that trains in ~10 minutes on a CPU
@@ -87,7 +87,7 @@ preset = ""                   # cpu: a small model that trains in about 10 minut
 max_minutes = 0               # 0 = off; else set max_iters to end in about this many minutes (not on CUDA; --max_iters wins)
 # files and logging
 save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
-ckpt_path = "ckpt.pt"         # training state for --resume=true, and what sample reads first; a new run overwrites it
+ckpt_path = "ckpt.pt"         # training state for --resume=true, read first by sample; a new run overwrites it at step 0
 checkpoint_interval = 60      # seconds between checkpoints at evaluations (0 = every evaluation)
 resume = False                # continue from ckpt_path
 init_from = ""                # start from the weights of a model.pth (babygpt's or the original script's) or ckpt.pt
@@ -195,7 +195,7 @@ class BabyGPT(nn.Module):
 
     def forward(self, idx, targets=None):
         idx = idx[:, -self.block_size:]  # the model only ever sees the last block_size tokens
-        x = self.embed(idx, start=0)     # (B, T, C): (64, 256, 384) in training at the defaults on one process
+        x = self.embed(idx, start=0)     # (B, T, C): (64, 256, 384) in training at the defaults (one process, no accumulation)
         for block in self.blocks:
             x = block(x)
         return self.head(x, None if targets is None else targets[:, -self.block_size:])
@@ -429,7 +429,7 @@ def evaluate(run, train_model, data, it, last_step, samples):
         say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - run.start_time)}")
         # ---- 3. wandb: one row of these metrics, charted against iteration (see start_wandb below)
-        metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,
+        metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,  # the losses just estimated
                    "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}  # lr: of step it (the last: of max_iters-1)
         # With prompts, a samples table at this run's first evaluation, at steps that are multiples of
         # sample_interval, and at the last. It holds every row drawn since this run started or resumed.
@@ -457,7 +457,7 @@ def start_wandb(run):
         wb.define_metric("val_loss", step_metric="iteration", summary="min")
     wb = connect_wandb(mode, run, charts, project=cfg.wandb_project, name=f"{cfg.n_layer}L-{cfg.n_embed} "
                        f"{os.path.basename(cfg.data_path)} {run.dev.type}", tags=[run.dev.type, cfg.dtype], save_code=True,
-                       config={k: getattr(cfg, k) for k in CONFIG_KEYS})  # every setting; dtype, max_iters as decided
+                       config={k: getattr(cfg, k) for k in CONFIG_KEYS})  # every setting (dtype, max_iters: as decided)
     run.logs_samples = bool(cfg.prompts) and not isinstance(wb, DummyWandb)  # evaluate()'s samples table
     return wb
 
@@ -469,7 +469,7 @@ def checkpoint(run, it, evaluated):
             "scaler": run.scaler.state_dict(),  # float16's loss scale
             "iter_num": it, "evaluated": evaluated,  # steps done; whether step it's evaluation is done too
             "chars": "".join(run.tokenizer.chars),  # the vocabulary
-            "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},  # every setting as given; dtype, max_iters as decided
+            "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},  # every setting (dtype, max_iters: as decided)
             "argv": list(cfg._argv), "measured": sorted(cfg._measured),  # the command line; what was measured
             "rng": {"cpu": torch.get_rng_state(),  # so a resumed run draws the batches and dropout an unstopped run would
                     **({"cuda": torch.cuda.get_rng_state(run.dev)} if run.dev.type == "cuda" else {})},
