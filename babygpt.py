@@ -557,8 +557,8 @@ def sample(cfg):
     """python babygpt.py sample: continue the prompts (or typed ones) with a trained model."""
     dev = choose_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    # The model: ckpt_path if it exists (even an older or stopped run's), else save_path. Its shape comes from the
-    # file. The constants at the top only shape the next training (and --n_head a fused model.pth, which has no count).
+    # The model: ckpt_path if it exists (even a stopped run's; --ckpt_path= skips it), else save_path. Its shape comes
+    # from the file; the constants at the top shape only the next training (and --n_head a fused file's head count).
     if os.path.exists(cfg.ckpt_path):  # ckpt.pt: the weights, the vocabulary and the settings of the training
         state, shape = read_checkpoint(cfg.ckpt_path)  # n_head: its config's; the other sizes: state_dict_shape()
         weights, tokenizer = state["model"], Tokenizer(state["chars"])

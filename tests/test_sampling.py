@@ -77,11 +77,11 @@ def test_sample_num_samples_and_top_k(work, capsys, monkeypatch):
 
 
 def test_sample_falls_back_to_model_pth(work, capsys, monkeypatch):
-    """Without ckpt.pt, `sample` writes from model.pth the same greedy text as from the final ckpt.pt; without
-    the corpus too, one line says which text it needs."""
+    """With --ckpt_path= (empty) `sample` skips ckpt.pt and writes from model.pth the same greedy text as from the
+    final ckpt.pt; without ckpt.pt and the corpus, one line says which text it needs."""
     args = ["--prompts=春江,往事", "--max_new_token=20", "--temperature=0"]
     from_ckpt, from_pth = sample_here(capsys, monkeypatch, work, ["sample", *tiny(), *args],
-                                      ["sample", *tiny(), *args, "--ckpt_path=gone.pt"])
+                                      ["sample", *tiny(), *args, "--ckpt_path="])
     assert from_ckpt.returncode == 0, from_ckpt.stderr
     assert from_pth.returncode == 0, from_pth.stderr
     assert "sampling from model.pth" in from_pth.stdout
