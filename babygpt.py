@@ -881,7 +881,7 @@ def load_start(cfg, model, tokenizer):
         return state
     if cfg.init_from:
         sd = load_file(cfg.init_from, "init_from")
-        state, shape = read_checkpoint(cfg.init_from) if isinstance(sd, dict) and "model" in sd else (None, None)
+        state, shape = read_checkpoint(cfg.init_from, sd) if isinstance(sd, dict) and "model" in sd else (None, None)
         load_weights(model, state["model"] if state else sd, cfg.init_from, shape)  # a ckpt.pt: with its head count
     return None
 
@@ -999,9 +999,9 @@ def load_weights(model, sd, path, shape=None, fix="use the data and shape settin
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         raise UserError(f"{path} does not fit this model: {lines[min(1, len(lines) - 1)][:160]}") from None
 
-def read_checkpoint(path):
-    """(ckpt.pt's dict, its shape: n_head from its settings, the rest from its weights), or a one-line error."""
-    state = load_file(path, "checkpoint")
+def read_checkpoint(path, state=None):
+    """(ckpt.pt's dict, or `state` if loaded already; its shape: n_head from its config, the rest from its weights)."""
+    state = load_file(path, "checkpoint") if state is None else state
     if not (isinstance(state, dict) and {"model", "iter_num", "chars", "config"} <= state.keys()
             and isinstance(state["config"], dict) and isinstance(state["config"].get("n_head"), int)
             and state["config"]["n_head"] > 0):
