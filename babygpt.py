@@ -1,7 +1,7 @@
 """
 babygpt: a character-level GPT that learns to write Song-dynasty ci (宋词), refactored from the teaching script
 babygpt_v12_wandb.py ("the original script" below). Top to bottom: the constants, the story (tokenizer, model,
-batches, training loop, weight layouts, sampling, main, the run), then the plumbing. Importing it only defines.
+batches, the training loop and Ctrl-C, weight layouts, sampling, main, the run), then the plumbing. Importing only defines.
 
 A training at the defaults, on one process: the text's first 90% trains, the rest validates. Each of 5000 steps
 draws 64 windows of 256 characters (x: (64, 256) token ids), which become (64, 256, 384) vectors, pass 6 blocks and
@@ -21,7 +21,7 @@ import time
 
 STARTED = time.time()  # the timing line a run ends with ("total …s: start-up …") counts from here
 if __name__ == "__main__":  # PyTorch reads this at its first CPU allocation, so before importing it
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # large CPU tensors on transparent huge pages
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # speed only: big CPU tensors on huge memory pages
 
 import contextlib
 import copy
@@ -60,7 +60,7 @@ dropout = 0.2                 # share of activations zeroed while training
 # training
 batch_size = 64               # sequences per optimizer step (over all micro-batches and GPUs)
 max_iters = 5000              # optimizer steps
-eval_interval = 50            # evaluate at step 0, every this many steps, and at the last step
+eval_interval = 50            # steps between evaluations (step 0 and the last step are evaluated too)
 eval_iters = 100              # batches per split in one evaluation
 learning_rate = 3e-4          # AdamW's step size
 weight_decay = 0.01           # AdamW's default, which the original script used
@@ -93,7 +93,7 @@ resume = False                # continue from ckpt_path
 init_from = ""                # start from the weights of a model.pth (babygpt's or the original script's) or ckpt.pt
 wandb_mode = "auto"           # auto = online when logged in, else offline; online, offline, disabled
 wandb_project = "babygpt"     # the Weights & Biases project
-sample_interval = 500         # with prompts: samples to wandb at the first and last evaluation, and those whose step it divides
+sample_interval = 500         # with prompts: samples to wandb every this many steps, and at the first and last evaluation
 
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if k.islower() and not k.startswith("_") and isinstance(v, (bool, int, float, str, list))]
@@ -315,7 +315,7 @@ def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
     the mean loss: on the same rows, accumulation computes the same gradient (up to rounding)."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # used in float16 only; disabled, it changes nothing
     for i, (x, y) in enumerate(batches):
-        model.require_backward_grad_sync = i == len(batches) - 1  # DDP averages on the last only; a plain model ignores it
+        model.require_backward_grad_sync = i == len(batches) - 1  # DDP's no_sync flag: average only on the last
         with ctx or contextlib.nullcontext():  # autocast: the matmuls in the run's dtype
             _, loss = model(x, y)
         scaler.scale(loss / len(batches)).backward()  # float16: the loss scaled up, so small gradients stay > 0
@@ -338,19 +338,32 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
 
 # -----------------------------------------------------------------------------
-# The training loop
+# The training loop, and what Ctrl-C does to it (STOP, below the banner). SIGTERM: the same, with 143 for 130.
+# - Before training starts, and in `sample`: quits at once, "interrupted; files on disk are intact"; exit 130.
+# - In a training step: "stopping after this step"; the step ends, ckpt.pt is saved (evaluated: False), and
+#   "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: …" is printed; exit 130.
+# - In an evaluation: "stopping now"; the evaluation is abandoned, then as in a step; exit 130.
+# - In the final generation or save: "stopping now"; model.pth stays as it was; ckpt.pt of the last evaluation holds
+#   every step: "interrupted before model.pth was written; … Resume with: …" (that resume generates and saves); 130.
+# - Once model.pth is written: quits at once, "interrupted; files on disk are intact", exit 0 (the run is complete;
+#   no timing line, and wandb gets no summary but closes its run as the process exits).
+# - A second press, at any time: quits at once as before training, with the first press's code; ckpt.pt as last saved.
+# Under torchrun the processes stop together at a multiple of 10 steps ("stopping within 10 steps"), never inside an
+# evaluation, and each exits 0, which torchrun does not count as a failure (a second press: 130). A press after the last
+# check (in the last evaluation) or once model.pth is written is only noted; the first process abandons the final
+# generation and save as above.
 
 def train(cfg, clock=None):
     """Train as the original script did: read the text, build the tokenizer and the split, make the model and
     AdamW, run the loop, then generate and save model.pth. Returns the exit code."""
-    run = Run(cfg, clock)  # this process's device, rank, clock, wandb run and checkpoints: see "The run" below
+    run = Run(cfg, clock)  # this process's part ("The run", after main): device, rank, dtype, clock, wandb, checkpoints
 
     # ---- the text, its tokenizer, and the train/validation split
     text = load_corpus(cfg.data_path, run.world)  # if ci.txt is missing, it is built first from an npm package
     tokenizer = Tokenizer(text)  # built from the whole text, so validation has no unknown characters
     check_prompts(cfg, tokenizer, cfg.data_path)  # prompts and top_k must fit the vocabulary, else exit 1
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    # One cut, no shuffling: the first 90% trains, the rest validates (ci.txt ends with Song ci, then Southern Tang).
+    # One cut, no shuffling: the first 90% trains, the rest validates (in ci.txt: the last Song ci, then Southern Tang).
     n = int(cfg.train_data_ratio * len(ids))
     data = {"train": ids[:n].to(run.dev), "val": ids[n:].to(run.dev)}
     check_split(data, cfg)  # each split must be longer than block_size, else exit 1
@@ -361,7 +374,9 @@ def train(cfg, clock=None):
     model.to(run.dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=run.dev.type in FUSED_ADAMW)
-    run.prepare(model, optimizer, tokenizer, data, resumed)  # decides the dtype and max_iters: see Run.prepare
+    # run.prepare: the dtype (CUDA: bfloat16, or float16; elsewhere float32 unless bfloat16 measures 1.2x as fast), with
+    # max_minutes max_iters and lr_decay_iters (fitted once), and a resume's optimizer and RNG. The weights stay float32.
+    run.prepare(model, optimizer, tokenizer, data, resumed)
     # On CUDA, torch.compile: the same maths, faster; its warm-up passes change no weight or random state.
     train_model = compile_model(model, cfg, run.dev, run.world, run.clock, lambda m: warm_up(m, data, run))
     if run.world > 1:  # under torchrun, DDP averages the gradients of all processes in backward()
@@ -369,7 +384,7 @@ def train(cfg, clock=None):
     run.wandb = start_wandb(run)  # the first process logs; the others get a DummyWandb that does nothing
     run.start_time = time.time()  # the printed time counts from here
 
-    # ---- the loop. It ends after evaluating step max_iters, at a NaN loss, or at a Ctrl-C (see "Ctrl-C" below).
+    # ---- the loop. It ends after evaluating step max_iters, at a NaN loss, or at a Ctrl-C (as said above train()).
     it, samples, failure = run.start_iter, [], None  # samples: the rows of the wandb samples table
     with STOP.while_training(run.world):
         while not STOP.agreed(it, run.dev):  # True after a Ctrl-C (under torchrun: checked every 10 steps)
@@ -406,11 +421,21 @@ def train(cfg, clock=None):
             save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)  # via a temporary file
             STOP.finished = True  # from here on a Ctrl-C exits 0 at once, skipping run.finish (torchrun: only noted)
             say(f"模型已保存到{cfg.save_path}")
-    run.finish(it, completed, failure)  # after a stop: ckpt.pt and the resume command; then wandb closes
+
+    # ---- the end: after a stop, ckpt.pt and how to resume; after a measured run, how to repeat it
+    if not (completed or failure):  # stopped in the loop: ckpt.pt holds step it, not yet evaluated
+        run.save_checkpoint(it, evaluated=False)
+        say(f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}. Resume with: {resume_command(cfg, run.world)}")
+    elif completed and STOP.cut_short:  # stopped in the generation or save: ckpt.pt of the last evaluation has it all
+        say(f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps. "
+            f"Resume with: {resume_command(cfg, run.world)}")
+    elif completed and cfg._measured:  # what this machine decided (dtype, steps), written out
+        say(f"to repeat this run exactly: {repeat_command(cfg, run.world)}")
+    run.finish(failure)  # wandb's summary (time/<phase>, time/total) and close, then "total …s: start-up …"
     if failure:
         raise UserError(failure)  # main() prints it and exits 1
     stopped = STOP.stopped or STOP.cut_short  # a Ctrl-C or SIGTERM came before model.pth was written
-    # The shell must hear of a stop: 130 after Ctrl-C, 143 after SIGTERM (torchrun: see "Ctrl-C" below).
+    # The shell must hear of a stop: 130 after Ctrl-C, 143 after SIGTERM (torchrun: 0, as said above).
     return 128 + STOP.signum if stopped and run.world == 1 else 0
 
 def evaluate(run, train_model, data, it, last_step, samples):
@@ -421,6 +446,7 @@ def evaluate(run, train_model, data, it, last_step, samples):
         # ---- 1. the losses: eval_iters batches of each split, dropout off, then the mean over processes.
         # The generator is seeded by the step, so a resumed run evaluates step it on the same batches.
         generator = run.eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + run.rank)
+        # run.eval_batch: batch_size rows, split over processes; run.eval_passes > 1 (CUDA) joins batches in one pass
         losses = estimate_loss(train_model, data, cfg, run.eval_batch, generator, run.eval_passes)
         train_loss, val_loss = all_mean([losses["train"], losses["val"]], run.dev, run.world)  # over processes
         if not math.isfinite(train_loss + val_loss):
@@ -428,8 +454,8 @@ def evaluate(run, train_model, data, it, last_step, samples):
         # ---- 2. the printed line (say prints on the first process only)
         say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - run.start_time)}")
-        # ---- 3. wandb: one row of these metrics, charted against iteration (see start_wandb below)
-        metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,  # the losses just estimated
+        # ---- 3. wandb: one row of these metrics, charted against iteration (all that wandb gets: start_wandb below)
+        metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,  # eval-mode estimates, not the step's loss
                    "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}  # lr: of step it (the last: of max_iters-1)
         # With prompts, a samples table at this run's first evaluation, at steps that are multiples of
         # sample_interval, and at the last. It holds every row drawn since this run started or resumed.
@@ -437,18 +463,25 @@ def evaluate(run, train_model, data, it, last_step, samples):
             draws = torch.Generator(device=generator_device(run.dev)).manual_seed(cfg.seed + it)  # not training's random state
             texts = generate_texts(run.model, run.tokenizer, cfg.prompts, cfg, run.dev, draws)
             samples += [[it, prompt, text] for prompt, ts in zip(cfg.prompts, texts) for text in ts]  # num_samples each
-            metrics["samples"] = run.table(["iteration", "prompt", "text"], samples)  # a wandb.Table
-        run.log(metrics)  # wandb.log(metrics), without step=
-        run.refit(it, last_step)  # ---- 4. max_minutes: max_iters re-fitted to the speed so far; the lr schedule stays
-        # ---- 5. ckpt.pt: at the first evaluation, at the last, and whenever checkpoint_interval seconds have passed
+            metrics["samples"] = run.table(["iteration", "prompt", "text"], samples)  # a wandb.Table (None: failed)
+        run.log(metrics)  # wandb.log of the metrics that are not None, without step=
+        run.refit(it, last_step)  # ---- 4. max_minutes: max_iters re-fitted to the speed so far; lr_decay_iters stays
+        # ---- 5. ckpt.pt (see checkpoint()): at the first evaluation, at the last, and once checkpoint_interval seconds
+        # have passed since the last save; run.save_checkpoint has the first process write it, then notes the time.
         if last_step or time.time() - run.last_saved >= cfg.checkpoint_interval:
             run.save_checkpoint(it, evaluated=True)
 
 def start_wandb(run):
-    """The first process's wandb run: online when logged in, else offline in ./wandb (WANDB_MODE overrides auto; online
-    falls back to offline). The other processes, wandb_mode=disabled, or a failure (a warning): a DummyWandb. A resume
-    continues its online run; offline, each resumed piece is a run of its own ("... resumed at step N"), in one group.
-    Later: evaluate()'s rows and samples table, Run.refit's max_iters, Run.finish's summary time/<phase>, time/total."""
+    """The first process's wandb run. The other processes, wandb_mode=disabled and a failed start (a warning) get a
+    DummyWandb, which drops everything. What wandb receives, all of it:
+    - at the start: the project, a name such as "6L-384 ci.txt cuda", tags (device, dtype), this file (save_code), and
+      as config every setting (dtype, max_iters and lr_decay_iters as decided; device as given);
+    - at each evaluation, one row: train_loss, val_loss, tokens_per_sec, iteration (every chart's x-axis) and lr;
+    - with prompts, in the rows of the first evaluation, the last and those at multiples of sample_interval, a table
+      "samples" (iteration, prompt, text) of every sample drawn so far: at the defaults 11 tables, of 2, 4, ..., 22 rows;
+    - with max_minutes, config.max_iters whenever it is re-fitted; at the end, summary time/<phase> and time/total.
+    Online when logged in, else offline in ./wandb (WANDB_MODE overrides auto; online falls back to offline). A resume
+    continues its online run; offline, each resumed piece is a run of its own ("... resumed at step N"), in one group."""
     cfg = run.cfg
     mode = choose_wandb_mode(cfg) if run.rank == 0 else None  # None: no wandb
     def charts(wb):  # every chart's x-axis is the training step; val_loss's summary keeps its lowest
@@ -457,7 +490,7 @@ def start_wandb(run):
         wb.define_metric("val_loss", step_metric="iteration", summary="min")
     wb = connect_wandb(mode, run, charts, project=cfg.wandb_project, name=f"{cfg.n_layer}L-{cfg.n_embed} "
                        f"{os.path.basename(cfg.data_path)} {run.dev.type}", tags=[run.dev.type, cfg.dtype], save_code=True,
-                       config={k: getattr(cfg, k) for k in CONFIG_KEYS})  # every setting (dtype, max_iters: as decided)
+                       config={k: getattr(cfg, k) for k in CONFIG_KEYS})  # every setting
     run.logs_samples = bool(cfg.prompts) and not isinstance(wb, DummyWandb)  # evaluate()'s samples table
     return wb
 
@@ -469,9 +502,9 @@ def checkpoint(run, it, evaluated):
             "scaler": run.scaler.state_dict(),  # float16's loss scale
             "iter_num": it, "evaluated": evaluated,  # steps done; whether step it's evaluation is done too
             "chars": "".join(run.tokenizer.chars),  # the vocabulary
-            "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},  # every setting (dtype, max_iters: as decided)
+            "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},  # every setting, as in wandb's config
             "argv": list(cfg._argv), "measured": sorted(cfg._measured),  # the command line; what was measured
-            "rng": {"cpu": torch.get_rng_state(),  # so a resumed run draws the batches and dropout an unstopped run would
+            "rng": {"cpu": torch.get_rng_state(),  # one process: a resume draws what an unstopped run would
                     **({"cuda": torch.cuda.get_rng_state(run.dev)} if run.dev.type == "cuda" else {})},
             "wandb_id": run.wandb_runs.get("id"), "wandb_group": run.wandb_runs.get("group"),
             "wandb_offline_dirs": run.wandb_runs.get("dirs", [])}
@@ -604,11 +637,11 @@ def sample(cfg):
 
 def main(argv=None):
     """The command line: parse, validate, then train or sample. Returns the exit code of `python babygpt.py`: 0 when
-    done, 1 after an error (one line), after Ctrl-C or SIGTERM as the Ctrl-C table below says (130 or 143, or 0)."""
+    done, 1 after an error (one line), after Ctrl-C or SIGTERM as said above train() (130 or 143, or 0)."""
     clock = PhaseClock(None if argv is None else time.time())
     argv = sys.argv[1:] if argv is None else argv
     try:
-        with STOP:  # Ctrl-C and SIGTERM, as the Ctrl-C table below says
+        with STOP:  # catches Ctrl-C and SIGTERM until main returns, as said above train()
             command, cfg = parse_args(argv)
             validate_config(cfg)
             if command == "sample":
@@ -627,10 +660,9 @@ def main(argv=None):
         return 0 if STOP.finished else 128 + (STOP.signum or signal.SIGINT)
 
 # -----------------------------------------------------------------------------
-# The run: this process's part in a training (Run, `run` in train()), and what Ctrl-C does
+# The run: this process's part in a training (`run` in train()): rank, device, dtype, clock, speed, wandb, checkpoints
 
 class Run:
-    """This process's part in a training (`run` in train()): rank, device, dtype, clock, speed, wandb, checkpoints."""
 
     def __init__(self, cfg, clock=None):
         self.cfg, self.clock = cfg, clock or PhaseClock()
@@ -647,12 +679,9 @@ class Run:
         cfg, dev = self.cfg, self.dev
         self.model, self.optimizer, self.tokenizer = model, optimizer, tokenizer  # train()'s, uncompiled
         self.start_iter = resumed["iter_num"] if resumed else 0
-        # The dtype autocast (self.ctx) runs the matmuls in (the weights stay float32): bfloat16 on CUDA (float16, with
-        # self.scaler, where a GPU lacks it), else float32 unless bfloat16 measured AUTO_MARGIN x as fast. max_minutes:
-        # max_iters fitted to those timings, and lr_decay_iters fixed to it (a new run off CUDA without --max_iters).
         self.dtype = plan_run(cfg, model, data["train"], self)
-        self.ctx = autocast(dev, self.dtype)
-        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)
+        self.ctx = autocast(dev, self.dtype)  # the matmuls in self.dtype; the weights stay float32
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)  # see train_step
         self.evaluated_at = None  # the step whose evaluation ckpt.pt already holds (a resume skips it)
         self.wandb_runs = self.resume(resumed) if resumed else {}  # the checkpoint's optimizer, RNG, wandb runs
         # on CUDA, several evaluation batches share one forward pass (see choose_eval_passes); elsewhere one
@@ -723,18 +752,8 @@ class Run:
             save_atomic(checkpoint(self, it, evaluated), self.cfg.ckpt_path)  # via a temporary file, then renamed
         self.last_saved = time.time()
 
-    def finish(self, it, completed, failure):
-        """After a stop, ckpt.pt (evaluated: False) and the resume command; after a measured run, the command that
-        repeats it; wandb's summary (time/<phase>, time/total) and close; DDP's teardown; the timing line."""
-        cfg, stopped = self.cfg, not (completed or failure)
-        if stopped:
-            self.save_checkpoint(it, evaluated=False)
-        if stopped or (completed and STOP.cut_short):  # completed and cut_short: a Ctrl-C in the generation or save
-            what = (f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}" if stopped else
-                    f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps")
-            say(f"{what}. Resume with: {resume_command(cfg, self.world)}")
-        elif completed and cfg._measured:  # what this machine decided (dtype, steps), written out
-            say(f"to repeat this run exactly: {repeat_command(cfg, self.world)}")
+    def finish(self, failure):
+        """wandb's summary (time/<phase>, time/total) and close; DDP's teardown; the timing line."""
         seconds, total = self.clock.figures()
         try:
             self.wandb.summary.update({**{f"time/{k}": v for k, v in seconds.items()}, "time/total": total})
@@ -747,25 +766,9 @@ class Run:
         seconds, total = self.clock.figures()  # again: closing wandb took time too
         say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
 
-# Ctrl-C, as STOP (a StopRequests, below the banner) handles it; SIGTERM the same, but 143 for 130.
-#   when                  what happens, and the files                                                  exit  torchrun
-#   start-up, sample      quits at once (start-up: before the loop): "interrupted; files on disk are intact"  130   130
-#   a training step       "stopping after this step" (torchrun: "within 10 steps"); the step ends; ckpt.pt
-#                         (evaluated: False): "interrupted at step N; checkpoint saved ... Resume with: ..."  130   0
-#   an evaluation         one process: "stopping now", abandoned, then as above; torchrun: as in a step  130   0
-#   the final generation  "stopping now", abandoned; model.pth stays as it was; ckpt.pt from the last
-#     or save             evaluation has every step: "interrupted before model.pth was written; ...
-#                         Resume with: ..." (which evaluates nothing, then generates and saves)        130   0
-#   after model.pth       one process: quits at once, as in start-up (no timing or repeat line; wandb
-#     is written          closes at exit); torchrun: only noted; the files are complete                 0     0
-#   a second press        quits at once, as in start-up; ckpt.pt as last saved, later steps lost        130   130
-#                         (143 if the first was a SIGTERM; 0 in the process that has written model.pth)
-# torchrun (whose processes run in a session of their own) passes a signal on to each once, kills them 30 s later, and
-# itself exits 1. A Ctrl-C after the processes' last check (a multiple of 10) is too late: the training ends normally.
-
 # =============================================================================
-# ---- plumbing: how the story's promises are kept. In order: errors, signals, printing; resume, the phase clock and
-# ---- the printed commands; weight files; wandb; settings and --help; the corpus; devices, dtype and compile.
+# ---- plumbing: how the story's promises are kept. In order: errors, signals, printing; resume, the phase clock
+# ---- and the printed commands; weight files; wandb; settings and --help; the corpus; devices, dtype and compile.
 # =============================================================================
 
 class UserError(Exception):
@@ -783,7 +786,7 @@ class Interrupted(BaseException):
     """Ends a `with STOP.at_once()` block on Ctrl-C (a BaseException: no `except Exception` swallows it)."""
 
 class StopRequests:
-    """Ctrl-C and SIGTERM, as the Ctrl-C table (above the banner) says; main() enters the one instance, STOP."""
+    """Ctrl-C and SIGTERM, as the notes above train() say; main() enters the one instance, STOP."""
 
     def __init__(self):
         self.signum = None  # the signal of the first request, once one came
@@ -930,9 +933,8 @@ def command_line(args, world):
     return " ".join([launcher, script, *args])
 
 def resume_command(cfg, world):
-    """The command that continues this run."""
-    kept = [a for a in cfg._argv if not a.startswith("--resume=") and a != "--dtype=auto"]  # auto: the recorded dtype
-    return command_line(kept + ["--resume=true"], world)
+    """The command that continues this run (without --dtype=auto: a resume keeps the recorded dtype)."""
+    return command_line([a for a in cfg._argv if not a.startswith("--resume=") and a != "--dtype=auto"] + ["--resume=true"], world)
 
 def repeat_command(cfg, world):
     """The command that trains this run again from the start: its settings, with what was measured written out."""
@@ -1020,8 +1022,7 @@ def load_file(path, what):
         raise UserError(f"{what} {path} is not a readable babygpt checkpoint ({why})") from None
 
 def save_atomic(obj, path):
-    """torch.save(obj) (bytes: as they are) into a temporary file of this process's own, fsync, then rename it to
-    `path`: `path` is never half-written, and processes writing the same path never collide."""
+    """torch.save(obj) (bytes as they are) to this process's own temporary file, then renamed: never half-written."""
     path = os.path.abspath(path)
     folder, tmp = os.path.dirname(path), f"{path}.{os.getpid()}.tmp"
     try:
@@ -1063,9 +1064,8 @@ def choose_wandb_mode(cfg):
         return "offline"
 
 def connect_wandb(mode, run, charts, **init):
-    """wandb.init(**init) and charts(it) in `mode` (online falls back to offline), or a DummyWandb and a warning; the
-    ids go to run.wandb_runs, for ckpt.pt. Online a resume continues its run; offline, each piece is a run of its own
-    (one id would overwrite on sync), all in one group."""
+    """wandb.init(**init) and charts(it) in `mode` (online falls back to offline), or a DummyWandb and a warning; ids
+    to run.wandb_runs, for ckpt.pt. Offline each resumed piece is a run of its own (one id would overwrite on sync)."""
     if mode is None:
         return DummyWandb()
     try:
