@@ -8,6 +8,8 @@ draws 64 windows of 256 characters (x: (64, 256) token ids), which become (64, 2
 give logits (64, 256, vocab) for one cross-entropy loss; AdamW then steps at 3e-4. At step 0, every 50 steps and at
 step 5000 (101 times) it evaluates 100 batches of each split, prints a line, logs to wandb and saves ckpt.pt (at step
 0, then when a minute has passed since the last save, at the last, and when stopped). Then it generates, saves model.pth.
+Files, written by the first process only, each via a temporary file: ckpt.pt, all a resume needs (see checkpoint(): the
+weights fused, on the training device); model.pth, the weights alone (per-head, as the original script's, on the CPU).
 
     python babygpt.py                        # train with the constants below, then generate
     python babygpt.py --preset=cpu           # a small model that trains in ~10 minutes on a CPU
@@ -354,8 +356,7 @@ def get_lr(it, cfg):
 # generation and save as above.
 
 def train(cfg, clock=None):
-    """Train as the original script did: read the text, build the tokenizer and the split, make the model and
-    AdamW, run the loop, then generate and save model.pth. Returns the exit code."""
+    """As the original script: the text, tokenizer, split, model and AdamW, the loop, then model.pth. Returns the exit code."""
     run = Run(cfg, clock)  # this process's part ("The run", after main): device, rank, dtype, clock, wandb, checkpoints
 
     # ---- the text, its tokenizer, and the train/validation split
@@ -399,7 +400,7 @@ def train(cfg, clock=None):
             run.clock.phase("training")
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(it, cfg)
-            # grad_accum_steps micro-batches, each x and y of (micro_batch, block_size) token ids
+            # grad_accum_steps micro-batches of x, y (micro_batch, block_size): batch_size / (processes * grad_accum_steps) rows
             batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
             loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
             # On one CPU process, read every loss to stop at the first NaN (a GPU would have to wait for it).
@@ -1315,10 +1316,9 @@ def choose_device(name, local_rank=None):
     available = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()),
                                  ("cpu", True)) if ok]
     name = available[0] if name == "auto" else name
-    try:
+    dev = None
+    with contextlib.suppress(RuntimeError):  # a name torch does not know
         dev = torch.device(name)
-    except RuntimeError:
-        dev = None
     if dev is None or dev.type not in available:
         raise UserError(f"device {name!r} is not available here; devices here: {', '.join(available)}")
     if dev.type == "cuda":
