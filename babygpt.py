@@ -8,7 +8,7 @@ draws 64 windows of 256 characters (x: (64, 256) token ids), which become (64, 2
 give logits (64, 256, vocab) for one cross-entropy loss; AdamW then steps at 3e-4. At step 0, every 50 steps and at
 step 5000 (101 times) it evaluates 100 batches of each split, prints a line, logs to wandb and saves ckpt.pt (at step
 0, then when a minute has passed since the last save, at the last, and when stopped). Then it generates, saves model.pth.
-Files, written by the first process only, each via a temporary file: ckpt.pt, all a resume needs (see checkpoint(): the
+Files, each written by the first process only, via a temporary file: ckpt.pt, all a resume needs (see checkpoint(): the
 weights fused, on the training device); model.pth, the weights alone (per-head, as the original script's, on the CPU).
 
     python babygpt.py                        # train with the constants below, then generate
@@ -22,7 +22,7 @@ import os
 import time
 
 STARTED = time.time()  # the timing line a run ends with ("total …s: start-up …") counts from here
-if __name__ == "__main__":  # PyTorch reads this at its first CPU allocation, so before importing it
+if __name__ == "__main__":  # set before importing torch, which reads it at its first CPU allocation
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # speed only: big CPU tensors on huge memory pages
 
 import contextlib
@@ -75,18 +75,18 @@ min_lr = 3e-5                 # where the cosine schedule ends
 seed = 42                     # the random seed: initial weights, batches, dropout and samples follow from it
 # generation
 prompts = ["春江", "往事"]      # texts to continue after training (and in sample)
-max_new_token = 100           # characters generated per prompt
+max_new_token = 100           # characters generated per sample
 temperature = 1.0             # 0 = greedy; above 1 more adventurous
 top_k = 0                     # 0 = off; else sample among the k likeliest characters
 num_samples = 1               # continuations per prompt
 kv_cache = True               # reuse keys and values while generating (same logits up to rounding, faster)
 # system
 device = "auto"               # auto = cuda, else mps, else cpu
-dtype = "auto"                # auto = bfloat16 (or float16) on CUDA; elsewhere float32 unless bfloat16 runs 1.2x as fast
+dtype = "auto"                # auto = bfloat16 (or float16) on CUDA; elsewhere float32, unless training measures bfloat16 1.2x as fast
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU without accumulation, else default
 preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
-max_minutes = 0               # 0 = off; else set max_iters to end in about this many minutes (not on CUDA; --max_iters wins)
+max_minutes = 0               # 0 = off; else max_iters is measured to end training in about this many minutes (off CUDA; unless --max_iters)
 # files and logging
 save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
 ckpt_path = "ckpt.pt"         # training state for --resume=true, read first by sample; a new run overwrites it at step 0
@@ -95,8 +95,9 @@ resume = False                # continue from ckpt_path
 init_from = ""                # start from the weights of a model.pth (babygpt's or the original script's) or ckpt.pt
 wandb_mode = "auto"           # auto = online when logged in, else offline; online, offline, disabled
 wandb_project = "babygpt"     # the Weights & Biases project
-sample_interval = 500         # with prompts: samples to wandb every this many steps, and at the first and last evaluation
+sample_interval = 500         # with prompts: samples to wandb at evaluations of steps that are multiples of this, and at the first and last
 
+# Every lowercase constant above is a setting: --name=value, --help, wandb's config and ckpt.pt's config list them.
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if k.islower() and not k.startswith("_") and isinstance(v, (bool, int, float, str, list))]
 
@@ -312,12 +313,11 @@ def estimate_loss(model, data, cfg, batch_size, generator=None, batches_per_pass
     return {"train": train_loss, "val": val_loss}
 
 def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
-    """One optimizer step over micro-batches [(x, y), ...]; returns the last micro-batch's loss.
-    Each micro-batch loss is divided by their number, so the summed gradient is the gradient of
-    the mean loss: on the same rows, accumulation computes the same gradient (up to rounding)."""
+    """One optimizer step over micro-batches [(x, y), ...]; returns the last one's loss. Each micro-batch's loss is divided
+    by their number, so the gradients backward() sums are those of one batch of all their rows (up to rounding)."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # used in float16 only; disabled, it changes nothing
     for i, (x, y) in enumerate(batches):
-        model.require_backward_grad_sync = i == len(batches) - 1  # DDP's no_sync flag: average only on the last
+        model.require_backward_grad_sync = i == len(batches) - 1  # DDP averages gradients on the last only (else unused)
         with ctx or contextlib.nullcontext():  # autocast: the matmuls in the run's dtype
             _, loss = model(x, y)
         scaler.scale(loss / len(batches)).backward()  # float16: the loss scaled up, so small gradients stay > 0
@@ -340,31 +340,34 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
 
 # -----------------------------------------------------------------------------
-# The training loop, and what Ctrl-C does to it (STOP, below the banner). SIGTERM: the same, with 143 for 130.
-# - Before training starts, and in `sample`: quits at once, "interrupted; files on disk are intact"; exit 130.
-# - In a training step: "stopping after this step"; the step ends, ckpt.pt is saved (evaluated: False), and
-#   "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: …" is printed; exit 130.
-# - In an evaluation: "stopping now"; the evaluation is abandoned, then as in a step; exit 130.
-# - In the final generation or save: "stopping now"; model.pth stays as it was; ckpt.pt of the last evaluation holds
-#   every step: "interrupted before model.pth was written; … Resume with: …" (that resume generates and saves); 130.
-# - Once model.pth is written: quits at once, "interrupted; files on disk are intact", exit 0 (the run is complete;
-#   no timing line, and wandb gets no summary but closes its run as the process exits).
-# - A second press, at any time: quits at once as before training, with the first press's code; ckpt.pt as last saved.
-# Under torchrun the processes stop together at a multiple of 10 steps ("stopping within 10 steps"), never inside an
-# evaluation, and each exits 0, which torchrun does not count as a failure (a second press: 130). A press after the last
-# check (in the last evaluation) or once model.pth is written is only noted; the first process abandons the final
-# generation and save as above.
+# The training loop, and what Ctrl-C does to it (the handler: STOP, below the banner). SIGTERM: the same, 143 for 130.
+#   a press ...                    prints, then                                                   files               exit
+#   before training starts,        "interrupted; files on disk are intact"; quits at once         untouched           130
+#   or while `sample` runs
+#   in a training step             "stopping after this step"; the step ends, then (*)            ckpt.pt of step N   130
+#   in an evaluation               "stopping now"; the evaluation is abandoned, then (*)          ckpt.pt of step N   130
+#   in the final generation/save   "stopping now", "interrupted before model.pth was written;     model.pth as it was 130
+#                                  ckpt.pt holds all N steps. Resume with: …" (that resume generates and saves)
+#   once model.pth is written      "interrupted; files on disk are intact"; quits at once, with   all written         0
+#                                  no timing line and no wandb summary
+#   a second press, at any time    as before training: quits at once                              as last saved       the first's
+# N: the steps done. (*) ckpt.pt of step N, marked not evaluated (a resume evaluates step N first), and "interrupted at
+# step N; checkpoint saved to ckpt.pt. Resume with: …". torchrun passes the terminal's Ctrl-C on to every process (and
+# kills any still running 30 s later): before training each quits, 130; in training they stop together at the next step
+# that is a multiple of 10 ("stopping within 10 steps"; evaluations are never abandoned), or not at all after the last
+# such check (in the final evaluation, say): the run finishes. Each then exits 0, so torchrun blames none; torchrun
+# itself prints a SignalException and exits 1. The first process alone writes ckpt.pt and the final generation and save.
 
 def train(cfg, clock=None):
     """As the original script: the text, tokenizer, split, model and AdamW, the loop, then model.pth. Returns the exit code."""
     run = Run(cfg, clock)  # this process's part ("The run", after main): device, rank, dtype, clock, wandb, checkpoints
 
     # ---- the text, its tokenizer, and the train/validation split
-    text = load_corpus(cfg.data_path, run.world)  # if ci.txt is missing, it is built first from an npm package
+    text = load_corpus(cfg.data_path, run.world)  # data_path "ci.txt", if missing, is built first from an npm package
     tokenizer = Tokenizer(text)  # built from the whole text, so validation has no unknown characters
     check_prompts(cfg, tokenizer, cfg.data_path)  # prompts and top_k must fit the vocabulary, else exit 1
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    # One cut, no shuffling: the first 90% trains, the rest validates (in ci.txt: the last Song ci, then Southern Tang).
+    # One cut, no shuffling: the first 90% trains, the rest validates (in ci.txt: the last Song ci, then all Southern Tang).
     n = int(cfg.train_data_ratio * len(ids))
     data = {"train": ids[:n].to(run.dev), "val": ids[n:].to(run.dev)}
     check_split(data, cfg)  # each split must be longer than block_size, else exit 1
@@ -375,8 +378,9 @@ def train(cfg, clock=None):
     model.to(run.dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=run.dev.type in FUSED_ADAMW)
-    # run.prepare: the dtype (CUDA: bfloat16, or float16; elsewhere float32 unless bfloat16 measures 1.2x as fast), with
-    # max_minutes max_iters and lr_decay_iters (fitted once), and a resume's optimizer and RNG. The weights stay float32.
+    # run.prepare sets cfg.dtype (CUDA: bfloat16, or float16; elsewhere float32 unless bfloat16 measures 1.2x as fast)
+    # and, for a new run with max_minutes off CUDA, cfg.max_iters and cfg.lr_decay_iters from the measured speed (see
+    # Run.refit); a resume keeps ckpt.pt's and gets its optimizer and random state back. The weights stay float32.
     run.prepare(model, optimizer, tokenizer, data, resumed)
     # On CUDA, torch.compile: the same maths, faster; its warm-up passes change no weight or random state.
     train_model = compile_model(model, cfg, run.dev, run.world, run.clock, lambda m: warm_up(m, data, run))
@@ -435,8 +439,7 @@ def train(cfg, clock=None):
     run.finish(failure)  # wandb's summary (time/<phase>, time/total) and close, then "total …s: start-up …"
     if failure:
         raise UserError(failure)  # main() prints it and exits 1
-    stopped = STOP.stopped or STOP.cut_short  # a Ctrl-C or SIGTERM came before model.pth was written
-    # The shell must hear of a stop: 130 after Ctrl-C, 143 after SIGTERM (torchrun: 0, as said above).
+    stopped = STOP.stopped or STOP.cut_short  # before model.pth was written: the shell hears 130 or 143 (torchrun: 0)
     return 128 + STOP.signum if stopped and run.world == 1 else 0
 
 def evaluate(run, train_model, data, it, last_step, samples):
@@ -447,7 +450,8 @@ def evaluate(run, train_model, data, it, last_step, samples):
         # ---- 1. the losses: eval_iters batches of each split, dropout off, then the mean over processes.
         # The generator is seeded by the step, so a resumed run evaluates step it on the same batches.
         generator = run.eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + run.rank)
-        # run.eval_batch: batch_size rows, split over processes; run.eval_passes > 1 (CUDA) joins batches in one pass
+        # each batch (eval_batch, block_size): batch_size rows split over processes; on CUDA eval_passes batches are
+        # joined in one forward pass ((eval_passes * eval_batch, block_size)); elsewhere eval_passes is 1
         losses = estimate_loss(train_model, data, cfg, run.eval_batch, generator, run.eval_passes)
         train_loss, val_loss = all_mean([losses["train"], losses["val"]], run.dev, run.world)  # over processes
         if not math.isfinite(train_loss + val_loss):
@@ -456,8 +460,9 @@ def evaluate(run, train_model, data, it, last_step, samples):
         say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - run.start_time)}")
         # ---- 3. wandb: one row of these metrics, charted against iteration (all that wandb gets: start_wandb below)
-        metrics = {"train_loss": train_loss, "val_loss": val_loss, "tokens_per_sec": speed,  # eval-mode estimates, not the step's loss
-                   "iteration": it, "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}  # lr: of step it (the last: of max_iters-1)
+        metrics = {"train_loss": train_loss, "val_loss": val_loss,  # eval-mode estimates, not a training step's loss
+                   "tokens_per_sec": speed, "iteration": it,
+                   "lr": get_lr(min(it, cfg.max_iters - 1), cfg)}  # the rate of step it (the last: of max_iters-1)
         # With prompts, a samples table at this run's first evaluation, at steps that are multiples of
         # sample_interval, and at the last. It holds every row drawn since this run started or resumed.
         if run.logs_samples and (not samples or last_step or it % cfg.sample_interval == 0):
@@ -474,7 +479,7 @@ def evaluate(run, train_model, data, it, last_step, samples):
 
 def start_wandb(run):
     """The first process's wandb run. The other processes, wandb_mode=disabled and a failed start (a warning) get a
-    DummyWandb, which drops everything. What wandb receives, all of it:
+    DummyWandb, which drops everything. All that this file sends to wandb:
     - at the start: the project, a name such as "6L-384 ci.txt cuda", tags (device, dtype), this file (save_code), and
       as config every setting (dtype, max_iters and lr_decay_iters as decided; device as given);
     - at each evaluation, one row: train_loss, val_loss, tokens_per_sec, iteration (every chart's x-axis) and lr;
@@ -497,7 +502,8 @@ def start_wandb(run):
 
 def checkpoint(run, it, evaluated):
     """What ckpt.pt holds: all that --resume and sample need, the weights in the fused layout (one qkv a layer, on the
-    training device). The first process writes it, like model.pth, to a temporary file, then renames it."""
+    training device; --resume and sample load it onto the CPU first). The first process writes it, like model.pth, to
+    <path>.<pid>.tmp, then renames it: a crash never leaves it half-written."""
     cfg = run.cfg
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(),  # float16's loss scale
@@ -521,7 +527,8 @@ def per_head_count(state_dict):
     return len({m[1] for m in found if m})
 
 def state_dict_shape(sd, path):
-    """vocab_size, n_embed, block_size and n_layer, read off the tensors of a state_dict in either layout."""
+    """vocab_size and n_embed (the token table's shape), block_size (the position table's rows) and n_layer (the number
+    of blocks.N), read off the tensors of a state_dict in either layout."""
     if not isinstance(sd, dict) or not any(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"{path} holds no model weights")
     ours = fused_layout(sd)
@@ -592,9 +599,9 @@ def sample(cfg):
     dev = choose_device(cfg.device)
     torch.manual_seed(cfg.seed)
     # The model: ckpt_path if it exists (even a stopped run's; --ckpt_path= skips it), else save_path. Its shape comes
-    # from the file; the constants at the top shape only the next training (and --n_head a fused file's head count).
+    # from the file; the constants at the top shape only the next training (and n_head a fused model.pth's head count).
     if os.path.exists(cfg.ckpt_path):  # ckpt.pt: the weights, the vocabulary and the settings of the training
-        state, shape = read_checkpoint(cfg.ckpt_path)  # n_head: its config's; the other sizes: state_dict_shape()
+        state, shape = read_checkpoint(cfg.ckpt_path)  # torch.load on the CPU; n_head: its config's; the rest: its weights
         weights, tokenizer = state["model"], Tokenizer(state["chars"])
         source = f"{cfg.ckpt_path} (step {state['iter_num']})"
     elif os.path.exists(cfg.save_path):  # model.pth: weights only; the vocabulary is that of data_path
@@ -610,7 +617,7 @@ def sample(cfg):
         raise UserError(f"{source} has n_embed={shape['n_embed']}, which n_head={shape['n_head']} does not divide")
     model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
     load_weights(model, weights, source.split(" ")[0], shape)  # a shape that differs: a one-line error
-    model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # weights cast (auto: bfloat16 or float16 on CUDA, else float32)
+    model.to(dev, choose_dtype(cfg.dtype, dev)).eval()  # weights cast (auto: bfloat16 or float16 on CUDA, else float32, unmeasured)
     say(f"sampling from {source}: " + ", ".join(f"{k}={shape[k]}" for k in SHAPE_KEYS))
 
     def show(prompts):
@@ -664,12 +671,11 @@ def main(argv=None):
 # The run: this process's part in a training (`run` in train()): rank, device, dtype, clock, speed, wandb, checkpoints
 
 class Run:
-
     def __init__(self, cfg, clock=None):
         self.cfg, self.clock = cfg, clock or PhaseClock()
         self.rank, self.world, self.dev = setup_distributed(cfg)  # rank of world processes: 0 of 1 without torchrun
         self.clock.dev = self.dev
-        # the rows of a training forward pass and of an evaluation batch (setup_distributed: no remainders)
+        # the rows of a training forward pass and of an evaluation batch (setup_distributed: batch_size divides evenly)
         self.micro_batch, self.eval_batch = cfg.batch_size // (self.world * cfg.grad_accum_steps), cfg.batch_size // self.world
         torch.manual_seed(cfg.seed + self.rank)  # each process draws batches of its own
         if self.rank == 0:
@@ -734,7 +740,8 @@ class Run:
         self.logs_samples &= not isinstance(self.wandb, DummyWandb)
 
     def refit(self, it, last_step):
-        """max_minutes: max_iters re-fitted to this run's speed so far; said when it moved 5%, and sent to wandb."""
+        """max_minutes (a new run off CUDA): max_iters re-fitted to the speed so far at each evaluation but the first
+        and the last; said when it moved 5%, and sent to wandb. lr_decay_iters, the schedule's end, stays as first fitted."""
         if not self.fitted or it == self.start_iter or last_step:
             return
         before = self.cfg.max_iters
@@ -742,12 +749,11 @@ class Run:
         if self.cfg.max_iters != before:
             self.wandb = wandb_call(self.wandb, "config update",
                                     lambda w: w.config.update({"max_iters": self.cfg.max_iters}, allow_val_change=True))
-        if abs(self.cfg.max_iters - self.announced) >= 0.05 * self.announced:  # news, not every 50 steps
+        if abs(self.cfg.max_iters - self.announced) >= 0.05 * self.announced:  # said only when it moved 5% since last said
             self.announced = self.cfg.max_iters
             say(f"max_minutes: {self.announced:,} steps fit now, at this run's speed so far")
 
     def save_checkpoint(self, it, evaluated):
-        """ckpt.pt (see checkpoint()), written by the first process."""
         self.clock.phase("checkpoints")
         if self.rank == 0:
             save_atomic(checkpoint(self, it, evaluated), self.cfg.ckpt_path)  # via a temporary file, then renamed
@@ -861,8 +867,7 @@ def say(*args, **kwargs):
 def warn(msg):
     say(f"warning: {msg}", file=sys.stderr)
 
-def first_line(e):
-    """An exception as a short one-line reason."""
+def first_line(e):  # an exception as a short one-line reason
     return (re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() or [type(e).__name__])[0][:120]
 
 def format_time(seconds):
@@ -921,8 +926,7 @@ class PhaseClock:
             self.seconds[self.current] += now - self.since
             self.current, self.since = name, now
 
-    def figures(self):
-        """({phase: seconds} up to now, the total)."""
+    def figures(self):  # ({phase: seconds} up to now, the total)
         now = time.time()
         return {**self.seconds, self.current: self.seconds[self.current] + now - self.since}, now - self.start
 
@@ -1306,8 +1310,7 @@ def check_split(data, cfg):
 # -----------------------------------------------------------------------------
 # Devices, processes, number formats and compilation
 
-def sync(dev):
-    """Wait for the device's queued work, so wall-clock timings mean something."""
+def sync(dev):  # wait for the device's queued work, so wall-clock timings mean something
     if dev.type in ("cuda", "mps"):
         getattr(torch, dev.type).synchronize()
 
@@ -1343,8 +1346,7 @@ def setup_distributed(cfg):
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return rank, world, dev
 
-def all_mean(values, dev, world):
-    """Average a list of floats over all processes."""
+def all_mean(values, dev, world):  # a list of floats, each averaged over all processes
     if world == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=dev)
@@ -1375,8 +1377,7 @@ def dtype_name(dt):
 def autocast(dev, dt):
     return contextlib.nullcontext() if dt == torch.float32 else torch.autocast(device_type=dev.type, dtype=dt)
 
-def generator_device(dev):
-    """Where random draws happen: on the CPU for MPS, where torch.multinomial has open bugs."""
+def generator_device(dev):  # where random draws happen: on the CPU for MPS, where torch.multinomial has open bugs
     return torch.device("cpu") if dev.type == "mps" else dev
 
 def generation_attention(dev):
@@ -1386,8 +1387,7 @@ def generation_attention(dev):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
-def fork_rng(dev):
-    """A context that puts back every random state of the CPU and of `dev` when it ends."""
+def fork_rng(dev):  # a context that puts back every random state of the CPU and of `dev` when it ends
     return torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev.index or 0], device_type=dev.type)
 
 def time_step(model, optimizer, x, y, dt, dev):
@@ -1536,7 +1536,7 @@ def choose_eval_passes(cfg, eval_batch, vocab_size, dev):
     eval_iters within ~330k tokens and half the free memory; elsewhere one (no gain on a CPU)."""
     if dev.type != "cuda":
         return 1
-    tokens = min(20 * 64 * 256, torch.cuda.mem_get_info(dev)[0] // 2 // (12 * vocab_size))  # bf16 logits, fp32 copies
+    tokens = min(20 * 64 * 256, torch.cuda.mem_get_info(dev)[0] // 2 // (12 * vocab_size))  # 12 bytes a logit: bfloat16 logits and float32 copies
     most = max(1, min(cfg.eval_iters, tokens // (eval_batch * cfg.block_size)))
     return max(d for d in range(1, most + 1) if cfg.eval_iters % d == 0)
 
