@@ -19,11 +19,15 @@ weights fused, on the training device); model.pth, the weights alone (per-head, 
 """
 
 import os
+import signal
+import sys
 import time
 
 STARTED = time.time()  # the timing line a run ends with ("total …s: start-up …") counts from here
 if __name__ == "__main__":  # set before importing torch, which reads it at its first CPU allocation
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # speed only: big CPU tensors on huge memory pages
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted; files on disk are intact", file=sys.stderr),
+                                              os._exit(130)))  # a Ctrl-C while torch loads, before main() takes over
 
 import contextlib
 import copy
@@ -33,9 +37,7 @@ import math
 import re
 import secrets
 import shutil
-import signal
 import subprocess
-import sys
 import tarfile
 import tempfile
 from types import SimpleNamespace
@@ -966,7 +968,6 @@ def check_output_paths(cfg):
             raise UserError(f"cannot write --{name}={path}: " + problem.format(folder=folder))
 
 def check_prompts(cfg, tokenizer, source):
-    """Prompts and top_k must fit the vocabulary: checked before any training."""
     if cfg.top_k > tokenizer.vocab_size:
         raise UserError(f"top_k ({cfg.top_k}) is larger than the vocabulary of {source} "
                         f"({tokenizer.vocab_size}); use a smaller --top_k or 0 (off)")
@@ -977,7 +978,6 @@ def check_prompts(cfg, tokenizer, source):
                             f"{''.join(bad)}; change the prompt (--prompts=春江,往事)")
 
 def model_pth_vocabulary(cfg, weights):
-    """The tokenizer of data_path, which must be the text a model.pth was trained on."""
     if not os.path.exists(cfg.data_path):
         raise UserError(f"{cfg.save_path} needs the vocabulary of the text it was trained on, "
                         f"but {cfg.data_path} is missing; pass it with --data_path=FILE")

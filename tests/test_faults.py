@@ -5,13 +5,15 @@ import io
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 import babygpt
-from conftest import (LONG, STEP_RE, TINY, Running, all_finite, load_ckpt, make_corpus, one_line_error, run_main,
+from conftest import (BABYGPT, LONG, STEP_RE, TINY, Running, all_finite, load_ckpt, make_corpus, one_line_error, run_main,
                       same_files, snapshot, succeeded, temp_files, tiny)
 
 ALIEN = "火星"  # characters that are not in make_corpus()
@@ -363,6 +365,18 @@ def test_ctrl_c_before_training_quits_at_once_with_the_signals_exit_code(corpus,
     assert res.returncode == 128 + sig, show(res)
     assert res.stderr.strip() == "interrupted; files on disk are intact", show(res)
     same_files(before, snapshot(corpus.parent))
+
+
+def test_ctrl_c_while_torch_is_still_loading_quits_with_130_and_no_traceback(tmp_path):
+    """A Ctrl-C in the first seconds, while `import torch` runs, quits as one before training does."""
+    fake = tmp_path / "torch"  # a torch whose import is interrupted, as a Ctrl-C would interrupt the real one
+    fake.mkdir()
+    (fake / "__init__.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\n")
+    res = subprocess.run([sys.executable, BABYGPT, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert res.returncode == 130, res
+    assert res.stderr.strip() == "interrupted; files on disk are intact", res
+    assert list(tmp_path.iterdir()) == [fake]
 
 
 def test_ctrl_c_after_model_pth_is_written_exits_0(corpus, capsys, monkeypatch):
