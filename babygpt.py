@@ -311,7 +311,7 @@ def estimate_loss(model, data, cfg, batch_size, generator=None, batches_per_pass
             losses.append(loss.float() * n)  # the sum of n batch means
     model.train(was_training)
     means = torch.stack(losses).view(2, -1).sum(1) / cfg.eval_iters  # (2,): train, val
-    train_loss, val_loss = means.tolist()  # the one host sync
+    train_loss, val_loss = means.tolist()  # the one wait for the device
     return {"train": train_loss, "val": val_loss}
 
 def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
@@ -356,9 +356,9 @@ def get_lr(it, cfg):
 # N: the steps done. (*) ckpt.pt of step N, marked not evaluated (a resume evaluates step N first), and "interrupted at
 # step N; checkpoint saved to ckpt.pt. Resume with: …". torchrun passes the terminal's Ctrl-C on to every process (and
 # kills any still running 30 s later): before training each quits, 130; in training they stop together at the next step
-# that is a multiple of 10 ("stopping within 10 steps"; evaluations are never abandoned), or not at all after the last
-# such check (in the final evaluation, say): the run finishes. Each then exits 0, so torchrun blames none; torchrun
-# itself prints a SignalException and exits 1. The first process alone writes ckpt.pt and the final generation and save.
+# that is a multiple of 10 ("stopping within 10 steps"; never inside an evaluation). After the last such check (in
+# the final evaluation, say) a press is too late, except in the final generation and save, which only the first process
+# runs and which stops as in the table. Each exits 0, so torchrun blames none; torchrun itself exits 1 (SignalException).
 
 def train(cfg, clock=None):
     """As the original script: the text, tokenizer, split, model and AdamW, the loop, then model.pth. Returns the exit code."""
@@ -396,10 +396,10 @@ def train(cfg, clock=None):
     with STOP.while_training(run.world):
         while not STOP.agreed(it, run.dev):  # True after a Ctrl-C (under torchrun: checked every 10 steps)
             last_step = it >= cfg.max_iters  # max_minutes may move max_iters at an evaluation
-            # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (a resume skips one its ckpt.pt holds)
+            # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (a resume skips the one in its ckpt.pt)
             if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
                 failure = evaluate(run, train_model, data, it, last_step, samples)  # None, or a NaN loss's error
-            if last_step or failure or STOP.stopped:  # STOP.stopped: a Ctrl-C abandoned the evaluation
+            if last_step or failure or STOP.stopped:  # STOP.stopped: a Ctrl-C came (it may have abandoned the evaluation)
                 break
 
             # -------------------- TRAINING SECTION BEGIN --------------------
@@ -482,8 +482,8 @@ def evaluate(run, train_model, data, it, last_step, samples):
 def start_wandb(run):
     """The first process's wandb run. The other processes, wandb_mode=disabled and a failed start (a warning) get a
     DummyWandb, which drops everything. All that this file sends to wandb:
-    - at the start: the project, a name such as "6L-384 ci.txt cuda", tags (device, dtype), this file (save_code), and
-      as config every setting (dtype, max_iters and lr_decay_iters as decided; device as given);
+    - at the start: the project, a name such as "6L-384 ci.txt cuda", tags (device, dtype), this file (save_code), an id
+      and group (connect_wandb), and as config every setting (dtype, max_iters, lr_decay_iters as decided);
     - at each evaluation, one row: train_loss, val_loss, tokens_per_sec, iteration (every chart's x-axis) and lr;
     - with prompts, in the rows of the first evaluation, the last and those at multiples of sample_interval, a table
       "samples" (iteration, prompt, text) of every sample drawn so far: at the defaults 11 tables, of 2, 4, ..., 22 rows;
@@ -587,7 +587,7 @@ def generate_texts(model, tokenizer, prompts, cfg, dev, generator=None):
         by_length.setdefault(len(p), []).append(i)
     for group in by_length.values():
         rows = [tokenizer.encode(prompts[i]) for i in group for _ in range(cfg.num_samples)]
-        with generation_attention(dev):
+        with generation_attention(dev):  # on CUDA: attention kernels that suit one new token a step
             out = model.generate(torch.tensor(rows, dtype=torch.long, device=dev), cfg.max_new_token,
                                  temperature=cfg.temperature, top_k=cfg.top_k or None,
                                  kv_cache=cfg.kv_cache, generator=generator)
