@@ -1,7 +1,7 @@
 """
 babygpt: a character-level GPT that learns to write Song-dynasty ci (宋词), refactored from the teaching script
 babygpt_v12_wandb.py ("the original script" below). Top to bottom: the constants, the story (tokenizer, model,
-batches, the run, the training loop and Ctrl-C, weight layouts, sampling, main), then the plumbing. Importing only defines.
+batches, the training loop and Ctrl-C, weight layouts, sampling, main, the run), then the plumbing. Importing only defines.
 
 A training at the defaults, on one process: the text's first 90% trains, the rest validates. Each of 5000 steps
 draws 64 windows of 256 characters (x: (64, 256) token ids), which become (64, 256, 384) vectors, pass 6 blocks and
@@ -342,112 +342,6 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
 
 # -----------------------------------------------------------------------------
-# The run: this process's part in a training (`run` in train(), below): rank, device, dtype, clock, speed, wandb, ckpt.pt
-
-class Run:
-    def __init__(self, cfg, clock=None):
-        self.cfg, self.clock = cfg, clock or PhaseClock()
-        self.rank, self.world, self.dev = setup_distributed(cfg)  # rank of world processes: 0 of 1 without torchrun
-        self.clock.dev = self.dev
-        # the rows of a training forward pass and of an evaluation batch (setup_distributed: batch_size divides evenly)
-        self.micro_batch, self.eval_batch = cfg.batch_size // (self.world * cfg.grad_accum_steps), cfg.batch_size // self.world
-        torch.manual_seed(cfg.seed + self.rank)  # each process draws batches of its own
-        if self.rank == 0:
-            check_output_paths(cfg)
-
-    def prepare(self, model, optimizer, tokenizer, data, resumed):
-        """Decide the dtype and steps; restore a resume's optimizer and random state; size the evaluation passes."""
-        cfg, dev = self.cfg, self.dev
-        self.model, self.optimizer, self.tokenizer = model, optimizer, tokenizer  # train()'s, uncompiled
-        self.start_iter = resumed["iter_num"] if resumed else 0
-        self.dtype = plan_run(cfg, model, data["train"], self)
-        self.ctx = autocast(dev, self.dtype)  # the matmuls in self.dtype; the weights stay float32
-        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)  # see train_step
-        self.evaluated_at = None  # the step whose evaluation ckpt.pt already holds (a resume skips it)
-        self.wandb_runs = self.resume(resumed) if resumed else {}  # the checkpoint's optimizer, RNG, wandb runs
-        # on CUDA, several evaluation batches share one forward pass (see choose_eval_passes); elsewhere one
-        self.eval_passes = choose_eval_passes(cfg, self.eval_batch, tokenizer.vocab_size, dev)
-        self.eval_gen = torch.Generator(device=generator_device(dev))
-        self.last_saved = -math.inf  # so that the first evaluation writes ckpt.pt
-        self.last_eval, self.trained_before = self.start_iter, 0.0  # where tokens_per_sec counts from
-        self.announced = cfg.max_iters  # the step count max_minutes last reported
-
-    def resume(self, checkpoint):  # --resume
-        """Restore the checkpoint's optimizer, scaler and random state; returns its wandb runs."""
-        cfg, it = self.cfg, checkpoint["iter_num"]
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if "scaler" in checkpoint and self.scaler.is_enabled():
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        if self.world == 1:
-            torch.set_rng_state(checkpoint["rng"]["cpu"])
-            if self.dev.type == "cuda" and "cuda" in checkpoint["rng"]:
-                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.dev)
-        else:  # one saved state for all processes would make them draw the same batches
-            torch.manual_seed(cfg.seed + self.rank + 1_000_003 * it)
-        say(f"resuming from {cfg.ckpt_path} at step {it}, in {cfg.dtype}")
-        if it >= cfg.max_iters:
-            say(f"note: the checkpoint already has {it} steps; raise --max_iters to train more")
-        self.evaluated_at = it if checkpoint.get("evaluated") else None
-        return {"id": checkpoint.get("wandb_id"), "group": checkpoint.get("wandb_group"),
-                "dirs": checkpoint.get("wandb_offline_dirs") or []}
-
-    def tokens_per_sec(self, it):
-        """Training tokens a second since the last evaluation (0 before any step); the clock then counts evaluation."""
-        self.clock.phase("evaluation")  # waits for the device: the speed is then true
-        trained = self.clock.seconds["training"]
-        tokens = (it - self.last_eval) * self.cfg.batch_size * self.cfg.block_size
-        speed = tokens / max(trained - self.trained_before, 1e-9) if tokens else 0.0
-        self.last_eval, self.trained_before = it, trained
-        return speed
-
-    def table(self, columns, rows):
-        """A wandb.Table, or None (a warning, and no samples from then on) if wandb cannot make one."""
-        try:
-            import wandb
-            return wandb.Table(columns=columns, data=[list(r) for r in rows])
-        except Exception as e:
-            warn(f"wandb samples failed ({first_line(e)}); logging the metrics without them")
-            self.logs_samples = False
-
-    def log(self, metrics):  # never with step=: wandb drops rows whose step goes back after a resume
-        self.wandb = wandb_call(self.wandb, "logging", lambda w: w.log({k: v for k, v in metrics.items() if v is not None}))
-        self.logs_samples &= not isinstance(self.wandb, DummyWandb)
-
-    def refit(self, it, last_step):
-        """max_minutes (a new run off CUDA): max_iters re-fitted to the speed so far at each evaluation but the first
-        and the last; said when it moved 5%, and sent to wandb. lr_decay_iters, the schedule's end, stays as first fitted."""
-        if not self.fitted or it == self.start_iter or last_step:
-            return
-        before = self.cfg.max_iters
-        fit_steps(self.cfg, it, (time.time() - self.start_time) / (it - self.start_iter), 0, self)
-        if self.cfg.max_iters != before:
-            self.wandb = wandb_call(self.wandb, "config update",
-                                    lambda w: w.config.update({"max_iters": self.cfg.max_iters}, allow_val_change=True))
-        if abs(self.cfg.max_iters - self.announced) >= 0.05 * self.announced:  # said only when it moved 5% since last said
-            self.announced = self.cfg.max_iters
-            say(f"max_minutes: {self.announced:,} steps fit now, at this run's speed so far")
-
-    def save_checkpoint(self, it, evaluated):
-        self.clock.phase("checkpoints")
-        if self.rank == 0:
-            save_atomic(checkpoint(self, it, evaluated), self.cfg.ckpt_path)  # via a temporary file, then renamed
-        self.last_saved = time.time()
-
-    def finish(self, failure):
-        """wandb's summary (time/<phase>, time/total) and close; DDP's teardown; the timing line."""
-        seconds, total = self.clock.figures()
-        try:
-            self.wandb.summary.update({**{f"time/{k}": v for k, v in seconds.items()}, "time/total": total})
-            self.wandb.finish(exit_code=1 if failure else 0)
-        except Exception as e:
-            warn(f"wandb could not finish the run ({first_line(e)})")
-        if self.world > 1:
-            dist.barrier()  # the first process finishes generating and saving before teardown
-            dist.destroy_process_group()
-        seconds, total = self.clock.figures()  # again: closing wandb took time too
-        say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
-
-# -----------------------------------------------------------------------------
 # The training loop, and what Ctrl-C does to it (the handler: STOP, below the banner). SIGTERM: the same, 143 for 130.
 #   a press ...                    prints, then                                                   files               exit
 #   before training starts,        "interrupted; files on disk are intact"; quits at once         untouched           130
@@ -468,7 +362,7 @@ class Run:
 
 def train(cfg, clock=None):
     """As the original script: the text, tokenizer, split, model and AdamW, the loop, then model.pth. Returns the exit code."""
-    run = Run(cfg, clock)  # this process's part ("The run", above): device, rank, dtype, clock, wandb, checkpoints
+    run = Run(cfg, clock)  # this process's part ("The run", after main): device, rank, dtype, clock, wandb, checkpoints
 
     # ---- the text, its tokenizer, and the train/validation split
     text = load_corpus(cfg.data_path, run.world)  # data_path "ci.txt", if missing, is built first from an npm package
@@ -774,6 +668,112 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted; files on disk are intact", file=sys.stderr, flush=True)
         return 0 if STOP.finished else 128 + (STOP.signum or signal.SIGINT)
+
+# -----------------------------------------------------------------------------
+# The run: this process's part in a training (`run` in train()): rank, device, dtype, clock, speed, wandb, checkpoints
+
+class Run:
+    def __init__(self, cfg, clock=None):
+        self.cfg, self.clock = cfg, clock or PhaseClock()
+        self.rank, self.world, self.dev = setup_distributed(cfg)  # rank of world processes: 0 of 1 without torchrun
+        self.clock.dev = self.dev
+        # the rows of a training forward pass and of an evaluation batch (setup_distributed: batch_size divides evenly)
+        self.micro_batch, self.eval_batch = cfg.batch_size // (self.world * cfg.grad_accum_steps), cfg.batch_size // self.world
+        torch.manual_seed(cfg.seed + self.rank)  # each process draws batches of its own
+        if self.rank == 0:
+            check_output_paths(cfg)
+
+    def prepare(self, model, optimizer, tokenizer, data, resumed):
+        """Decide the dtype and steps; restore a resume's optimizer and random state; size the evaluation passes."""
+        cfg, dev = self.cfg, self.dev
+        self.model, self.optimizer, self.tokenizer = model, optimizer, tokenizer  # train()'s, uncompiled
+        self.start_iter = resumed["iter_num"] if resumed else 0
+        self.dtype = plan_run(cfg, model, data["train"], self)
+        self.ctx = autocast(dev, self.dtype)  # the matmuls in self.dtype; the weights stay float32
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)  # see train_step
+        self.evaluated_at = None  # the step whose evaluation ckpt.pt already holds (a resume skips it)
+        self.wandb_runs = self.resume(resumed) if resumed else {}  # the checkpoint's optimizer, RNG, wandb runs
+        # on CUDA, several evaluation batches share one forward pass (see choose_eval_passes); elsewhere one
+        self.eval_passes = choose_eval_passes(cfg, self.eval_batch, tokenizer.vocab_size, dev)
+        self.eval_gen = torch.Generator(device=generator_device(dev))
+        self.last_saved = -math.inf  # so that the first evaluation writes ckpt.pt
+        self.last_eval, self.trained_before = self.start_iter, 0.0  # where tokens_per_sec counts from
+        self.announced = cfg.max_iters  # the step count max_minutes last reported
+
+    def resume(self, checkpoint):  # --resume
+        """Restore the checkpoint's optimizer, scaler and random state; returns its wandb runs."""
+        cfg, it = self.cfg, checkpoint["iter_num"]
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if "scaler" in checkpoint and self.scaler.is_enabled():
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.world == 1:
+            torch.set_rng_state(checkpoint["rng"]["cpu"])
+            if self.dev.type == "cuda" and "cuda" in checkpoint["rng"]:
+                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.dev)
+        else:  # one saved state for all processes would make them draw the same batches
+            torch.manual_seed(cfg.seed + self.rank + 1_000_003 * it)
+        say(f"resuming from {cfg.ckpt_path} at step {it}, in {cfg.dtype}")
+        if it >= cfg.max_iters:
+            say(f"note: the checkpoint already has {it} steps; raise --max_iters to train more")
+        self.evaluated_at = it if checkpoint.get("evaluated") else None
+        return {"id": checkpoint.get("wandb_id"), "group": checkpoint.get("wandb_group"),
+                "dirs": checkpoint.get("wandb_offline_dirs") or []}
+
+    def tokens_per_sec(self, it):
+        """Training tokens a second since the last evaluation (0 before any step); the clock then counts evaluation."""
+        self.clock.phase("evaluation")  # waits for the device: the speed is then true
+        trained = self.clock.seconds["training"]
+        tokens = (it - self.last_eval) * self.cfg.batch_size * self.cfg.block_size
+        speed = tokens / max(trained - self.trained_before, 1e-9) if tokens else 0.0
+        self.last_eval, self.trained_before = it, trained
+        return speed
+
+    def table(self, columns, rows):
+        """A wandb.Table, or None (a warning, and no samples from then on) if wandb cannot make one."""
+        try:
+            import wandb
+            return wandb.Table(columns=columns, data=[list(r) for r in rows])
+        except Exception as e:
+            warn(f"wandb samples failed ({first_line(e)}); logging the metrics without them")
+            self.logs_samples = False
+
+    def log(self, metrics):  # never with step=: wandb drops rows whose step goes back after a resume
+        self.wandb = wandb_call(self.wandb, "logging", lambda w: w.log({k: v for k, v in metrics.items() if v is not None}))
+        self.logs_samples &= not isinstance(self.wandb, DummyWandb)
+
+    def refit(self, it, last_step):
+        """max_minutes (a new run off CUDA): max_iters re-fitted to the speed so far at each evaluation but the first
+        and the last; said when it moved 5%, and sent to wandb. lr_decay_iters, the schedule's end, stays as first fitted."""
+        if not self.fitted or it == self.start_iter or last_step:
+            return
+        before = self.cfg.max_iters
+        fit_steps(self.cfg, it, (time.time() - self.start_time) / (it - self.start_iter), 0, self)
+        if self.cfg.max_iters != before:
+            self.wandb = wandb_call(self.wandb, "config update",
+                                    lambda w: w.config.update({"max_iters": self.cfg.max_iters}, allow_val_change=True))
+        if abs(self.cfg.max_iters - self.announced) >= 0.05 * self.announced:  # said only when it moved 5% since last said
+            self.announced = self.cfg.max_iters
+            say(f"max_minutes: {self.announced:,} steps fit now, at this run's speed so far")
+
+    def save_checkpoint(self, it, evaluated):
+        self.clock.phase("checkpoints")
+        if self.rank == 0:
+            save_atomic(checkpoint(self, it, evaluated), self.cfg.ckpt_path)  # via a temporary file, then renamed
+        self.last_saved = time.time()
+
+    def finish(self, failure):
+        """wandb's summary (time/<phase>, time/total) and close; DDP's teardown; the timing line."""
+        seconds, total = self.clock.figures()
+        try:
+            self.wandb.summary.update({**{f"time/{k}": v for k, v in seconds.items()}, "time/total": total})
+            self.wandb.finish(exit_code=1 if failure else 0)
+        except Exception as e:
+            warn(f"wandb could not finish the run ({first_line(e)})")
+        if self.world > 1:
+            dist.barrier()  # the first process finishes generating and saving before teardown
+            dist.destroy_process_group()
+        seconds, total = self.clock.figures()  # again: closing wandb took time too
+        say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
 
 # =============================================================================
 # ---- plumbing: how the story's promises are kept. In order: errors, signals, printing; resume, the phase clock
