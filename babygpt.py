@@ -7,7 +7,7 @@ A training at the defaults, on one process: the text's first 90% trains, the res
 draws 64 windows of 256 characters (x: (64, 256) token ids), which become (64, 256, 384) vectors, pass 6 blocks and
 give logits (64, 256, vocab) for one cross-entropy loss; AdamW then steps at 3e-4. At step 0, every 50 steps and at
 step 5000 (101 times) it evaluates 100 batches of each split, prints a line, logs to wandb and saves ckpt.pt (at step
-0, then when a minute has passed since the last save, at the last, and when stopped). Then it generates, saves model.pth.
+0, then at the first evaluation a minute after the last save, at the last, and when stopped). Then it generates, saves model.pth.
 Files, each written by the first process only, via a temporary file: ckpt.pt, all a resume needs (see checkpoint(): the
 weights fused, on the training device); model.pth, the weights alone (per-head, as the original script's, on the CPU).
 
@@ -409,7 +409,7 @@ def train(cfg, clock=None):
             # grad_accum_steps micro-batches of x, y (micro_batch, block_size): batch_size / (processes * grad_accum_steps) rows
             batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
             loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
-            # On one CPU process, read every loss to stop at the first NaN (a GPU would have to wait for it).
+            # On one CPU process, read every loss to stop at the first NaN (elsewhere the next evaluation finds it).
             if run.dev.type == "cpu" and run.world == 1 and not math.isfinite(loss.item()):
                 failure = nonfinite_error(it, cfg)
                 break
@@ -762,7 +762,7 @@ class Run:
         self.last_saved = time.time()
 
     def finish(self, failure):
-        """wandb's summary (time/<phase>, time/total) and close; DDP's teardown; the timing line."""
+        """wandb's summary (time/<phase>, time/total) and close (exit_code 0 after a stop); DDP's teardown; the timing line."""
         seconds, total = self.clock.figures()
         try:
             self.wandb.summary.update({**{f"time/{k}": v for k, v in seconds.items()}, "time/total": total})
