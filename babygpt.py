@@ -24,10 +24,10 @@ import sys
 import time
 
 STARTED = time.time()  # the timing line a run ends with ("total …s: start-up …") counts from here
+INTERRUPTED = "\ninterrupted; files on disk are intact"  # a Ctrl-C that quits at once prints this (main())
 if __name__ == "__main__":  # set before importing torch, which reads it at its first CPU allocation
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # speed only: big CPU tensors on huge memory pages
-    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted; files on disk are intact", file=sys.stderr),
-                                              os._exit(130)))  # a Ctrl-C while torch loads, before main() takes over
+    signal.signal(signal.SIGINT, lambda *_: (print(INTERRUPTED, file=sys.stderr), os._exit(130)))  # while torch loads
 
 import contextlib
 import copy
@@ -666,7 +666,7 @@ def main(argv=None):
                                   "--grad_accum_steps (the same gradients, in smaller pieces)"))
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted; files on disk are intact", file=sys.stderr, flush=True)
+        print(INTERRUPTED, file=sys.stderr, flush=True)
         return 0 if STOP.finished else 128 + (STOP.signum or signal.SIGINT)
 
 # -----------------------------------------------------------------------------

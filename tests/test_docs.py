@@ -275,10 +275,15 @@ PLACEHOLDER = re.compile(r"^(?:[A-Z]+|value|….*|.*…)$")  # --max_iters=N, --
 TOOLS = {"babygpt.py": "babygpt", "bench.py": "bench.py", "val_loss.py": "scripts/val_loss.py",
          "torchrun": "torchrun", "pip ": "other", "npm ": "other", "wandb ": "other", "git ": "other"}
 SCRIPTS = ("babygpt", "bench.py", "scripts/val_loss.py")
+
+
 def torchrun_flags():
     """The options torchrun itself accepts, read from its own argument parser."""
     from torch.distributed.run import get_args_parser
     return {s.lstrip("-").replace("-", "_") for a in get_args_parser()._actions for s in a.option_strings}
+
+
+TORCHRUN_FLAGS = torchrun_flags()
 
 
 def flags(text):
@@ -340,7 +345,7 @@ def test_settings_every_flag_in_the_docs_is_a_real_setting():
             elif tool in ("bench.py", "scripts/val_loss.py"):
                 why = None if f'"--{name}"' in read(os.path.join(ROOT, tool)) else f"{tool} has no --{name}"
             elif tool == "torchrun":
-                why = None if name in torchrun_flags() else f"torchrun --{name}?"
+                why = None if name in TORCHRUN_FLAGS else f"torchrun --{name}?"
             else:
                 why = None
             if why:
