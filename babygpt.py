@@ -342,7 +342,7 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
 
 # -----------------------------------------------------------------------------
-# The training loop, and what Ctrl-C does to it (the handler: STOP, below the banner). SIGTERM: the same, 143 for 130.
+# What Ctrl-C does, in each phase of a training (StopRequests below keeps it). SIGTERM: the same, 143 for 130.
 #   a press ...                    prints, then                                                   files               exit
 #   before training starts,        "interrupted; files on disk are intact"; quits at once         untouched           130
 #   or while `sample` runs
@@ -356,9 +356,83 @@ def get_lr(it, cfg):
 # N: the steps done. (*) ckpt.pt of step N, marked not evaluated (a resume evaluates step N first), and "interrupted at
 # step N; checkpoint saved to ckpt.pt. Resume with: …". torchrun passes the terminal's Ctrl-C on to every process (and
 # kills any still running 30 s later): before training each quits, 130; in training they stop together at the next step
-# that is a multiple of 10 ("stopping within 10 steps"; never inside an evaluation). After the last such check (in
-# the final evaluation, say) a press is too late, except in the final generation and save, which only the first process
+# that is a multiple of 10 ("stopping within 10 steps, unless training ends first"; an evaluation is never cut short).
+# After the last such check a press is too late, except in the final generation and save, which only the first process
 # runs and which stops as in the table. Each exits 0, so torchrun blames none; torchrun itself exits 1 (SignalException).
+
+class Interrupted(BaseException):
+    """Ends a `with STOP.at_once()` block at a first Ctrl-C (a BaseException: no `except Exception` swallows it)."""
+
+class StopRequests:
+    """The table above, in code: main() enters the one instance, STOP, which handles SIGINT and SIGTERM until main()
+    returns. What a first request does is `mode`, which train() sets as it goes: "quit" (KeyboardInterrupt: main()
+    prints the line and exits), "step" (noted: the loop stops at its next check), "abandon" (Interrupted ends the
+    block at once) or, under torchrun once training is over, "late" (noted only). A second request always quits."""
+
+    def __init__(self):
+        self.signum, self.mode, self.world = None, "quit", 1  # the first request's signal; what one does now; processes
+        self.agreed_at = None  # under torchrun: the step at which the processes agreed to stop
+        self.cut_short = self.finished = False  # an at_once block was abandoned; model.pth is written (exit 0)
+
+    def __enter__(self):
+        self.__init__()
+        self.old = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+    def on_signal(self, signum, frame):
+        second, self.signum = self.signum is not None, self.signum or signum
+        if second or self.mode == "quit":
+            raise KeyboardInterrupt  # main() exits 128 + the first request's signal, or 0 once model.pth is written
+        if self.mode == "late":
+            return
+        when = ("now" if self.mode == "abandon" else "after this step" if self.world == 1
+                else "within 10 steps, unless training ends first")
+        say(f"\nstopping {when} (press Ctrl-C again to quit at once)", file=sys.stderr)
+        if self.mode == "abandon":
+            raise Interrupted
+
+    @contextlib.contextmanager
+    def while_training(self, world):  # the loop: "step"; after it "quit", or under torchrun "late"
+        self.mode, self.world = "step", world
+        try:
+            yield
+        finally:
+            self.mode = "quit" if world == 1 else "late"
+
+    @contextlib.contextmanager
+    def at_once(self):  # "abandon", except in training under torchrun, where every process must finish the block
+        before = self.mode
+        self.mode = "step" if before == "step" and self.world > 1 else "abandon"
+        try:
+            yield
+        except Interrupted:
+            self.cut_short = True
+        finally:
+            self.mode = before
+
+    def mark_finished(self):  # model.pth is written: a request now quits with exit 0 (under torchrun: is only noted)
+        self.finished, self.mode = True, "quit" if self.world == 1 else "late"
+
+    @property
+    def stopped(self):  # whether training stopped on request (under torchrun: once the processes agreed)
+        return self.signum is not None if self.world == 1 else self.agreed_at is not None
+
+    def agreed(self, it, dev):
+        """Whether to stop before step `it`; under torchrun the processes compare notes every 10 steps."""
+        if self.world == 1:
+            return self.signum is not None
+        if it % 10:
+            return False
+        flag = torch.tensor([float(self.signum is not None)], device=dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.agreed_at = it if flag.item() > 0 else None
+        return self.agreed_at is not None
+
+STOP = StopRequests()
 
 def train(cfg, clock=None):
     """As the original script: the text, tokenizer, split, model and AdamW, the loop, then model.pth. Returns the exit code."""
@@ -380,18 +454,19 @@ def train(cfg, clock=None):
     model.to(run.dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=run.dev.type in FUSED_ADAMW)
-    # run.prepare sets cfg.dtype (CUDA: bfloat16, or float16; elsewhere float32 unless bfloat16 measures 1.2x as fast)
-    # and, for a new run with max_minutes off CUDA, cfg.max_iters and cfg.lr_decay_iters from the measured speed (see
-    # Run.refit); a resume keeps ckpt.pt's and gets its optimizer and random state back. The weights stay float32.
+
+    # ---- speed and scale, the same maths. run.prepare sets cfg.dtype (CUDA: bfloat16, or float16; elsewhere float32
+    # unless bfloat16 measures 1.2x as fast) and, for a new run with max_minutes off CUDA, cfg.max_iters and
+    # cfg.lr_decay_iters from the measured speed (see Run.refit); a resume keeps ckpt.pt's and gets its optimizer and
+    # random state back. The weights stay float32. On CUDA torch.compile, whose warm-up changes no weight or random state.
     run.prepare(model, optimizer, tokenizer, data, resumed)
-    # On CUDA, torch.compile: the same maths, faster; its warm-up passes change no weight or random state.
     train_model = compile_model(model, cfg, run.dev, run.world, run.clock, lambda m: warm_up(m, data, run))
     if run.world > 1:  # under torchrun, DDP averages the gradients of all processes in backward()
         train_model = DDP(train_model, device_ids=[run.dev.index] if run.dev.type == "cuda" else None)
     run.wandb = start_wandb(run)  # the first process logs; the others get a DummyWandb that does nothing
     run.start_time = time.time()  # the printed time counts from here
 
-    # ---- the loop. It ends after evaluating step max_iters, at a NaN loss, or at a Ctrl-C (as said above train()).
+    # ---- the loop. It ends after evaluating step max_iters, at a NaN loss, or at a Ctrl-C (the Ctrl-C table above).
     it, samples, failure = run.start_iter, [], None  # samples: the rows of the wandb samples table
     with STOP.while_training(run.world):
         while not STOP.agreed(it, run.dev):  # True after a Ctrl-C (under torchrun: checked every 10 steps)
@@ -426,7 +501,7 @@ def train(cfg, clock=None):
             # model.pth: the weights alone, on the CPU, in the per-head layout ("The two layouts", below)
             weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
             save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)  # via a temporary file
-            STOP.finished = True  # from here on a Ctrl-C exits 0 at once, skipping run.finish (torchrun: only noted)
+            STOP.mark_finished()  # from here on a Ctrl-C exits 0 at once, skipping run.finish (torchrun: only noted)
             say(f"模型已保存到{cfg.save_path}")
 
     # ---- the end: after a stop, ckpt.pt and how to resume; after a measured run, how to repeat it
@@ -647,11 +722,11 @@ def sample(cfg):
 
 def main(argv=None):
     """The command line: parse, validate, then train or sample. Returns the exit code of `python babygpt.py`: 0 when
-    done, 1 after an error (one line), after Ctrl-C or SIGTERM as said above train() (130 or 143, or 0)."""
+    done, 1 after an error (one line), after Ctrl-C or SIGTERM as the Ctrl-C table says (130 or 143, or 0)."""
     clock = PhaseClock(None if argv is None else time.time())
     argv = sys.argv[1:] if argv is None else argv
     try:
-        with STOP:  # catches Ctrl-C and SIGTERM until main returns, as said above train()
+        with STOP:  # catches Ctrl-C and SIGTERM until main returns, as the Ctrl-C table says
             command, cfg = parse_args(argv)
             validate_config(cfg)
             if command == "sample":
@@ -776,7 +851,7 @@ class Run:
         say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
 
 # =============================================================================
-# ---- plumbing: how the story's promises are kept. In order: errors, signals, printing; resume, the phase clock
+# ---- plumbing: how the story's promises are kept. In order: errors and printing; resume, the phase clock
 # ---- and the printed commands; weight files; wandb; settings and --help; the corpus; devices, dtype and compile.
 # =============================================================================
 
@@ -790,76 +865,6 @@ def report_error(e):
     if "RANK" in os.environ and isinstance(e, ProcessError):
         return print(f"error: rank {os.environ['RANK']}: {e}", file=sys.stderr, flush=True)
     say(f"error: {e}", file=sys.stderr)
-
-class Interrupted(BaseException):
-    """Ends a `with STOP.at_once()` block on Ctrl-C (a BaseException: no `except Exception` swallows it)."""
-
-class StopRequests:
-    """Ctrl-C and SIGTERM, as the notes above train() say; main() enters the one instance, STOP."""
-
-    def __init__(self):
-        self.signum = None  # the signal of the first request, once one came
-        self.mode = "quit"  # a request now: "quit" at once; stop after the "step"; "abandon" the block; "late": note it
-        self.world, self.agreed_at = 1, None  # under torchrun: the processes, and the step they agreed to stop before
-        self.cut_short, self.finished = False, False  # an at_once block was abandoned; model.pth is written (exit 0)
-
-    def __enter__(self):  # the handlers of SIGINT (Ctrl-C) and SIGTERM, until __exit__
-        self.__init__()
-        self.old = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-    def on_signal(self, signum, frame):
-        second, self.signum = self.signum is not None, self.signum or signum
-        if second or self.mode == "quit" or (self.finished and self.world == 1):  # after model.pth: exit 0
-            raise KeyboardInterrupt
-        if self.mode == "late" or self.finished:  # torchrun, after training: every process must reach the end
-            return
-        when = "now" if self.mode == "abandon" else "after this step" if self.world == 1 else "within 10 steps"
-        say(f"\nstopping {when} (press Ctrl-C again to quit at once)", file=sys.stderr)
-        if self.mode == "abandon":
-            raise Interrupted
-
-    @contextlib.contextmanager
-    def while_training(self, world):
-        self.mode, self.world = "step", world
-        try:
-            yield
-        finally:  # under torchrun every process must reach run.finish's barrier: a request is only noted
-            self.mode = "quit" if world == 1 else "late"
-
-    @contextlib.contextmanager
-    def at_once(self):
-        """A block that a Ctrl-C abandons at once, except in training under torchrun (every process must run it)."""
-        before = self.mode
-        self.mode = "step" if before == "step" and self.world > 1 else "abandon"
-        try:
-            yield
-        except Interrupted:
-            self.cut_short = True
-        finally:
-            self.mode = before
-
-    @property
-    def stopped(self):
-        """Whether training stopped on request (under torchrun: when the processes agreed)."""
-        return self.signum is not None if self.world == 1 else self.agreed_at is not None
-
-    def agreed(self, it, dev):
-        """Whether to stop before step `it`; under torchrun the processes compare notes every 10 steps."""
-        if self.world == 1:
-            return self.signum is not None
-        if it % 10:
-            return False
-        flag = torch.tensor([float(self.signum is not None)], device=dev)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.agreed_at = it if flag.item() > 0 else None
-        return self.agreed_at is not None
-
-STOP = StopRequests()
 
 def say(*args, **kwargs):
     """print() on the first process only (torchrun's rank 0), flushed so piped logs stay in order."""
@@ -1127,8 +1132,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FUSED_ADAMW = ("cuda", "cpu")  # where AdamW's fused kernel is faster (the same update, up to rounding)
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
-def format_setting(value):
-    """A setting as it is typed on the command line: true, 春江,往事, 0.0003."""
+def format_setting(value):  # a setting as it is typed on the command line: true, 春江,往事, 0.0003
     if isinstance(value, (bool, list)):
         return str(value).lower() if isinstance(value, bool) else ",".join(value)
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -1150,8 +1154,7 @@ def usage():
                       *(f"  {s}{' ' * (width - wide(s))}{c}".rstrip() for s, c in settings), "",
                       f"presets: {presets}", "lists are comma-separated (--prompts=春江,往事); booleans are true or false"])
 
-def parse_value(name, text, default):
-    """Convert a command-line string to the type of the constant it overrides."""
+def parse_value(name, text, default):  # a command-line string as the type of the constant it overrides
     kind = type(default)
     if kind is bool:
         if text.strip().lower() not in TRUE + FALSE:
@@ -1164,8 +1167,7 @@ def parse_value(name, text, default):
     except ValueError:
         raise UserError(f"--{name} expects {'an integer' if kind is int else 'a number'}, got {text!r}") from None
 
-def parse_args(argv):
-    """Return (command, cfg) from `[train|sample] [--name=value ...]`."""
+def parse_args(argv):  # (command, cfg) from `[train|sample] [--name=value ...]`
     args, command = list(argv), "train"
     if args and not args[0].startswith("-"):
         command = args.pop(0)
@@ -1202,8 +1204,7 @@ AT_LEAST_0 = ("learning_rate", "min_lr", "weight_decay", "grad_clip", "max_new_t
 CHOICES = {"lr_schedule": ("constant", "cosine"), "wandb_mode": ("auto", "online", "offline", "disabled"),
            "dtype": ("auto", *DTYPES), "compile": ("auto", "true", "false"), "compile_mode": COMPILE_MODES}
 
-def validate_config(cfg):
-    """Reject values that cannot work before anything expensive happens."""
+def validate_config(cfg):  # reject values that cannot work before anything expensive happens
     def need(ok, name, rule):
         if not ok:
             raise UserError(f"{name} must be {rule} (got {getattr(cfg, name)!r})")
@@ -1298,8 +1299,7 @@ def load_corpus(path, world=1):
         say(f"note: {path} differs from the pinned corpus; training on it as a custom corpus")
     return text
 
-def check_split(data, cfg):
-    """Each split must hold more than block_size tokens."""
+def check_split(data, cfg):  # each split must hold more than block_size tokens
     for name, part in data.items():
         if len(part) <= cfg.block_size:
             need = math.ceil((cfg.block_size + 1) / min(cfg.train_data_ratio, 1 - cfg.train_data_ratio))
@@ -1331,8 +1331,7 @@ def choose_device(name, local_rank=None):
                                f"use fewer processes (--nproc_per_node) or another --device")
     return dev
 
-def setup_distributed(cfg):
-    """(rank, world size, device) of this process; (0, 1, device) without torchrun."""
+def setup_distributed(cfg):  # (rank, world size, device) of this process; (0, 1, device) without torchrun
     distributed = "RANK" in os.environ  # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     if cfg.batch_size % (world * cfg.grad_accum_steps):

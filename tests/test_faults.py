@@ -418,6 +418,9 @@ def test_under_torchrun_a_ctrl_c_once_model_pth_is_written_is_only_noted(capsys)
     """Under torchrun the first process, still saying that model.pth is saved, neither abandons that nor announces
     a stop: the files are complete and every process must reach the end."""
     stop = babygpt.StopRequests()
-    stop.world, stop.finished, stop.mode = 2, True, "abandon"
-    stop.on_signal(signal.SIGINT, None)  # raises neither Interrupted nor KeyboardInterrupt
+    stop.world = 2
+    with stop.at_once():  # the first process's generation and save
+        stop.mark_finished()
+        stop.on_signal(signal.SIGINT, None)  # raises neither Interrupted nor KeyboardInterrupt
+    assert not stop.cut_short
     assert stop.signum == signal.SIGINT and "stopping" not in capsys.readouterr().err
