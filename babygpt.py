@@ -88,7 +88,7 @@ dtype = "auto"                # auto = bfloat16 (or float16) on CUDA; elsewhere 
 compile = "auto"              # torch.compile: auto = on for CUDA; true / false force it
 compile_mode = "auto"         # auto = reduce-overhead (CUDA graphs) on one GPU without accumulation, else default
 preset = ""                   # cpu: a small model that trains in about 10 minutes on a CPU
-max_minutes = 0               # 0 = off; else max_iters is measured to end training in about this many minutes (off CUDA; unless --max_iters)
+max_minutes = 0               # 0 = off; else max_iters is fitted to end training in about this many minutes (not on CUDA; --max_iters wins)
 # files and logging
 save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
 ckpt_path = "ckpt.pt"         # training state for --resume=true, read first by sample; a new run overwrites it at step 0
@@ -290,7 +290,7 @@ class KVCache:
 
 def get_batch(data, batch_size, block_size, generator=None):
     """batch_size random windows of data: inputs x (B, T) and targets y = x shifted by one."""
-    where = generator.device if generator is not None else data.device  # on MPS, a CPU generator
+    where = generator.device if generator is not None else data.device  # draw on the generator's device (CPU, on MPS)
     ix = torch.randint(len(data) - block_size, (batch_size, 1), device=where, generator=generator)
     ix = ix.to(data.device)                                               # (B, 1) window starts
     windows = data[ix + torch.arange(block_size + 1, device=data.device)]  # (B, T + 1), one gather
@@ -311,7 +311,7 @@ def estimate_loss(model, data, cfg, batch_size, generator=None, batches_per_pass
             losses.append(loss.float() * n)  # the sum of n batch means
     model.train(was_training)
     means = torch.stack(losses).view(2, -1).sum(1) / cfg.eval_iters  # (2,): train, val
-    train_loss, val_loss = means.tolist()  # the one wait for the device
+    train_loss, val_loss = means.tolist()  # the CPU waits for the device here, once per evaluation
     return {"train": train_loss, "val": val_loss}
 
 def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
@@ -319,7 +319,7 @@ def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
     by their number, so the gradients backward() sums are those of one batch of all their rows (up to rounding)."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # used in float16 only; disabled, it changes nothing
     for i, (x, y) in enumerate(batches):
-        model.require_backward_grad_sync = i == len(batches) - 1  # DDP averages gradients on the last only (else unused)
+        model.require_backward_grad_sync = i == len(batches) - 1  # DDP averages gradients at the last only (plain models ignore it)
         with ctx or contextlib.nullcontext():  # autocast: the matmuls in the run's dtype
             _, loss = model(x, y)
         scaler.scale(loss / len(batches)).backward()  # float16: the loss scaled up, so small gradients stay > 0
@@ -345,20 +345,21 @@ def get_lr(it, cfg):
 # What Ctrl-C does, in each phase of a training (StopRequests below keeps it). SIGTERM: the same, 143 for 130.
 #   a press ...                    prints, then                                                   files               exit
 #   before training starts,        "interrupted; files on disk are intact"; quits at once         untouched           130
-#   or while `sample` runs
+#   or while `sample` runs         (a SIGTERM while torch is still loading prints nothing)
 #   in a training step             "stopping after this step"; the step ends, then (*)            ckpt.pt of step N   130
 #   in an evaluation               "stopping now"; the evaluation is abandoned, then (*)          ckpt.pt of step N   130
 #   in the final generation/save   "stopping now", "interrupted before model.pth was written;     model.pth as it was 130
 #                                  ckpt.pt holds all N steps. Resume with: …" (that resume generates and saves)
 #   once model.pth is written      "interrupted; files on disk are intact"; quits at once, with   all written         0
-#                                  no timing line and no wandb summary
-#   a second press, at any time    as before training: quits at once                              as last saved       the first's
-# N: the steps done. (*) ckpt.pt of step N, marked not evaluated (a resume evaluates step N first), and "interrupted at
-# step N; checkpoint saved to ckpt.pt. Resume with: …". torchrun passes the terminal's Ctrl-C on to every process (and
+#                                  no timing line and no time/ summary (wandb closes its run at exit)
+#   a second press, at any time    as before training: quits at once                              as last saved       130 †
+# †: the first request's code (143 if it was SIGTERM), or 0 once model.pth is written; under torchrun too.
+# N: the steps done. (*) ckpt.pt of step N, marked not evaluated (a resume evaluates step N first), and "interrupted
+# at step N; checkpoint saved to ckpt.pt. Resume with: …". torchrun passes the terminal's Ctrl-C on to every process (and
 # kills any still running 30 s later): before training each quits, 130; in training they stop together at the next step
 # that is a multiple of 10 ("stopping within 10 steps, unless training ends first"; an evaluation is never cut short).
 # After the last such check a press is too late, except in the final generation and save, which only the first process
-# runs and which stops as in the table. Each exits 0, so torchrun blames none; torchrun itself exits 1 (SignalException).
+# runs and which stops as in the table. Each exits 0 (a second press: †), so torchrun blames none; torchrun exits 1.
 
 class Interrupted(BaseException):
     """Ends a `with STOP.at_once()` block at a first Ctrl-C (a BaseException: no `except Exception` swallows it)."""
@@ -443,7 +444,7 @@ def train(cfg, clock=None):
     tokenizer = Tokenizer(text)  # built from the whole text, so validation has no unknown characters
     check_prompts(cfg, tokenizer, cfg.data_path)  # prompts and top_k must fit the vocabulary, else exit 1
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    # One cut, no shuffling: the first 90% trains, the rest validates (in ci.txt: the last Song ci, then all Southern Tang).
+    # One cut, no shuffling: the first 90% trains; validation is the rest: ci.txt's last Song ci and all Southern Tang ci.
     n = int(cfg.train_data_ratio * len(ids))
     data = {"train": ids[:n].to(run.dev), "val": ids[n:].to(run.dev)}
     check_split(data, cfg)  # each split must be longer than block_size, else exit 1
@@ -457,8 +458,8 @@ def train(cfg, clock=None):
 
     # ---- speed and scale, the same maths. run.prepare sets cfg.dtype (CUDA: bfloat16, or float16; elsewhere float32
     # unless bfloat16 measures 1.2x as fast) and, for a new run with max_minutes off CUDA, cfg.max_iters and
-    # cfg.lr_decay_iters from the measured speed (see Run.refit); a resume keeps ckpt.pt's and gets its optimizer and
-    # random state back. The weights stay float32. On CUDA torch.compile, whose warm-up changes no weight or random state.
+    # cfg.lr_decay_iters from a few timed steps (plan_run); a resume restores ckpt.pt's dtype, fitted steps, optimizer
+    # and random state. The weights stay float32. On CUDA torch.compile, whose warm-up changes no weight or random state.
     run.prepare(model, optimizer, tokenizer, data, resumed)
     train_model = compile_model(model, cfg, run.dev, run.world, run.clock, lambda m: warm_up(m, data, run))
     if run.world > 1:  # under torchrun, DDP averages the gradients of all processes in backward()
@@ -523,10 +524,10 @@ def evaluate(run, train_model, data, it, last_step, samples):
     """Evaluate at step it: the losses, the printed line, wandb, max_minutes, ckpt.pt. Returns a NaN's error, or None."""
     cfg = run.cfg
     with STOP.at_once(), run.ctx:  # on one process, a Ctrl-C abandons the evaluation at once
-        speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation; 0.0 at the first
+        speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation (0.0 if no step since)
         # ---- 1. the losses: eval_iters batches of each split, dropout off, then the mean over processes.
         # The generator is seeded by the step, so a resumed run evaluates step it on the same batches.
-        generator = run.eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + run.rank)
+        generator = run.eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + run.rank)  # a seed per step and process
         # each batch (eval_batch, block_size): batch_size rows split over processes; on CUDA eval_passes batches are
         # joined in one forward pass ((eval_passes * eval_batch, block_size)); elsewhere eval_passes is 1
         losses = estimate_loss(train_model, data, cfg, run.eval_batch, generator, run.eval_passes)
@@ -786,10 +787,10 @@ class Run:
             if self.dev.type == "cuda" and "cuda" in checkpoint["rng"]:
                 torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.dev)
         else:  # one saved state for all processes would make them draw the same batches
-            torch.manual_seed(cfg.seed + self.rank + 1_000_003 * it)
+            torch.manual_seed(cfg.seed + self.rank + 1_000_003 * it)  # a seed per step and process, as evaluate's
         say(f"resuming from {cfg.ckpt_path} at step {it}, in {cfg.dtype}")
         if it >= cfg.max_iters:
-            say(f"note: the checkpoint already has {it} steps; raise --max_iters to train more")
+            say(f"note: the checkpoint has all {it} steps; this run only generates and saves (raise --max_iters for more)")
         self.evaluated_at = it if checkpoint.get("evaluated") else None
         return {"id": checkpoint.get("wandb_id"), "group": checkpoint.get("wandb_group"),
                 "dirs": checkpoint.get("wandb_offline_dirs") or []}
