@@ -353,13 +353,14 @@ def get_lr(it, cfg):
 #   once model.pth is written      "interrupted; files on disk are intact"; quits at once, with   all written         0
 #                                  no timing line and no time/ summary (wandb closes its run at exit)
 #   a second press, at any time    as before training: quits at once                              as last saved       130 †
-# †: the first request's code (143 if it was SIGTERM), or 0 once model.pth is written; under torchrun too.
-# N: the steps done. (*) ckpt.pt of step N, marked not evaluated (a resume evaluates step N first), and "interrupted
-# at step N; checkpoint saved to ckpt.pt. Resume with: …". torchrun passes the terminal's Ctrl-C on to every process (and
-# kills any still running 30 s later): before training each quits, 130; in training they stop together at the next step
-# that is a multiple of 10 ("stopping within 10 steps, unless training ends first"; an evaluation is never cut short).
-# After the last such check a press is too late, except in the final generation and save, which only the first process
-# runs and which stops as in the table. Each exits 0 (a second press: †), so torchrun blames none; torchrun exits 1.
+# †: the first request's code (143 if it was SIGTERM), or 0 in the process that has written model.pth.
+# N: the steps done. (*) ckpt.pt of step N, marked not evaluated (a resume runs step N's evaluation if one is due),
+# "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: …", and (after every stop but a quit) the timing line.
+# torchrun passes the terminal's Ctrl-C on to every process (and kills any still running 30 s later). Before training
+# each quits with 130. In training they stop together at the next step that is a multiple of 10 ("stopping within 10
+# steps, unless training ends first"; an evaluation is never cut short), then each exits 0 (a second press: †), so
+# torchrun names no failed process (torchrun itself exits 1). After the last such check a press is too late, except in
+# the final generation and save, which only the first process runs and which stops as in the table.
 
 class Interrupted(BaseException):
     """Ends a `with STOP.at_once()` block at a first Ctrl-C (a BaseException: no `except Exception` swallows it)."""
@@ -444,7 +445,7 @@ def train(cfg, clock=None):
     tokenizer = Tokenizer(text)  # built from the whole text, so validation has no unknown characters
     check_prompts(cfg, tokenizer, cfg.data_path)  # prompts and top_k must fit the vocabulary, else exit 1
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    # One cut, no shuffling: the first 90% trains; validation is the rest: ci.txt's last Song ci and all Southern Tang ci.
+    # One cut, no shuffling: the first 90% of characters trains; the rest (the Song ci's end, all Southern Tang) validates.
     n = int(cfg.train_data_ratio * len(ids))
     data = {"train": ids[:n].to(run.dev), "val": ids[n:].to(run.dev)}
     check_split(data, cfg)  # each split must be longer than block_size, else exit 1
@@ -579,9 +580,8 @@ def start_wandb(run):
     return wb
 
 def checkpoint(run, it, evaluated):
-    """What ckpt.pt holds: all that --resume and sample need, the weights in the fused layout (one qkv a layer, on the
-    training device; --resume and sample load it onto the CPU first). The first process writes it, like model.pth, to
-    <path>.<pid>.tmp, then renames it: a crash never leaves it half-written."""
+    """What ckpt.pt holds: all that --resume and sample need, the weights fused (one qkv a layer) on the training
+    device. The first process writes it, like model.pth, to <path>.<pid>.tmp, then renames it: never half-written."""
     cfg = run.cfg
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(),  # float16's loss scale
@@ -589,7 +589,7 @@ def checkpoint(run, it, evaluated):
             "chars": "".join(run.tokenizer.chars),  # the vocabulary
             "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},  # every setting, as in wandb's config
             "argv": list(cfg._argv), "measured": sorted(cfg._measured),  # the command line; what was measured
-            "rng": {"cpu": torch.get_rng_state(),  # one process: a resume draws what an unstopped run would
+            "rng": {"cpu": torch.get_rng_state(),  # one CPU process: a resume draws what an unstopped run would
                     **({"cuda": torch.cuda.get_rng_state(run.dev)} if run.dev.type == "cuda" else {})},
             "wandb_id": run.wandb_runs.get("id"), "wandb_group": run.wandb_runs.get("group"),
             "wandb_offline_dirs": run.wandb_runs.get("dirs", [])}
