@@ -91,7 +91,7 @@ preset = ""                   # cpu: a small model that trains in about 10 minut
 max_minutes = 0               # 0 = off; else max_iters is fitted to end training in about this many minutes (not on CUDA; --max_iters wins)
 # files and logging
 save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
-ckpt_path = "ckpt.pt"         # training state for --resume=true, read first by sample; a new run overwrites it at step 0
+ckpt_path = "ckpt.pt"         # training state for --resume=true, read first by sample; a new run overwrites it at its step-0 evaluation
 checkpoint_interval = 60      # seconds between checkpoints at evaluations (0 = every evaluation)
 resume = False                # continue from ckpt_path
 init_from = ""                # start from the weights of a model.pth (babygpt's or the original script's) or ckpt.pt
@@ -360,7 +360,7 @@ def get_lr(it, cfg):
 # each quits with 130. In training they stop together at the next step that is a multiple of 10 ("stopping within 10
 # steps, unless training ends first"; an evaluation is never cut short), then each exits 0 (a second press: †), so
 # torchrun names no failed process (torchrun itself exits 1). After the last such check a press is too late, except in
-# the final generation and save, which only the first process runs and which stops as in the table.
+# the final generation and save, which only the first process runs: it stops as in the table, but exits 0.
 
 class Interrupted(BaseException):
     """Ends a `with STOP.at_once()` block at a first Ctrl-C (a BaseException: no `except Exception` swallows it)."""
@@ -589,7 +589,7 @@ def checkpoint(run, it, evaluated):
             "chars": "".join(run.tokenizer.chars),  # the vocabulary
             "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},  # every setting, as in wandb's config
             "argv": list(cfg._argv), "measured": sorted(cfg._measured),  # the command line; what was measured
-            "rng": {"cpu": torch.get_rng_state(),  # one CPU process: a resume draws what an unstopped run would
+            "rng": {"cpu": torch.get_rng_state(),  # one process (CPU, CUDA): a resume draws what an unstopped run would
                     **({"cuda": torch.cuda.get_rng_state(run.dev)} if run.dev.type == "cuda" else {})},
             "wandb_id": run.wandb_runs.get("id"), "wandb_group": run.wandb_runs.get("group"),
             "wandb_offline_dirs": run.wandb_runs.get("dirs", [])}
