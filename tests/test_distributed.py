@@ -46,7 +46,7 @@ def _ddp_worker(rank, world, init_file, start_path, out_path):
         dist.barrier()  # both are done before either tears down (gloo could abort otherwise)
     finally:
         dist.destroy_process_group()
-    os._exit(0)  # DDP still holds gloo, whose threads can abort in Python's own teardown, as babygpt's __main__ skips
+    os._exit(0)  # skip Python's teardown, as babygpt's __main__ does: DDP still holds gloo, whose threads can abort there
 
 
 def test_ddp_gradient_equivalence(tmp_path):
