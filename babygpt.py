@@ -1,7 +1,7 @@
 """
 babygpt: a character-level GPT that learns to write Song-dynasty ci (宋词), refactored from the teaching script
 babygpt_v12_wandb.py ("the original script" below). Top to bottom: the constants, the story (tokenizer, model,
-batches, the training loop and Ctrl-C, weight layouts, sampling, main, the run), then the plumbing. Importing only defines.
+batches, the training loop, weight layouts, sampling, main, what Ctrl-C does, the run), then the plumbing. Importing only defines.
 
 A training at the defaults, on one process: the text's first 90% trains, the rest validates. Each of 5000 steps
 draws 64 windows of 256 characters (x: (64, 256) token ids), which become (64, 256, 384) vectors, pass 6 blocks and
@@ -186,7 +186,7 @@ class Block(nn.Module):
         return x
 
 class BabyGPT(nn.Module):
-    """The GPT. Its default shape is the constants above as this file has them (never --name=value overrides)."""
+    """The GPT. Its default shape is the constants as written above; train() and sample() pass the run's shape."""
 
     def __init__(self, vocab_size, block_size=block_size, n_embed=n_embed, n_head=n_head,
                  n_layer=n_layer, dropout=dropout):
@@ -315,8 +315,8 @@ def estimate_loss(model, data, cfg, batch_size, generator=None, batches_per_pass
     return {"train": train_loss, "val": val_loss}
 
 def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
-    """One optimizer step over micro-batches [(x, y), ...]; returns the last one's loss. Each micro-batch's loss is divided
-    by their number, so the gradients backward() sums are those of one batch of all their rows (up to rounding)."""
+    """One optimizer step, the original's `loss.backward(); optimizer.step()`, over micro-batches [(x, y), ...]: each one's
+    loss is divided by their number, so the gradients sum to those of one batch of all their rows. Returns the last loss."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # used in float16 only; disabled, it changes nothing
     for i, (x, y) in enumerate(batches):
         model.require_backward_grad_sync = i == len(batches) - 1  # DDP averages gradients at the last only (plain models ignore it)
@@ -341,104 +341,12 @@ def get_lr(it, cfg):
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.learning_rate - cfg.min_lr)
 
-# -----------------------------------------------------------------------------
-# What Ctrl-C does, in each phase of a training (StopRequests below keeps it). SIGTERM: the same, 143 for 130.
-#   a press ...                    prints, then                                                   files               exit
-#   before training starts,        "interrupted; files on disk are intact"; quits at once         untouched           130
-#   or while `sample` runs         (a SIGTERM while torch is still loading prints nothing)
-#   in a training step             "stopping after this step"; the step ends, then (*)            ckpt.pt of step N   130
-#   in an evaluation               "stopping now"; the evaluation is abandoned, then (*)          ckpt.pt of step N   130
-#   in the final generation/save   "stopping now", "interrupted before model.pth was written;     model.pth as it was 130
-#                                  ckpt.pt holds all N steps. Resume with: …" (that resume generates and saves)
-#   once model.pth is written      "interrupted; files on disk are intact"; quits at once, with   all written         0
-#                                  no timing line and no time/ summary (wandb closes its run at exit)
-#   a second press, at any time    as before training: quits at once                              as last saved       130 †
-# †: the first request's code (143 if it was SIGTERM), or 0 in the process that has written model.pth.
-# N: the steps done. (*) ckpt.pt of step N, marked not evaluated (a resume runs step N's evaluation if one is due),
-# "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: …", and (after every stop but a quit) the timing line.
-# torchrun passes the terminal's Ctrl-C on to every process (and kills any still running 30 s later). Before training
-# each quits with 130. In training they stop together at the next step that is a multiple of 10 ("stopping within 10
-# steps, unless training ends first"; an evaluation is never cut short), then each exits 0 (a second press: †), so
-# torchrun names no failed process (torchrun itself exits 1). After the last such check a press is too late, except in
-# the final generation and save, which only the first process runs: it stops as in the table, but exits 0.
-
-class Interrupted(BaseException):
-    """Ends a `with STOP.at_once()` block at a first Ctrl-C (a BaseException: no `except Exception` swallows it)."""
-
-class StopRequests:
-    """The table above, in code: main() enters the one instance, STOP, which handles SIGINT and SIGTERM until main()
-    returns. What a first request does is `mode`, which train() sets as it goes: "quit" (KeyboardInterrupt: main()
-    prints the line and exits), "step" (noted: the loop stops at its next check), "abandon" (Interrupted ends the
-    block at once) or, under torchrun once training is over, "late" (noted only). A second request always quits."""
-
-    def __init__(self):
-        self.signum, self.mode, self.world = None, "quit", 1  # the first request's signal; what one does now; processes
-        self.agreed_at = None  # under torchrun: the step at which the processes agreed to stop
-        self.cut_short = self.finished = False  # an at_once block was abandoned; model.pth is written (exit 0)
-
-    def __enter__(self):
-        self.__init__()
-        self.old = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-    def on_signal(self, signum, frame):
-        second, self.signum = self.signum is not None, self.signum or signum
-        if second or self.mode == "quit":
-            raise KeyboardInterrupt  # main() exits 128 + the first request's signal, or 0 once model.pth is written
-        if self.mode == "late":
-            return
-        when = ("now" if self.mode == "abandon" else "after this step" if self.world == 1
-                else "within 10 steps, unless training ends first")
-        say(f"\nstopping {when} (press Ctrl-C again to quit at once)", file=sys.stderr)
-        if self.mode == "abandon":
-            raise Interrupted
-
-    @contextlib.contextmanager
-    def while_training(self, world):  # the loop: "step"; after it "quit", or under torchrun "late"
-        self.mode, self.world = "step", world
-        try:
-            yield
-        finally:
-            self.mode = "quit" if world == 1 else "late"
-
-    @contextlib.contextmanager
-    def at_once(self):  # "abandon", except in training under torchrun, where every process must finish the block
-        before = self.mode
-        self.mode = "step" if before == "step" and self.world > 1 else "abandon"
-        try:
-            yield
-        except Interrupted:
-            self.cut_short = True
-        finally:
-            self.mode = before
-
-    def mark_finished(self):  # model.pth is written: a request now quits with exit 0 (under torchrun: is only noted)
-        self.finished, self.mode = True, "quit" if self.world == 1 else "late"
-
-    @property
-    def stopped(self):  # whether training stopped on request (under torchrun: once the processes agreed)
-        return self.signum is not None if self.world == 1 else self.agreed_at is not None
-
-    def agreed(self, it, dev):
-        """Whether to stop before step `it`; under torchrun the processes compare notes every 10 steps."""
-        if self.world == 1:
-            return self.signum is not None
-        if it % 10:
-            return False
-        flag = torch.tensor([float(self.signum is not None)], device=dev)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.agreed_at = it if flag.item() > 0 else None
-        return self.agreed_at is not None
-
-STOP = StopRequests()
-
 def train(cfg, clock=None):
     """As the original script: the text, tokenizer, split, model and AdamW, the loop, then model.pth. Returns the exit code."""
-    run = Run(cfg, clock)  # this process's part ("The run", after main): device, rank, dtype, clock, wandb, checkpoints
+    run = Run(cfg, clock)  # this process's part ("The run", at the story's end): device, rank, dtype, clock, wandb, ckpt.pt
+    # the rows of a forward pass: batch_size split over the processes (run.world), then over a step's micro-batches
+    run.micro_batch = cfg.batch_size // (run.world * cfg.grad_accum_steps)  # training: 64 at the defaults
+    run.eval_batch = cfg.batch_size // run.world  # evaluation: no gradients to keep, so no micro-batches
 
     # ---- the text, its tokenizer, and the train/validation split
     text = load_corpus(cfg.data_path, run.world)  # data_path "ci.txt", if missing, is built first from an npm package
@@ -468,7 +376,7 @@ def train(cfg, clock=None):
     run.wandb = start_wandb(run)  # the first process logs; the others get a DummyWandb that does nothing
     run.start_time = time.time()  # the printed time counts from here
 
-    # ---- the loop. It ends after evaluating step max_iters, at a NaN loss, or at a Ctrl-C (the Ctrl-C table above).
+    # ---- the loop. It ends after evaluating step max_iters, at a NaN loss, or at a Ctrl-C ("What Ctrl-C does", after main).
     it, samples, failure = run.start_iter, [], None  # samples: the rows of the wandb samples table
     with STOP.while_training(run.world):
         while not STOP.agreed(it, run.dev):  # True after a Ctrl-C (under torchrun: checked every 10 steps)
@@ -486,7 +394,7 @@ def train(cfg, clock=None):
             # grad_accum_steps micro-batches of x, y (micro_batch, block_size): batch_size / (processes * grad_accum_steps) rows
             batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
             loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
-            # On one CPU process, read every loss to stop at the first NaN (elsewhere the next evaluation finds it).
+            # On one CPU process, stop at the first NaN loss; elsewhere a NaN in an evaluation stops training.
             if run.dev.type == "cpu" and run.world == 1 and not math.isfinite(loss.item()):
                 failure = nonfinite_error(it, cfg)
                 break
@@ -746,6 +654,101 @@ def main(argv=None):
         return 0 if STOP.finished else 128 + (STOP.signum or signal.SIGINT)
 
 # -----------------------------------------------------------------------------
+# What Ctrl-C does, in each phase of a training (StopRequests, below, keeps it). SIGTERM: the same, 143 for 130.
+#   a press ...                    prints, then                                                   files               exit
+#   before training starts,        "interrupted; files on disk are intact"; quits at once         untouched           130
+#   or while `sample` runs         (a SIGTERM while torch is still loading prints nothing)
+#   in a training step             "stopping after this step"; the step ends, then (*)            ckpt.pt of step N   130
+#   in an evaluation               "stopping now"; the evaluation is abandoned, then (*)          ckpt.pt of step N   130
+#   in the final generation/save   "stopping now", "interrupted before model.pth was written;     model.pth as it was 130
+#                                  ckpt.pt holds all N steps. Resume with: …" (that resume generates and saves)
+#   once model.pth is written      "interrupted; files on disk are intact"; quits at once, with   all written         0
+#                                  no timing line and no time/ summary (wandb closes its run at exit)
+#   a second press, at any time    as before training: quits at once                              as last saved       130 †
+# †: the first request's code (143 if it was SIGTERM), or 0 in the process that has written model.pth.
+# N: the steps done. (*) ckpt.pt of step N, marked not evaluated (a resume runs step N's evaluation if one is due),
+# "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: …", and (after every stop but a quit) the timing line.
+# torchrun passes the terminal's Ctrl-C to every process (and kills any still running 30 s later). Before training each
+# quits with 130. In training they stop together at the next step that is a multiple of 10 ("stopping within 10 steps,
+# unless training ends first"; evaluations run to their end), then each exits 0 (a second press: †), so torchrun names
+# no failed process (torchrun itself exits 1). After the last such check a press is only noted, except in the final
+# generation and save, which only the first process runs: it stops as in the table, but exits 0.
+
+class Interrupted(BaseException):
+    """Ends a `with STOP.at_once()` block at a first Ctrl-C (a BaseException: no `except Exception` swallows it)."""
+
+class StopRequests:
+    """The table above, in code: main() enters the one instance, STOP, which handles SIGINT and SIGTERM until main()
+    returns. What a first request does is `mode`, which train() sets as it goes: "quit" (KeyboardInterrupt: main()
+    prints the line and exits), "step" (noted: the loop stops at its next check), "abandon" (Interrupted ends the
+    block at once) or, under torchrun once training is over, "late" (noted only). A second request always quits."""
+
+    def __init__(self):
+        self.signum, self.mode, self.world = None, "quit", 1  # the first request's signal; what one does now; processes
+        self.agreed_at = None  # under torchrun: the step at which the processes agreed to stop
+        self.cut_short = self.finished = False  # an at_once block was abandoned; model.pth is written (exit 0)
+
+    def __enter__(self):
+        self.__init__()
+        self.old = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+    def on_signal(self, signum, frame):
+        second, self.signum = self.signum is not None, self.signum or signum
+        if second or self.mode == "quit":
+            raise KeyboardInterrupt  # main() exits 128 + the first request's signal, or 0 once model.pth is written
+        if self.mode == "late":
+            return
+        when = ("now" if self.mode == "abandon" else "after this step" if self.world == 1
+                else "within 10 steps, unless training ends first")
+        say(f"\nstopping {when} (a second Ctrl-C or SIGTERM quits at once)", file=sys.stderr)
+        if self.mode == "abandon":
+            raise Interrupted
+
+    @contextlib.contextmanager
+    def while_training(self, world):  # the loop: "step"; after it "quit", or under torchrun "late"
+        self.mode, self.world = "step", world
+        try:
+            yield
+        finally:
+            self.mode = "quit" if world == 1 else "late"
+
+    @contextlib.contextmanager
+    def at_once(self):  # "abandon", except in training under torchrun, where every process must finish the block
+        before = self.mode
+        self.mode = "step" if before == "step" and self.world > 1 else "abandon"
+        try:
+            yield
+        except Interrupted:
+            self.cut_short = True
+        finally:
+            self.mode = before
+
+    def mark_finished(self):  # model.pth is written: a request now quits with exit 0 (under torchrun: is only noted)
+        self.finished, self.mode = True, "quit" if self.world == 1 else "late"
+
+    @property
+    def stopped(self):  # whether training stopped on request (under torchrun: once the processes agreed)
+        return self.signum is not None if self.world == 1 else self.agreed_at is not None
+
+    def agreed(self, it, dev):
+        """Whether to stop before step `it`; under torchrun the processes compare notes every 10 steps."""
+        if self.world == 1:
+            return self.signum is not None
+        if it % 10:
+            return False
+        flag = torch.tensor([float(self.signum is not None)], device=dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.agreed_at = it if flag.item() > 0 else None
+        return self.agreed_at is not None
+
+STOP = StopRequests()
+
+# -----------------------------------------------------------------------------
 # The run: this process's part in a training (`run` in train()): rank, device, dtype, clock, speed, wandb, checkpoints
 
 class Run:
@@ -753,8 +756,6 @@ class Run:
         self.cfg, self.clock = cfg, clock or PhaseClock()
         self.rank, self.world, self.dev = setup_distributed(cfg)  # rank of world processes: 0 of 1 without torchrun
         self.clock.dev = self.dev
-        # the rows of a training forward pass and of an evaluation batch (setup_distributed: batch_size divides evenly)
-        self.micro_batch, self.eval_batch = cfg.batch_size // (self.world * cfg.grad_accum_steps), cfg.batch_size // self.world
         torch.manual_seed(cfg.seed + self.rank)  # each process draws batches of its own
         if self.rank == 0:
             check_output_paths(cfg)
@@ -919,7 +920,6 @@ def keep_settings(cfg, state):
 
 class PhaseClock:
     """Splits the wall time since `start` (by default, when this file began to run) into phases."""
-
     PHASES = ("start-up", "compile", "training", "evaluation", "checkpoints", "generation and saving")
 
     def __init__(self, start=None):
