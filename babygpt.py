@@ -390,7 +390,7 @@ def train(cfg, clock=None):
             run.clock.phase("training")
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(it, cfg)
-            # grad_accum_steps micro-batches of x, y (micro_batch, block_size): batch_size / (processes * grad_accum_steps) rows
+            # x, y: (micro_batch, block_size) token ids each; one such pair a step unless grad_accum_steps > 1
             batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
             loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
             # On one CPU process, stop at the first NaN loss; elsewhere a NaN in an evaluation stops training.
@@ -436,8 +436,7 @@ def evaluate(run, train_model, data, it, last_step, samples):
         # ---- 1. the losses: eval_iters batches of each split, dropout off, then the mean over processes.
         # The generator is seeded by the step, so a resumed run evaluates step it on the same batches.
         generator = run.eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + run.rank)  # a seed per step and process
-        # each batch (eval_batch, block_size): batch_size rows split over processes; on CUDA eval_passes batches are
-        # joined in one forward pass ((eval_passes * eval_batch, block_size)); elsewhere eval_passes is 1
+        # each batch (eval_batch, block_size); on CUDA eval_passes batches share one forward pass (elsewhere one)
         losses = estimate_loss(train_model, data, cfg, run.eval_batch, generator, run.eval_passes)
         train_loss, val_loss = all_mean([losses["train"], losses["val"]], run.dev, run.world)  # over processes
         if not math.isfinite(train_loss + val_loss):
@@ -465,7 +464,7 @@ def evaluate(run, train_model, data, it, last_step, samples):
 
 def start_wandb(run):
     """The first process's wandb run. The other processes, wandb_mode=disabled and a failed start (a warning) get a
-    DummyWandb, which drops everything. All that this file sends to wandb (wandb adds its own system metrics):
+    DummyWandb, which drops everything. All that this file sends (wandb adds system metrics; console output is off):
     - at the start: the project, a name such as "6L-384 ci.txt cuda", tags (device, dtype), this file (save_code), an id
       and group (connect_wandb), and as config every setting (dtype, max_iters, lr_decay_iters as decided);
     - at each evaluation, one row: train_loss, val_loss, tokens_per_sec, iteration (every chart's x-axis) and lr;
