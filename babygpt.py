@@ -414,7 +414,9 @@ def train(cfg, clock=None):
             say(f"模型已保存到{cfg.save_path}")
 
     # ---- the end: after a stop, ckpt.pt and how to resume; after a measured run, how to repeat it
-    if not (completed or failure):  # stopped in the loop: ckpt.pt holds step it, not yet evaluated
+    if not (completed or failure) and it == run.start_iter:  # stopped before this run's first step: nothing to save
+        say(INTERRUPTED, file=sys.stderr)
+    elif not (completed or failure):  # stopped in the loop: ckpt.pt holds step it, not yet evaluated
         run.save_checkpoint(it, evaluated=False)
         say(f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}. Resume with: {resume_command(cfg, run.world)}")
     elif completed and STOP.cut_short:  # stopped in the generation or save: ckpt.pt of the last evaluation has it all
@@ -665,13 +667,13 @@ def main(argv=None):
 #   a second press, at any time    as before training: quits at once                              as last saved       130 †
 # †: the first request's code (143 if it was SIGTERM), or 0 in the process that has written model.pth.
 # N: the steps done. (*) ckpt.pt of step N, marked not evaluated (a resume runs step N's evaluation if one is due),
-# "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: …", and (after every stop but a quit) the timing line.
-# torchrun passes Ctrl-C to every process. Before training each quits with 130. In training they stop together at the
-# next step that is a multiple of 10 ("stopping within 10 steps"; evaluations run to their end), then each exits 0 (†),
-# so torchrun names no failed process. Later a press is only noted, but the first process's final save stops, exit 0.
+# "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: …", and (after every stop but a quit) the timing line;
+# before this run's first step a stop writes nothing and says "interrupted; files on disk are intact".
+# torchrun passes Ctrl-C to every process: before training each quits (130); in training they stop together at the next
+# multiple of 10 steps, evaluations run to their end, then each exits 0 (†); later only the first's final save stops (0).
 
 # =============================================================================
-# ---- plumbing: how the story's promises are kept. In order: errors and printing; resume, the phase clock
+# ---- plumbing: how the story's promises are kept. In order: the run; Ctrl-C; errors and printing; resume, the clock
 # ---- and the printed commands; weight files; wandb; settings and --help; the corpus; devices, dtype and compile.
 # =============================================================================
 
@@ -696,7 +698,6 @@ class Run:
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.dtype == torch.float16)  # see train_step
         self.evaluated_at = None  # the step whose evaluation ckpt.pt already holds (a resume skips it)
         self.wandb_runs = self.resume(resumed) if resumed else {}  # the checkpoint's optimizer, RNG, wandb runs
-        # on CUDA, several evaluation batches share one forward pass (see choose_eval_passes); elsewhere one
         self.eval_passes = choose_eval_passes(cfg, self.eval_batch, tokenizer.vocab_size, dev)
         self.eval_gen = torch.Generator(device=generator_device(dev))
         self.last_saved = -math.inf  # so that the first evaluation writes ckpt.pt

@@ -189,10 +189,14 @@ def test_signal_during_training(work, capsys, sig):
 
 
 # announce evaluation, which then runs for minutes (2 x 10^6 batches)
-ANNOUNCE_EVAL = """
-real_eval = babygpt.estimate_loss
+# the second evaluation (step 5 with --eval_interval=5) says so, then takes a minute: time to stop in it
+SLOW_SECOND_EVAL = """
+real_eval, calls = babygpt.estimate_loss, []
 def announced(*args, **kwargs):
-    print("EVALUATING", file=sys.stderr, flush=True)
+    calls.append(1)
+    if len(calls) == 2:
+        print("EVALUATING", file=sys.stderr, flush=True)
+        time.sleep(60)
     return real_eval(*args, **kwargs)
 babygpt.estimate_loss = announced
 """
@@ -220,7 +224,7 @@ def test_signal_during_evaluation(corpus, capsys, monkeypatch, sig):
     that evaluation."""
     folder = corpus.parent
     monkeypatch.chdir(folder)
-    run = Running.wrapped(ANNOUNCE_EVAL, tiny(*LONG[:1], "--eval_iters=1000000", "--eval_interval=5"), folder)
+    run = Running.wrapped(SLOW_SECOND_EVAL, tiny(*LONG[:1], "--eval_interval=5"), folder)
     run.wait_for(r"^EVALUATING")
     time.sleep(0.3)
     t0 = time.time()
@@ -229,15 +233,31 @@ def test_signal_during_evaluation(corpus, capsys, monkeypatch, sig):
     assert time.time() - t0 < STOP_BOUND, "took more than a few seconds to stop"
     assert "Traceback" not in run.output, run.output
     assert "stopping now" in run.output, "the message must say the evaluation is abandoned, not finished"
-    assert not STEP_RE.search(run.output), "the signal was meant to land inside evaluation"
+    assert [m[0] for m in STEP_RE.findall(run.output)] == ["0"], "the signal was meant to land in step 5's evaluation"
     assert "--resume=true" in run.output, run.output
     assert not temp_files(folder)
     ckpt = load_ckpt(folder / "ckpt.pt")
-    assert ckpt["iter_num"] == 0 and ckpt["evaluated"] is False
-    res = run_main(capsys, tiny("--max_iters=3", "--resume=true"))
+    assert ckpt["iter_num"] == 5 and ckpt["evaluated"] is False
+    res = run_main(capsys, tiny("--max_iters=8", "--eval_interval=5", "--resume=true"))
     succeeded(res)
-    assert [m[0] for m in STEP_RE.findall(res.stdout)] == ["0", "3"], res.stdout  # the cut evaluation is redone
+    assert [m[0] for m in STEP_RE.findall(res.stdout)] == ["5", "8"], res.stdout  # the cut evaluation is redone
     assert (folder / "model.pth").exists()
+
+
+def test_a_stop_before_the_first_step_keeps_the_previous_ckpt_pt(work, capsys, monkeypatch):
+    """A Ctrl-C in a new run's step-0 evaluation (a run started by mistake, without --resume=true) trained nothing:
+    the earlier run's ckpt.pt must stay as it was, not become an untrained one that `sample` would then read."""
+    before = snapshot(work)
+    real, calls = babygpt.estimate_loss, []
+
+    def estimate_loss(*args, **kwargs):
+        calls.append(1)
+        babygpt.STOP.on_signal(signal.SIGINT, None)  # raises Interrupted: the evaluation is abandoned
+    monkeypatch.setattr(babygpt, "estimate_loss", estimate_loss)
+    res = run_main(capsys, tiny())
+    assert calls and res.returncode == 130, show(res)
+    assert "interrupted; files on disk are intact" in res.stderr and "--resume=true" not in res.stdout, show(res)
+    same_files(before, snapshot(work), ["ckpt.pt", "model.pth", "poems.txt"])
 
 
 def test_a_stop_in_the_step_before_an_evaluation_skips_that_evaluation(corpus, capsys, monkeypatch):
