@@ -8,6 +8,8 @@ draws 64 windows of 256 characters (x: (64, 256) token ids), which become (64, 2
 give logits (64, 256, vocab) for one cross-entropy loss; AdamW then steps at 3e-4. At step 0, every 50 steps and at
 step 5000 (101 times) it evaluates 100 batches of each split, prints a line, logs to wandb and may save ckpt.pt, all that
 a resume needs (checkpoint()). Then it generates and saves model.pth, the weights alone in the original script's layout.
+Files: ckpt.pt at a run's first evaluation, then at most once a minute, at the last and at a stop (sample reads it first,
+even a stopped run's); model.pth after a finished training; ci.txt, built from npm if missing; ./wandb for offline runs.
 
     python babygpt.py                        # train with the constants below, then generate
     python babygpt.py --preset=cpu           # a small model that trains in ~10 minutes on a CPU
@@ -656,7 +658,8 @@ def main(argv=None):
         return 0 if STOP.finished else 128 + (STOP.signum or signal.SIGINT)
 
 # -----------------------------------------------------------------------------
-# What Ctrl-C does, in each phase of a training (StopRequests, in the plumbing, keeps it). SIGTERM: the same, 143 for 130.
+# What Ctrl-C does, in each phase of a training. SIGTERM: the same, 143 for 130. StopRequests, in the plumbing, keeps it
+# with one `mode`, set as training goes: "quit" (at once), "step" (after it), "abandon" (the block) or, under torchrun, "late".
 #   a press ...                    prints, then                                                   files               exit
 #   before training, or in sample  "interrupted; files on disk are intact"; quits at once         untouched           130
 #   in a training step             "stopping after this step"; the step ends, then (*)            ckpt.pt of step N   130
@@ -978,8 +981,7 @@ def check_prompts(cfg, tokenizer, source):
         raise UserError(f"top_k ({cfg.top_k}) is larger than the vocabulary of {source} "
                         f"({tokenizer.vocab_size}); use a smaller --top_k or 0 (off)")
     for p in cfg.prompts:
-        bad = tokenizer.unknown(p)
-        if bad:
+        if bad := tokenizer.unknown(p):
             raise UserError(f"prompt {p!r} has characters not in the vocabulary of {source}: "
                             f"{''.join(bad)}; change the prompt (--prompts=春江,往事)")
 
@@ -1228,7 +1230,6 @@ def validate_config(cfg):  # reject values that cannot work before anything expe
 # -----------------------------------------------------------------------------
 # Data: the corpus file
 
-# The corpus, built to the original script's recipe from a pinned package (see build_corpus).
 CORPUS_PACKAGE = "chinese-poetry@2.0.1"
 CORPUS_FILES = ([f"package/dist/songci/ci.song.{n}.json" for n in range(0, 22000, 1000)]
                 + ["package/dist/wudaishici/nantang/poetrys.json"])
@@ -1258,8 +1259,7 @@ def build_corpus(path):
                             f"check your network or npm registry settings, {OWN_TEXT}")
         with tarfile.open(os.path.join(tmp, tarballs[0])) as tar:
             found = {m.name: json.load(tar.extractfile(m)) for m in tar if m.name in CORPUS_FILES}
-    missing = [f for f in CORPUS_FILES if f not in found]
-    if missing:
+    if missing := [f for f in CORPUS_FILES if f not in found]:
         raise UserError(f"{CORPUS_PACKAGE} lacks {missing[0]}; cannot build {path}, {OWN_TEXT}")
     text = format_corpus(found[f] for f in CORPUS_FILES)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
