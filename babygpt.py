@@ -508,8 +508,8 @@ def checkpoint(run, it, evaluated):
 # The two layouts of the weights. Fused (the model's, ckpt.pt's): token_embedding_table.weight, position_embedding_table.weight,
 # blocks.N.{ln1, sa.qkv, sa.proj, ln2, ffwd.net.0, ffwd.net.2}.{weight, bias} (sa.qkv: one matrix, no bias; its rows all
 # queries, keys, then values), ln_final.{weight, bias}, lm_head.{weight, bias}.
-# Per-head (the original script's, model.pth's): blocks.0.sa.heads.3.query.weight, ..., a tril mask for each head,
-# and the original's spelling postion_embedding_table, so that its classes load model.pth strictly.
+# Per-head (the original script's, model.pth's): the same, but blocks.N.sa.heads.H.{query, key, value}.weight and .tril
+# (a causal mask) for each head H in place of sa.qkv, and postion_embedding_table (sic): the original loads it strictly.
 
 def per_head_count(state_dict):
     """The number of attention heads a state_dict in the original script's layout has (0 for the fused layout)."""
