@@ -859,7 +859,6 @@ class StopRequests:
 
 STOP = StopRequests()
 
-
 class UserError(Exception):
     """A problem with the user's input or files: one line, exit code 1 (under torchrun printed once)."""
 
@@ -870,6 +869,7 @@ def report_error(e):
     if "RANK" in os.environ and isinstance(e, ProcessError):
         return print(f"error: rank {os.environ['RANK']}: {e}", file=sys.stderr, flush=True)
     say(f"error: {e}", file=sys.stderr)
+    time.sleep(20 if int(os.environ.get("RANK", "0")) else 0)  # others let the first print it: torchrun stops all once one exits
 
 def say(*args, **kwargs):
     """print() on the first process only (torchrun's rank 0), flushed so piped logs stay in order."""

@@ -243,13 +243,17 @@ def test_an_error_of_one_process_names_its_rank_and_a_shared_one_is_printed_once
     """Under torchrun an error every process meets (a bad setting) is printed by the first process only, and one
     that only this process met (its GPU is missing, its memory ran out) by this process, with its rank: else
     the user sees four copies of one line, or nothing from the process that failed."""
+    waits = []  # a process that leaves a shared error to the first waits, so that torchrun cannot stop that one first
+    monkeypatch.setattr(babygpt.time, "sleep", lambda s: waits.append(s))
     monkeypatch.setenv("RANK", "3")
     babygpt.report_error(babygpt.UserError("n_embed must be divisible by n_head=5 (got 32)"))
+    assert waits and waits[-1] >= 10
     babygpt.report_error(babygpt.ProcessError("cuda:3 is wanted but this machine has 2 GPU(s)"))
     assert capsys.readouterr().err == "error: rank 3: cuda:3 is wanted but this machine has 2 GPU(s)\n"
     monkeypatch.setenv("RANK", "0")
     babygpt.report_error(babygpt.UserError("n_embed must be divisible by n_head=5 (got 32)"))
     assert capsys.readouterr().err == "error: n_embed must be divisible by n_head=5 (got 32)\n"
+    assert sum(waits[1:]) == 0, "the first process, which prints the error, must not wait"
 
 
 def test_under_torchrun_a_ctrl_c_in_an_evaluation_lets_every_process_finish_it():
