@@ -658,7 +658,7 @@ def main(argv=None):
         return 0 if STOP.finished else 128 + (STOP.signum or signal.SIGINT)
 
 # -----------------------------------------------------------------------------
-# What Ctrl-C does, in each phase of a training. SIGTERM: the same, 143 for 130. StopRequests, in the plumbing, keeps it
+# What Ctrl-C does, in each phase of a training. SIGTERM: the same, 143 for 130. StopRequests, below the banner, keeps it
 # with one `mode`, set as training goes: "quit" (at once), "step" (after it), "abandon" (the block) or, under torchrun, "late".
 #   a press ...                    prints, then                                                   files               exit
 #   before training, or in sample  "interrupted; files on disk are intact"; quits at once         untouched           130
