@@ -188,7 +188,6 @@ def test_signal_during_training(work, capsys, sig):
     assert load_ckpt(work / "ckpt.pt")["iter_num"] == done + 3
 
 
-# announce evaluation, which then runs for minutes (2 x 10^6 batches)
 # the second evaluation (step 5 with --eval_interval=5) says so, then takes a minute: time to stop in it
 SLOW_SECOND_EVAL = """
 real_eval, calls = babygpt.estimate_loss, []
@@ -248,7 +247,7 @@ def test_a_stop_before_the_first_step_keeps_the_previous_ckpt_pt(work, capsys, m
     """A Ctrl-C in a new run's step-0 evaluation (a run started by mistake, without --resume=true) trained nothing:
     the earlier run's ckpt.pt must stay as it was, not become an untrained one that `sample` would then read."""
     before = snapshot(work)
-    real, calls = babygpt.estimate_loss, []
+    calls = []
 
     def estimate_loss(*args, **kwargs):
         calls.append(1)
