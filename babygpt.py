@@ -1,21 +1,35 @@
 """
 babygpt: a character-level GPT that learns to write Song-dynasty ci (宋词), refactored from the teaching script
-babygpt_v12_wandb.py ("the original script" below). Top to bottom: the constants, the story (tokenizer, model,
-batches, the training loop, weight layouts, sampling, main, what Ctrl-C does), then the plumbing. Importing only defines.
-
-A training at the defaults, on one process: the text's first 90% trains, the rest validates. Each of 5000 steps
-draws 64 windows of 256 characters (x: (64, 256) token ids), which become (64, 256, 384) vectors, pass 6 blocks and
-give logits (64, 256, vocab) for one cross-entropy loss; AdamW then steps at 3e-4. At step 0, every 50 steps and at
-step 5000 (101 times) it evaluates 100 batches of each split, prints a line, logs to wandb and may save ckpt.pt, all that
-a resume needs (checkpoint()). Then it generates and saves model.pth, the weights alone in the original script's layout.
-Files: ckpt.pt at a run's first evaluation, then at most once a minute, at the last and at a stop (sample reads it first,
-even a stopped run's); model.pth after a finished training; ci.txt, built from npm if missing; ./wandb for offline runs.
+babygpt_v12_wandb.py ("the original script" below). Importing this file only defines things.
 
     python babygpt.py                        # train with the constants below, then generate
     python babygpt.py --preset=cpu           # a small model that trains in ~10 minutes on a CPU
     python babygpt.py --max_iters=200 ...    # override any constant for one run
     python babygpt.py sample                 # generate from ckpt.pt (or model.pth)
     torchrun --standalone --nproc_per_node=4 babygpt.py   # several GPUs
+
+What a training does, at the defaults on one process:
+- the text's first 90% trains, the rest validates;
+- each of 5000 steps draws 64 windows of 256 characters, x: (64, 256) token ids, which become (64, 256, 384) vectors,
+  pass 6 blocks and give logits (64, 256, vocab) for one cross-entropy loss; AdamW then steps at 3e-4;
+- at step 0, every 50 steps and at step 5000 it evaluates 100 batches of each split, prints a line and logs to wandb
+  (offline runs go to ./wandb); ckpt.pt, all that a resume needs, is saved at the first evaluation, then at most once a
+  minute, at the last and at a stop; sample reads it first, even a stopped run's;
+- at the end it generates from the prompts and saves model.pth, the weights alone in the original script's layout.
+ci.txt, the text, is built from an npm package if it is missing.
+
+Read it top to bottom: the constants, then the story, in this order:
+  Tokenizer, BabyGPT           characters to ids and back; the model, and generate() for the next characters
+  get_batch, estimate_loss     random windows of the text; the mean loss of each split
+  train_step, get_lr           one optimizer step: the loss, the gradients, the update; the learning rate
+  train                        the whole training: data, model, the loop, then generation and model.pth
+  evaluate, start_wandb        what each evaluation prints, logs to wandb and saves; all that wandb receives
+  checkpoint, the two layouts  what ckpt.pt holds; what model.pth holds
+  sample, main                 which model `sample` loads; the command line and its exit codes
+  "What Ctrl-C does"           each case, with what it prints, the files it leaves and its exit code
+Beside the original's lines stand the features it lacks: several GPUs, float16's loss scaling, micro-batches,
+torch.compile, max_minutes, resume and Ctrl-C. Each is said where it acts; at the defaults on a CPU most do nothing.
+Below the banner, the plumbing that keeps the story's promises: parsing, the corpus, devices, wandb, file writes.
 """
 
 import os
@@ -203,48 +217,41 @@ class BabyGPT(nn.Module):
         x = self.embed(idx, start=0)     # (B, T, C): (64, 256, 384) in training at the defaults (one process, no accumulation)
         for block in self.blocks:
             x = block(x)
-        return self.head(x, None if targets is None else targets[:, -self.block_size:])
-
-    def embed(self, idx, start):
-        pos = torch.arange(start, start + idx.size(1), device=idx.device)            # (T,)
-        return self.token_embedding_table(idx) + self.position_embedding_table(pos)  # (B, T, C)
-
-    def head(self, x, targets=None):
-        """(logits, loss) from the last block's output x (B, T, C)."""
         logits = self.lm_head(self.ln_final(x))  # (B, T, vocab)
         if targets is None:
             return logits, None
         # cross_entropy wants (N, classes) against (N,): every position is one prediction
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        loss = F.cross_entropy(logits.flatten(0, 1), targets[:, -self.block_size:].flatten())
         return logits, loss
+
+    def embed(self, idx, start):  # token plus position embeddings; start: the position of idx's first token
+        pos = torch.arange(start, start + idx.size(1), device=idx.device)            # (T,)
+        return self.token_embedding_table(idx) + self.position_embedding_table(pos)  # (B, T, C)
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True, generator=None):
-        """idx (B, T) with max_new_tokens sampled tokens appended. With kv_cache, while the text fits in block_size, the
-        first step feeds the prompt and each later one only the new token (the cache keeps the keys and values of the
-        rest); past it the window slides, so each step recomputes the last block_size tokens as forward() would."""
+        """idx (B, T) with max_new_tokens tokens appended, each drawn from the logits that follow the text so far."""
         was_training = self.training
         self.eval()
-        caches = None
+        caches = [KVCache(self.block_size) for _ in self.blocks] if kv_cache else None
         for _ in range(max_new_tokens):
-            if kv_cache and idx.size(1) <= self.block_size:
-                if caches is None:  # the first step fills the cache with the whole prompt
-                    caches = [KVCache(self.block_size) for _ in self.blocks]
-                    logits = self.next_token_logits(idx, caches)
-                else:
-                    logits = self.next_token_logits(idx[:, -1:], caches)
-            else:
-                logits = self.next_token_logits(idx[:, -self.block_size:])
-            idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
+            logits = self.next_token_logits(idx, caches)  # (B, vocab)
+            idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)  # (B, T + 1)
         self.train(was_training)
         return idx
 
     def next_token_logits(self, idx, caches=None):
-        """Logits (B, vocab) for the token after idx; with caches, idx holds only new tokens."""
-        start = caches[0].length if caches else 0
-        x = self.embed(idx, start)
-        for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches else None)
+        """Logits (B, vocab) for the token after idx. Without caches, as the original script: the last block_size
+        tokens through the model. With them, only the tokens they have not seen; once the text outgrows block_size
+        the window slides and every step recomputes it, so the caches are left aside."""
+        if caches is None or idx.size(1) > self.block_size:
+            new, caches, start = idx[:, -self.block_size:], [None] * len(self.blocks), 0
+        else:
+            start = caches[0].length  # tokens the caches hold: 0 at the first step, which feeds the whole prompt
+            new = idx[:, start:]
+        x = self.embed(new, start)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cache)
         return self.lm_head(self.ln_final(x[:, -1, :]))  # only the last position is needed
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
@@ -275,7 +282,6 @@ class KVCache:
         self.block_size, self.k, self.v, self.length = block_size, None, None, 0
 
     def update(self, k, v):
-        assert self.length == 0 or k.size(2) == 1, "the cache is filled once, then one token at a time"
         if self.k is None:
             shape = (k.size(0), k.size(1), self.block_size, k.size(3))  # (B, nh, block_size, hs)
             self.k, self.v = k.new_empty(shape), v.new_empty(shape)
@@ -365,11 +371,10 @@ def train(cfg, clock=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=run.dev.type in FUSED_ADAMW)
 
-    # ---- speed and scale, the same maths. run.prepare decides cfg.dtype (CUDA: bfloat16, or float16; elsewhere float32
-    # unless bfloat16 measures 1.2x as fast) and, for a new run with max_minutes off CUDA, cfg.max_iters and
-    # cfg.lr_decay_iters from a few timed steps; a resume restores ckpt.pt's dtype, fitted steps, optimizer and random
-    # state. It sets run.ctx (autocast: matmuls in cfg.dtype, weights float32), run.scaler (float16's, else a no-op),
-    # run.start_iter, run.evaluated_at (the step whose evaluation ckpt.pt holds) and run.eval_passes (batches a pass).
+    # ---- speed and scale, the same maths. run.prepare decides the dtype (CUDA: bfloat16, else float16; elsewhere float32
+    # unless bfloat16 measures 1.2x as fast) and, with max_minutes off CUDA, max_iters from a few timed steps; a resume
+    # takes ckpt.pt's instead, and its optimizer and random state. It sets run.ctx (autocast: the matmuls in that dtype),
+    # run.scaler (float16's loss scaling, else a no-op), run.start_iter and run.evaluated_at (the step ckpt.pt evaluated).
     run.prepare(model, optimizer, tokenizer, data, resumed)  # then, on CUDA, torch.compile (its warm-up changes no weight)
     train_model = compile_model(model, cfg, run.dev, run.world, run.clock, lambda m: warm_up(m, data, run))
     if run.world > 1:  # under torchrun, DDP averages the gradients of all processes in backward()
@@ -627,19 +632,18 @@ def sample(cfg):
             prompt = input("请输入文字: ").strip()
         except EOFError:
             return
-        bad = tokenizer.unknown(prompt)
-        if bad:
+        if bad := tokenizer.unknown(prompt):
             print(f"not in the vocabulary: {''.join(bad)}; try other characters")
         elif prompt:
             show([prompt])
 
 def main(argv=None):
     """The command line: parse, validate, then train or sample. Returns the exit code of `python babygpt.py`: 0 when
-    done, 1 after an error (one line), after Ctrl-C or SIGTERM as the Ctrl-C table says (130 or 143, or 0)."""
+    done, 1 after an error (one line), after Ctrl-C or SIGTERM as "What Ctrl-C does" says (130 or 143, or 0)."""
     clock = PhaseClock(None if argv is None else time.time())
     argv = sys.argv[1:] if argv is None else argv
     try:
-        with STOP:  # catches Ctrl-C and SIGTERM until main returns, as the Ctrl-C table says
+        with STOP:  # catches Ctrl-C and SIGTERM until main returns, as "What Ctrl-C does" (below) says
             command, cfg = parse_args(argv)
             validate_config(cfg)
             if command == "sample":
@@ -658,27 +662,30 @@ def main(argv=None):
         return 0 if STOP.finished else 128 + (STOP.signum or signal.SIGINT)
 
 # -----------------------------------------------------------------------------
-# What Ctrl-C does, in each phase of a training. SIGTERM: the same, 143 for 130. StopRequests, below the banner, keeps it
-# with one `mode`, set as training goes: "quit" (at once), "step" (after it), "abandon" (the block) or, under torchrun, "late".
-#   a press ...                    prints, then                                                   files               exit
-#   before training, or in sample  "interrupted; files on disk are intact"; quits at once         untouched           130
-#   in a training step             "stopping after this step"; the step ends, then (*)            ckpt.pt of step N   130
-#   in an evaluation               "stopping now"; the evaluation is abandoned, then (*)          ckpt.pt of step N   130
-#   in the final generation/save   "stopping now", "interrupted before model.pth was written;     model.pth as it was 130
-#                                  ckpt.pt holds all N steps. Resume with: …" (that resume generates and saves)
-#   once model.pth is written      "interrupted; files …"; quits at once, with no timing line     all written         0
-#   a second press, at any time    as before training: quits at once                              as last saved       130 †
-# †: the first request's code (143 if it was SIGTERM), or 0 in the process that has written model.pth.
-# N: the steps done. (*) ckpt.pt of step N, marked not evaluated (a resume runs step N's evaluation if one is due),
-# "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: …", and (after every stop but a quit) the timing line;
-# before this run's first step a stop writes nothing and says "interrupted; files on disk are intact".
-# torchrun passes Ctrl-C to every process: before training each quits (130); in training they stop together at the next
-# multiple of 10 steps, evaluations run to their end, then each exits 0 (†); later only the first's final save stops (0).
+# What Ctrl-C does. SIGTERM (as `kill` sends) does the same, with exit code 143 where Ctrl-C's is 130.
+# - Before training (while it loads, measures or compiles) and in `sample`: it prints "interrupted; files on disk are
+#   intact" and quits at once. Exit 130.
+# - During training, the first press stops the run at a safe point, then saves what it has:
+#   - in a training step, it prints "stopping after this step" and the step ends;
+#   - in an evaluation, it prints "stopping now" and the evaluation is abandoned where it is;
+#   then ckpt.pt holds the N steps done (marked not evaluated, so a resume evaluates step N first if one is due), and
+#   the run prints "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: …" and its timing line. Exit 130.
+#   Before this run's first step there is nothing to save: it prints "interrupted; files on disk are intact". Exit 130.
+# - In the final generation and save, it prints "stopping now" and abandons both; model.pth stays as it was. ckpt.pt,
+#   saved at the last evaluation, holds all N steps: "interrupted before model.pth was written; ckpt.pt holds all N
+#   steps. Resume with: …" (that resume only generates and saves). Exit 130.
+# - Once model.pth is written, it quits at once. Exit 0: the training finished.
+# - A second press, at any moment, quits at once ("interrupted; files on disk are intact") with the first press's code:
+#   130, or 143 if that was SIGTERM, or 0 once model.pth is written.
+# - Under torchrun every process gets the Ctrl-C. Before training each quits (130). In training they stop together at
+#   the next multiple of 10 steps (an evaluation runs to its end), save ckpt.pt and exit 0, so torchrun adds no report
+#   of its own; after training, only the first process's final save stops, and all exit 0.
+# In code, StopRequests (first below the banner) keeps one `mode`, which train() sets as it goes: "quit" (at once),
+# "step" (after the step), "abandon" (the block) or, under torchrun once training is over, "late" (noted only).
 
 # =============================================================================
 # ---- plumbing: how the story's promises are kept. In order: the run; Ctrl-C; errors and printing; resume, the clock
 # ---- and the printed commands; weight files; wandb; settings and --help; the corpus; devices, dtype and compile.
-# =============================================================================
 
 # The run: this process's part in a training (`run` in train()): rank, device, dtype, clock, speed, wandb, checkpoints
 
@@ -749,8 +756,8 @@ class Run:
         self.logs_samples &= not isinstance(self.wandb, DummyWandb)
 
     def refit(self, it, last_step):
-        """max_minutes (a new run off CUDA): max_iters re-fitted to the speed so far at each evaluation but the first
-        and the last; said when it moved 5%, and sent to wandb. lr_decay_iters, the schedule's end, stays as first fitted."""
+        """max_minutes: at each evaluation but the first and the last, max_iters re-fitted to the speed so far (never
+        lr_decay_iters); said when it moved 5%, and sent to wandb."""
         if not self.fitted or it == self.start_iter or last_step:
             return
         before = self.cfg.max_iters
@@ -782,17 +789,14 @@ class Run:
         seconds, total = self.clock.figures()  # again: closing wandb took time too
         say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
 
-# -----------------------------------------------------------------------------
-# Ctrl-C and SIGTERM, as the table after main() says
+# Ctrl-C and SIGTERM, as "What Ctrl-C does" (after main()) says
 
 class Interrupted(BaseException):
     """Ends a `with STOP.at_once()` block at a first Ctrl-C (a BaseException: no `except Exception` swallows it)."""
 
 class StopRequests:
-    """"What Ctrl-C does" (after main()), in code: main() enters STOP, which handles SIGINT and SIGTERM until it returns.
-    A first request does what `mode` says, which train() sets as it goes: "quit" (KeyboardInterrupt: main() prints the
-    line and exits), "step" (noted: the loop stops at its next check), "abandon" (Interrupted ends the block at once) or,
-    under torchrun once training is over, "late" (noted only). A second request always quits."""
+    """"What Ctrl-C does" in code: main() enters STOP, which handles SIGINT and SIGTERM until it returns. A first request
+    does what `mode` says ("quit" raises KeyboardInterrupt, "abandon" Interrupted); a second always quits."""
 
     def __init__(self):
         self.signum, self.mode, self.world = None, "quit", 1  # the first request's signal; what one does now; processes
@@ -886,7 +890,6 @@ def format_time(seconds):
     tenths = int(round(seconds * 10))  # round once, so 59.96 s reads 1m 0.0s, not 0m 60.0s
     return f"{tenths // 600}m {tenths % 600 / 10:.1f}s"
 
-# -----------------------------------------------------------------------------
 # The run's plumbing: resume, time, the commands it prints, checks
 
 def load_start(cfg, model, tokenizer):
@@ -1270,8 +1273,7 @@ def build_corpus(path):
     say(f"built {path}: {text.count(chr(10) + chr(10)) + 1} poems, {len(text)} characters")
 
 def load_corpus(path, world=1):
-    """Read the training text; build the default ci.txt first if it is missing (under torchrun one
-    process per machine builds it while the others wait, so that no two processes write it)."""
+    """The training text; a missing ci.txt is built first, by one process a machine (the others wait)."""
     if path == "ci.txt" and not os.path.exists(path):
         error = None
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
@@ -1444,8 +1446,7 @@ def probe_dtypes(model, data, micro_batch, dev, dtypes, budget=2.5):
     return {dt: t * micro_batch / rows + update for dt, t in steps.items()}, forward * micro_batch / rows
 
 def plan_run(cfg, model, data, run):
-    """The autocast dtype, decided once per training and kept in cfg (so in ckpt.pt and the wandb config), and with
-    max_minutes the first fit of max_iters and the lr schedule (evaluations re-fit max_iters, never the schedule)."""
+    """The autocast dtype, decided once a training and kept in cfg; with max_minutes, max_iters' and lr_decay_iters' fit."""
     dev, world, micro_batch = run.dev, run.world, run.micro_batch
     run.fitted = bool(cfg.max_minutes) and dev.type != "cuda" and "max_iters" not in cfg._explicit and not run.start_iter
     if dev.type == "cuda":
@@ -1483,8 +1484,8 @@ def plan_run(cfg, model, data, run):
     return chosen
 
 def fit_steps(cfg, it, per_step, evaluation, run):
-    """Set max_iters to the steps that end max_minutes after start-up, at per_step seconds a step
-    (its share of evaluations included) from step `it` on, keeping evaluation and 5 s to generate and save."""
+    """Set max_iters to end max_minutes after start-up at per_step seconds a step (evaluations included) from step
+    `it` on, keeping an evaluation and 5 s to generate and save."""
     left, per_step = all_mean([60 * cfg.max_minutes - (time.time() - run.clock.start) - evaluation - 5, per_step],
                               run.dev, run.world)  # every process must agree
     fit = (it + int(left / per_step)) // 50 * 50  # rounded, so that runs on one machine usually agree
@@ -1519,8 +1520,7 @@ def compile_model(model, cfg, dev, world, clock, warm_up):
     return compiled
 
 def warm_up(model, data, run):
-    """The passes training will run (one evaluation pass per split, one training forward and
-    backward), on batches of their own, leaving every random state and the gradients as they were."""
+    """An evaluation pass per split and a training step's passes, leaving random states and gradients as they were."""
     gen = torch.Generator(device=generator_device(run.dev)).manual_seed(0)
     one_pass = SimpleNamespace(block_size=run.cfg.block_size, eval_iters=run.eval_passes)
     with fork_rng(run.dev):
@@ -1532,8 +1532,8 @@ def warm_up(model, data, run):
     sync(run.dev)
 
 def choose_eval_passes(cfg, eval_batch, vocab_size, dev):
-    """Evaluation batches that go through the model together: on CUDA the largest divisor of
-    eval_iters within ~330k tokens and half the free memory; elsewhere one (no gain on a CPU)."""
+    """Evaluation batches a forward pass: on CUDA, eval_iters' largest divisor within ~330k tokens and half the free
+    memory; elsewhere one (no gain on a CPU)."""
     if dev.type != "cuda":
         return 1
     tokens = min(20 * 64 * 256, torch.cuda.mem_get_info(dev)[0] // 2 // (12 * vocab_size))  # 12 bytes a logit: bfloat16 logits and float32 copies
