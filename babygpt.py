@@ -382,15 +382,16 @@ def train(cfg, clock=None):
     run.wandb = start_wandb(run)  # the first process logs; the others get a DummyWandb that does nothing
     run.start_time = time.time()  # the printed time counts from here
 
-    # ---- the loop. It ends after evaluating step max_iters, at a NaN loss, or at a Ctrl-C ("What Ctrl-C does", after main).
-    it, samples, failure = run.start_iter, [], None  # samples: the rows of the wandb samples table
-    with STOP.while_training(run.world):
-        while not STOP.agreed(it, run.dev):  # True after a Ctrl-C (under torchrun: checked every 10 steps)
+    # ---- the loop: evaluate once in a while, then one optimizer step, until step max_iters is evaluated (or a NaN loss,
+    # or a Ctrl-C: see "What Ctrl-C does", after main)
+    it, samples = run.start_iter, []  # it: the steps done; samples: the rows of the wandb samples table
+    with STOP.while_training(run.world):  # until the loop ends, a first Ctrl-C stops the loop, not the program
+        while not STOP.requested(it, run.dev):  # under torchrun the processes compare their requests every 10 steps
             last_step = it >= cfg.max_iters  # max_minutes may move max_iters at an evaluation
             # ---- once in a while: evaluate the model after `it` steps, print, log, save ckpt.pt (a resume skips its own)
             if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
-                failure = evaluate(run, train_model, data, it, last_step, samples)  # None, or a NaN loss's error
-            if last_step or failure or STOP.stopped:  # STOP.stopped: a Ctrl-C came (it may have abandoned the evaluation)
+                evaluate(run, train_model, data, it, last_step, samples)
+            if last_step or run.failure or STOP.stopped:  # done, a NaN loss, or a Ctrl-C (which may cut an evaluation short)
                 break
 
             # -------------------- TRAINING SECTION BEGIN --------------------
@@ -402,13 +403,13 @@ def train(cfg, clock=None):
             loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
             # On one CPU process, stop at the first NaN loss; elsewhere a NaN in an evaluation stops training.
             if run.dev.type == "cpu" and run.world == 1 and not math.isfinite(loss.item()):
-                failure = nonfinite_error(it, cfg)
+                run.failure = nonfinite_error(it, cfg)
                 break
             # -------------------- TRAINING SECTION END ----------------------
             it += 1
 
     # ---- generate from the prompts, as the original script did, and save model.pth
-    completed = not (STOP.stopped or failure)  # the loop ended after evaluating its last step
+    completed = not (STOP.stopped or run.failure)  # the loop ended after evaluating its last step
     if completed and run.rank == 0:
         run.clock.phase("generation and saving")
         with STOP.at_once(), run.ctx:  # a Ctrl-C abandons generating and saving; model.pth stays as it was
@@ -417,39 +418,23 @@ def train(cfg, clock=None):
             # model.pth: the weights alone, on the CPU, in the per-head layout ("The two layouts", below)
             weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
             save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)  # via a temporary file
-            STOP.mark_finished()  # from here on a Ctrl-C exits 0 at once, skipping run.finish (torchrun: only noted)
+            STOP.mark_finished()  # from here on a Ctrl-C exits 0 at once, skipping the end (torchrun: only noted)
             say(f"模型已保存到{cfg.save_path}")
-
-    # ---- the end: after a stop, ckpt.pt and how to resume; after a measured run, how to repeat it
-    if not (completed or failure) and it == run.start_iter:  # stopped before this run's first step: nothing to save
-        say(INTERRUPTED, file=sys.stderr)
-    elif not (completed or failure):  # stopped in the loop: ckpt.pt holds step it, not yet evaluated
-        run.save_checkpoint(it, evaluated=False)
-        say(f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}. Resume with: {resume_command(cfg, run.world)}")
-    elif completed and STOP.cut_short:  # stopped in the generation or save: ckpt.pt of the last evaluation has it all
-        say(f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps. "
-            f"Resume with: {resume_command(cfg, run.world)}")
-    elif completed and cfg._measured:  # what this machine decided (dtype, steps), written out
-        say(f"to repeat this run exactly: {repeat_command(cfg, run.world)}")
-    run.finish(failure)  # wandb's summary (time/<phase>, time/total) and close, then "total …s: start-up …"
-    if failure:
-        raise UserError(failure)  # main() prints it and exits 1
-    stopped = STOP.stopped or STOP.cut_short  # before model.pth was written: the shell hears 130 or 143 (torchrun: 0)
-    return 128 + STOP.signum if stopped and run.world == 1 else 0
+    return end_training(run, it, completed)  # what a stop saves and prints, the timing line; returns the exit code
 
 def evaluate(run, train_model, data, it, last_step, samples):
-    """Evaluate at step it: the losses, the printed line, wandb, max_minutes, ckpt.pt. Returns a NaN's error, or None."""
+    """Evaluate at step it: the losses, the printed line, wandb, max_minutes, ckpt.pt. A NaN loss sets run.failure."""
     cfg = run.cfg
     with STOP.at_once(), run.ctx:  # on one process, a Ctrl-C abandons the evaluation at once
         speed = run.tokens_per_sec(it)  # tokens a second of training time (not evaluation's) since the last evaluation
-        # ---- 1. the losses: eval_iters batches of each split, dropout off, then the mean over processes.
-        # The generator is seeded by the step, so a resumed run evaluates step it on the same batches.
+        # ---- 1. the losses: eval_iters batches (eval_batch, block_size) of each split, dropout off, then the mean over
+        # processes. On CUDA eval_passes batches share a forward pass. Seeded by the step: a resume draws the same batches.
         generator = run.eval_gen.manual_seed(cfg.seed + 1_000_003 * (it + 1) + run.rank)  # a seed per step and process
-        # each batch (eval_batch, block_size); on CUDA eval_passes batches share one forward pass (elsewhere one)
         losses = estimate_loss(train_model, data, cfg, run.eval_batch, generator, run.eval_passes)
         train_loss, val_loss = all_mean([losses["train"], losses["val"]], run.dev, run.world)  # over processes
         if not math.isfinite(train_loss + val_loss):
-            return nonfinite_error(it, cfg)
+            run.failure = nonfinite_error(it, cfg)
+            return
         # ---- 2. the printed line, on the first process only; time: since the loop began, as "1m 5.0s"
         say(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"speed: {speed:.2f} tokens/sec, time: {format_time(time.time() - run.start_time)}")
@@ -466,8 +451,7 @@ def evaluate(run, train_model, data, it, last_step, samples):
             metrics["samples"] = run.table(["iteration", "prompt", "text"], samples)  # a wandb.Table (None: failed)
         run.log(metrics)  # wandb.log of the metrics that are not None, without step=
         run.refit(it, last_step)  # ---- 4. max_minutes: max_iters re-fitted to the speed so far; lr_decay_iters stays
-        # ---- 5. ckpt.pt (see checkpoint()): at the first evaluation, at the last, and once checkpoint_interval seconds
-        # have passed since the last save; run.save_checkpoint has the first process write it, then notes the time.
+        # ---- 5. ckpt.pt (checkpoint()): at the first evaluation, the last, and checkpoint_interval s after the last save
         if last_step or time.time() - run.last_saved >= cfg.checkpoint_interval:
             run.save_checkpoint(it, evaluated=True)
 
@@ -508,6 +492,25 @@ def checkpoint(run, it, evaluated):
                     **({"cuda": torch.cuda.get_rng_state(run.dev)} if run.dev.type == "cuda" else {})},
             "wandb_id": run.wandb_runs.get("id"), "wandb_group": run.wandb_runs.get("group"),
             "wandb_offline_dirs": run.wandb_runs.get("dirs", [])}
+
+def end_training(run, it, completed):
+    """train()'s end: what a stop saves and prints, or a measured run's repeat command; wandb's summary; the exit code."""
+    cfg, stopped = run.cfg, not (completed or run.failure)  # stopped: a Ctrl-C or SIGTERM ended the loop
+    if stopped and it == run.start_iter:  # before this run's first step: nothing to save
+        say(INTERRUPTED, file=sys.stderr)
+    elif stopped:  # in the loop: ckpt.pt holds step it, not yet evaluated
+        run.save_checkpoint(it, evaluated=False)
+        say(f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}. Resume with: {resume_command(cfg, run.world)}")
+    elif completed and STOP.cut_short:  # in the generation or save: ckpt.pt of the last evaluation has it all
+        say(f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps. "
+            f"Resume with: {resume_command(cfg, run.world)}")
+    elif completed and cfg._measured:  # what this machine decided (dtype, steps), written out
+        say(f"to repeat this run exactly: {repeat_command(cfg, run.world)}")
+    run.finish()  # wandb's summary (time/<phase>, time/total) and close, then "total …s: start-up …"
+    if run.failure:
+        raise UserError(run.failure)  # main() prints it and exits 1
+    # a stop before model.pth was written: the shell hears 130 or 143 (torchrun: 0, see "What Ctrl-C does")
+    return 128 + STOP.signum if (STOP.stopped or STOP.cut_short) and run.world == 1 else 0
 
 # -----------------------------------------------------------------------------
 # The two layouts of the weights. Fused (the model's, ckpt.pt's): token_embedding_table.weight, position_embedding_table.weight,
@@ -663,8 +666,7 @@ def main(argv=None):
 
 # -----------------------------------------------------------------------------
 # What Ctrl-C does. SIGTERM (as `kill` sends) does the same, with exit code 143 where Ctrl-C's is 130.
-# - Before training (while it loads, measures or compiles) and in `sample`: it prints "interrupted; files on disk are
-#   intact" and quits at once. Exit 130.
+# - Before training (loading, measuring, compiling) and in `sample`: "interrupted; files on disk are intact". Exit 130.
 # - During training, the first press stops the run at a safe point, then saves what it has:
 #   - in a training step, it prints "stopping after this step" and the step ends;
 #   - in an evaluation, it prints "stopping now" and the evaluation is abandoned where it is;
@@ -680,8 +682,7 @@ def main(argv=None):
 # - Under torchrun every process gets the Ctrl-C. Before training each quits (130). In training they stop together at
 #   the next multiple of 10 steps (an evaluation runs to its end), save ckpt.pt and exit 0, so torchrun adds no report
 #   of its own; after training, only the first process's final save stops, and all exit 0.
-# In code, StopRequests (first below the banner) keeps one `mode`, which train() sets as it goes: "quit" (at once),
-# "step" (after the step), "abandon" (the block) or, under torchrun once training is over, "late" (noted only).
+# In code: StopRequests, first below the banner, and end_training() above.
 
 # =============================================================================
 # ---- plumbing: how the story's promises are kept. In order: the run; Ctrl-C; errors and printing; resume, the clock
@@ -693,6 +694,7 @@ class Run:
     def __init__(self, cfg, clock=None):
         self.cfg, self.clock = cfg, clock or PhaseClock()
         self.rank, self.world, self.dev = setup_distributed(cfg)  # rank of world processes: 0 of 1 without torchrun
+        self.failure = None  # a NaN loss's error message, which ends training
         self.clock.dev = self.dev
         torch.manual_seed(cfg.seed + self.rank)  # each process draws batches of its own
         if self.rank == 0:
@@ -775,12 +777,12 @@ class Run:
             save_atomic(checkpoint(self, it, evaluated), self.cfg.ckpt_path)  # via a temporary file, then renamed
         self.last_saved = time.time()
 
-    def finish(self, failure):
+    def finish(self):
         """wandb's summary (time/<phase>, time/total) and close (exit_code 0 after a stop); DDP's teardown; the timing line."""
         seconds, total = self.clock.figures()
         try:
             self.wandb.summary.update({**{f"time/{k}": v for k, v in seconds.items()}, "time/total": total})
-            self.wandb.finish(exit_code=1 if failure else 0)
+            self.wandb.finish(exit_code=1 if self.failure else 0)
         except Exception as e:
             warn(f"wandb could not finish the run ({first_line(e)})")
         if self.world > 1:
@@ -850,7 +852,7 @@ class StopRequests:
     def stopped(self):  # whether training stopped on request (under torchrun: once the processes agreed)
         return self.signum is not None if self.world == 1 else self.agreed_at is not None
 
-    def agreed(self, it, dev):
+    def requested(self, it, dev):
         """Whether to stop before step `it`; under torchrun the processes compare notes every 10 steps."""
         if self.world == 1:
             return self.signum is not None
@@ -919,9 +921,7 @@ def keep_settings(cfg, state):
         say(f"note: {cfg.ckpt_path} trained in {recorded}; with --dtype={cfg.dtype} this resumed run "
             f"is no longer exact (leave --dtype out to keep {recorded})")
     if cfg.max_minutes:  # the steps and schedule this training was fitted to
-        for name in ("max_iters", "lr_decay_iters"):
-            if name not in cfg._explicit:
-                setattr(cfg, name, saved.get(name, getattr(cfg, name)))
+        vars(cfg).update({k: saved[k] for k in ("max_iters", "lr_decay_iters") if k in saved and k not in cfg._explicit})
     cfg._measured |= set(state.get("measured", []))
 
 class PhaseClock:

@@ -287,7 +287,7 @@ def test_a_stop_that_came_too_late_to_stop_training_is_not_reported_as_a_cut_sav
     """A Ctrl-C that training did not act on (under torchrun: after the processes last compared notes) lets the
     run finish; it is not reported as an interruption before model.pth was written, since model.pth was."""
     monkeypatch.chdir(corpus.parent)
-    monkeypatch.setattr(babygpt.StopRequests, "agreed", lambda self, it, dev: False)  # as between agreements
+    monkeypatch.setattr(babygpt.StopRequests, "requested", lambda self, it, dev: False)  # as between agreements
     monkeypatch.setattr(babygpt.StopRequests, "stopped", property(lambda self: False))
     real_step, steps = babygpt.train_step, []
 
