@@ -241,9 +241,8 @@ class BabyGPT(nn.Module):
         return idx
 
     def next_token_logits(self, idx, caches=None):
-        """Logits (B, vocab) for the token after idx. Without caches, as the original script: the last block_size
-        tokens through the model. With them, only the tokens they have not seen; once the text outgrows block_size
-        the window slides and every step recomputes it, so the caches are left aside."""
+        """Logits (B, vocab) for the token after idx. Without caches, as the original: the last block_size tokens through
+        the model; with them, only the tokens they have not seen, until the text outgrows block_size."""
         if caches is None or idx.size(1) > self.block_size:
             new, caches, start = idx[:, -self.block_size:], [None] * len(self.blocks), 0
         else:
@@ -382,34 +381,31 @@ def train(cfg, clock=None):
     run.wandb = start_wandb(run)  # the first process logs; the others get a DummyWandb that does nothing
     run.start_time = time.time()  # the printed time counts from here
 
-    # ---- the loop: evaluate once in a while, then one optimizer step, until step max_iters is evaluated (or a NaN loss,
-    # or a Ctrl-C: see "What Ctrl-C does", after main)
-    it, samples = run.start_iter, []  # it: the steps done; samples: the rows of the wandb samples table
-    with STOP.while_training(run.world):  # until the loop ends, a first Ctrl-C stops the loop, not the program
-        while not STOP.requested(it, run.dev):  # under torchrun the processes compare their requests every 10 steps
-            last_step = it >= cfg.max_iters  # max_minutes may move max_iters at an evaluation
-            # ---- once in a while: evaluate the model after `it` steps, print, log, save ckpt.pt (a resume skips its own)
-            if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
-                evaluate(run, train_model, data, it, last_step, samples)
-            if last_step or run.failure or STOP.stopped:  # done, a NaN loss, or a Ctrl-C (which may cut an evaluation short)
-                break
+    # ---- the loop: evaluate once in a while, then one optimizer step, until step max_iters is evaluated. run.steps()
+    # yields 0, 1, 2, ... (a resume: from its step), ending early at a NaN loss or a Ctrl-C ("What Ctrl-C does", below).
+    samples = []  # the rows of the wandb samples table
+    for it in run.steps():  # it: the steps done so far
+        last_step = it >= cfg.max_iters  # max_minutes may move max_iters at an evaluation
+        # ---- once in a while: evaluate the model after `it` steps, print, log, save ckpt.pt (a resume skips its own)
+        if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
+            evaluate(run, train_model, data, it, last_step, samples)
+        if last_step or run.stopped:  # the last step is evaluated, not trained; stopped: a NaN loss or a Ctrl-C
+            break
 
-            # -------------------- TRAINING SECTION BEGIN --------------------
-            run.clock.phase("training")
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(it, cfg)
-            # x, y: (micro_batch, block_size) token ids each; one such pair a step unless grad_accum_steps > 1
-            batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
-            loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
-            # On one CPU process, stop at the first NaN loss; elsewhere a NaN in an evaluation stops training.
-            if run.dev.type == "cpu" and run.world == 1 and not math.isfinite(loss.item()):
-                run.failure = nonfinite_error(it, cfg)
-                break
-            # -------------------- TRAINING SECTION END ----------------------
-            it += 1
+        # -------------------- TRAINING SECTION BEGIN --------------------
+        run.clock.phase("training")
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(it, cfg)
+        # x, y: (micro_batch, block_size) token ids each; one such pair a step unless grad_accum_steps > 1
+        batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
+        loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
+        # On one CPU process, stop at the first NaN loss; elsewhere a NaN in an evaluation stops training.
+        if run.dev.type == "cpu" and run.world == 1 and not math.isfinite(loss.item()):
+            run.failure = nonfinite_error(it, cfg)  # run.steps() then yields no more
+        # -------------------- TRAINING SECTION END ----------------------
 
     # ---- generate from the prompts, as the original script did, and save model.pth
-    completed = not (STOP.stopped or run.failure)  # the loop ended after evaluating its last step
+    completed = not run.stopped  # the loop ended after evaluating its last step
     if completed and run.rank == 0:
         run.clock.phase("generation and saving")
         with STOP.at_once(), run.ctx:  # a Ctrl-C abandons generating and saving; model.pth stays as it was
@@ -420,7 +416,7 @@ def train(cfg, clock=None):
             save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)  # via a temporary file
             STOP.mark_finished()  # from here on a Ctrl-C exits 0 at once, skipping the end (torchrun: only noted)
             say(f"模型已保存到{cfg.save_path}")
-    return end_training(run, it, completed)  # what a stop saves and prints, the timing line; returns the exit code
+    return end_training(run, completed)  # what a stop saves and prints, the timing line; returns the exit code
 
 def evaluate(run, train_model, data, it, last_step, samples):
     """Evaluate at step it: the losses, the printed line, wandb, max_minutes, ckpt.pt. A NaN loss sets run.failure."""
@@ -493,9 +489,9 @@ def checkpoint(run, it, evaluated):
             "wandb_id": run.wandb_runs.get("id"), "wandb_group": run.wandb_runs.get("group"),
             "wandb_offline_dirs": run.wandb_runs.get("dirs", [])}
 
-def end_training(run, it, completed):
+def end_training(run, completed):
     """train()'s end: what a stop saves and prints, or a measured run's repeat command; wandb's summary; the exit code."""
-    cfg, stopped = run.cfg, not (completed or run.failure)  # stopped: a Ctrl-C or SIGTERM ended the loop
+    cfg, it, stopped = run.cfg, run.it, not (completed or run.failure)  # it: the steps done; stopped: by a Ctrl-C
     if stopped and it == run.start_iter:  # before this run's first step: nothing to save
         say(INTERRUPTED, file=sys.stderr)
     elif stopped:  # in the loop: ckpt.pt holds step it, not yet evaluated
@@ -525,8 +521,7 @@ def per_head_count(state_dict):
     return len({m[1] for m in found if m})
 
 def state_dict_shape(sd, path):
-    """vocab_size and n_embed (the token table's shape), block_size (the position table's rows) and n_layer (the number
-    of blocks.N), read off the tensors of a state_dict in either layout."""
+    """vocab_size, n_embed, block_size and n_layer, read off the tensors of a state_dict in either layout."""
     if not isinstance(sd, dict) or not any(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"{path} holds no model weights")
     ours = fused_layout(sd)
@@ -672,7 +667,7 @@ def main(argv=None):
 #   - in an evaluation, it prints "stopping now" and the evaluation is abandoned where it is;
 #   then ckpt.pt holds the N steps done (marked not evaluated, so a resume evaluates step N first if one is due), and
 #   the run prints "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: …" and its timing line. Exit 130.
-#   Before this run's first step there is nothing to save: it prints "interrupted; files on disk are intact". Exit 130.
+#   Before this run's first step there is nothing to save: "interrupted; files on disk are intact", timing line. Exit 130.
 # - In the final generation and save, it prints "stopping now" and abandons both; model.pth stays as it was. ckpt.pt,
 #   saved at the last evaluation, holds all N steps: "interrupted before model.pth was written; ckpt.pt holds all N
 #   steps. Resume with: …" (that resume only generates and saves). Exit 130.
@@ -735,6 +730,16 @@ class Run:
         return {"id": checkpoint.get("wandb_id"), "group": checkpoint.get("wandb_group"),
                 "dirs": checkpoint.get("wandb_offline_dirs") or []}
 
+    def steps(self):
+        """train()'s steps until a NaN or Ctrl-C (torchrun: checked every 10 steps); a first Ctrl-C stops the loop only."""
+        with STOP.while_training(self.world):
+            self.it = self.start_iter  # the steps done
+            while not (self.failure or STOP.requested(self.it, self.dev)):
+                yield self.it
+                self.it += 1
+
+    stopped = property(lambda self: bool(self.failure) or STOP.stopped)  # a NaN loss or a Ctrl-C ended training
+
     def tokens_per_sec(self, it):
         """Training tokens a second since the last evaluation (0 before any step); the clock then counts evaluation."""
         self.clock.phase("evaluation")  # waits for the device: the speed is then true
@@ -758,8 +763,7 @@ class Run:
         self.logs_samples &= not isinstance(self.wandb, DummyWandb)
 
     def refit(self, it, last_step):
-        """max_minutes: at each evaluation but the first and the last, max_iters re-fitted to the speed so far (never
-        lr_decay_iters); said when it moved 5%, and sent to wandb."""
+        """max_minutes: max_iters re-fitted to the speed so far at each evaluation but the first and the last."""
         if not self.fitted or it == self.start_iter or last_step:
             return
         before = self.cfg.max_iters
@@ -1359,8 +1363,7 @@ AUTO_MARGIN = 1.2  # off CUDA, auto leaves float32 only for a dtype at least thi
 PROBE_REPEATS = 3  # the probe keeps each dtype's best: a moment of contention slows one repeat only
 
 def choose_dtype(name, dev, step_seconds=None):
-    """The autocast dtype (float32: none) named; auto is bfloat16 on CUDA (float16 without it), elsewhere the
-    fastest of step_seconds {dtype: s} that is AUTO_MARGIN x faster than float32 (near-ties keep the exact one)."""
+    """The named autocast dtype; auto: bfloat16 (or float16) on CUDA, elsewhere one AUTO_MARGIN x faster than float32."""
     if name == "auto" and dev.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if name == "auto":
@@ -1406,8 +1409,7 @@ def time_step(model, optimizer, x, y, dt, dev):
     return t1 - t0, time.perf_counter() - t1
 
 def probe_dtypes(model, data, micro_batch, dev, dtypes, budget=2.5):
-    """({dtype: seconds of a training step of micro_batch sequences}, seconds of their no-grad forward): the best
-    of PROBE_REPEATS interleaved timings in about `budget` s, on a copy of the model and an AdamW of its own."""
+    """({dtype: s a training step of micro_batch rows}, s their forward): best of PROBE_REPEATS, on a model copy."""
     model, block_size, base = copy.deepcopy(model).train(), model.block_size, dtypes[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=dev.type in FUSED_ADAMW)
     gen = torch.Generator(device=generator_device(dev)).manual_seed(0)
@@ -1484,8 +1486,7 @@ def plan_run(cfg, model, data, run):
     return chosen
 
 def fit_steps(cfg, it, per_step, evaluation, run):
-    """Set max_iters to end max_minutes after start-up at per_step seconds a step (evaluations included) from step
-    `it` on, keeping an evaluation and 5 s to generate and save."""
+    """max_iters to end max_minutes after start-up at per_step s a step from `it`, with an evaluation and 5 s kept."""
     left, per_step = all_mean([60 * cfg.max_minutes - (time.time() - run.clock.start) - evaluation - 5, per_step],
                               run.dev, run.world)  # every process must agree
     fit = (it + int(left / per_step)) // 50 * 50  # rounded, so that runs on one machine usually agree
@@ -1532,8 +1533,7 @@ def warm_up(model, data, run):
     sync(run.dev)
 
 def choose_eval_passes(cfg, eval_batch, vocab_size, dev):
-    """Evaluation batches a forward pass: on CUDA, eval_iters' largest divisor within ~330k tokens and half the free
-    memory; elsewhere one (no gain on a CPU)."""
+    """Evaluation batches a forward pass: on CUDA, eval_iters' largest divisor that fits; elsewhere one."""
     if dev.type != "cuda":
         return 1
     tokens = min(20 * 64 * 256, torch.cuda.mem_get_info(dev)[0] // 2 // (12 * vocab_size))  # 12 bytes a logit: bfloat16 logits and float32 copies
