@@ -381,28 +381,31 @@ def train(cfg, clock=None):
     run.wandb = start_wandb(run)  # the first process logs; the others get a DummyWandb that does nothing
     run.start_time = time.time()  # the printed time counts from here
 
-    # ---- the loop: evaluate once in a while, then one optimizer step, until step max_iters is evaluated. run.steps()
-    # yields 0, 1, 2, ... (a resume: from its step), ending early at a NaN loss or a Ctrl-C ("What Ctrl-C does", below).
-    samples = []  # the rows of the wandb samples table
-    for it in run.steps():  # it: the steps done so far
-        last_step = it >= cfg.max_iters  # max_minutes may move max_iters at an evaluation
-        # ---- once in a while: evaluate the model after `it` steps, print, log, save ckpt.pt (a resume skips its own)
-        if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
-            evaluate(run, train_model, data, it, last_step, samples)
-        if last_step or run.stopped:  # the last step is evaluated, not trained; stopped: a NaN loss or a Ctrl-C
-            break
+    # ---- the loop: evaluate once in a while, then one optimizer step, until step max_iters is evaluated (or a NaN loss,
+    # or a Ctrl-C: see "What Ctrl-C does", after main)
+    it, samples = run.start_iter, []  # it: the steps done; samples: the rows of the wandb samples table
+    with STOP.while_training(run.world):  # until the loop ends, a first Ctrl-C stops the loop, not the program
+        while not STOP.requested(it, run.dev):  # under torchrun the processes compare their requests every 10 steps
+            last_step = it >= cfg.max_iters  # max_minutes may move max_iters at an evaluation
+            # ---- once in a while: evaluate the model after `it` steps, print, log, save ckpt.pt (a resume skips its own)
+            if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
+                evaluate(run, train_model, data, it, last_step, samples)
+            if last_step or run.stopped:  # the last step is evaluated, not trained; stopped: a NaN loss or a Ctrl-C
+                break
 
-        # -------------------- TRAINING SECTION BEGIN --------------------
-        run.clock.phase("training")
-        for group in optimizer.param_groups:
-            group["lr"] = get_lr(it, cfg)
-        # x, y: (micro_batch, block_size) token ids each; one such pair a step unless grad_accum_steps > 1
-        batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
-        loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
-        # On one CPU process, stop at the first NaN loss; elsewhere a NaN in an evaluation stops training.
-        if run.dev.type == "cpu" and run.world == 1 and not math.isfinite(loss.item()):
-            run.failure = nonfinite_error(it, cfg)  # run.steps() then yields no more
-        # -------------------- TRAINING SECTION END ----------------------
+            # -------------------- TRAINING SECTION BEGIN --------------------
+            run.clock.phase("training")
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(it, cfg)
+            # x, y: (micro_batch, block_size) token ids each; one such pair a step unless grad_accum_steps > 1
+            batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
+            loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
+            # On one CPU process, stop at the first NaN loss; elsewhere a NaN in an evaluation stops training.
+            if run.dev.type == "cpu" and run.world == 1 and not math.isfinite(loss.item()):
+                run.failure = nonfinite_error(it, cfg)
+                break
+            # -------------------- TRAINING SECTION END ----------------------
+            it += 1
 
     # ---- generate from the prompts, as the original script did, and save model.pth
     completed = not run.stopped  # the loop ended after evaluating its last step
@@ -416,7 +419,7 @@ def train(cfg, clock=None):
             save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)  # via a temporary file
             STOP.mark_finished()  # from here on a Ctrl-C exits 0 at once, skipping the end (torchrun: only noted)
             say(f"模型已保存到{cfg.save_path}")
-    return end_training(run, completed)  # what a stop saves and prints, the timing line; returns the exit code
+    return end_training(run, it, completed)  # what a stop saves and prints, the timing line; returns the exit code
 
 def evaluate(run, train_model, data, it, last_step, samples):
     """Evaluate at step it: the losses, the printed line, wandb, max_minutes, ckpt.pt. A NaN loss sets run.failure."""
@@ -454,12 +457,15 @@ def evaluate(run, train_model, data, it, last_step, samples):
 def start_wandb(run):
     """The first process's wandb run. The other processes, wandb_mode=disabled and a failed start (a warning) get a
     DummyWandb, which drops everything. All that this file sends (wandb adds system metrics; console output is off):
-    - at the start: the project, a name such as "6L-384 ci.txt cuda", tags (device, dtype), this file (save_code), an id
-      and group (connect_wandb), and as config every setting (dtype, max_iters, lr_decay_iters as decided);
-    - at each evaluation, one row: train_loss, val_loss, tokens_per_sec, iteration (every chart's x-axis) and lr;
+    - at the start: the project, a name such as "6L-384 ci.txt cuda", tags (device, dtype), this file (save_code), a
+      random id (an online resume: its run's) and a group (the first piece's id), and as config every setting (dtype,
+      max_iters, lr_decay_iters as decided); charts: iteration is every chart's x-axis, val_loss's summary its minimum;
+    - at each evaluation, one row: train_loss, val_loss, tokens_per_sec, iteration and lr (not a training step's loss);
     - with prompts, in the rows of the first evaluation, the last and those at multiples of sample_interval, a table
       "samples" (iteration, prompt, text) of every sample drawn so far: at the defaults 11 tables, of 2, 4, ..., 22 rows;
-    - with max_minutes, config.max_iters whenever it is re-fitted; at the end, summary time/<phase> and time/total.
+    - with max_minutes, config.max_iters whenever it is re-fitted;
+    - at the end (not after a quit at once): summary time/total and time/<phase> for start-up, compile, training,
+      evaluation, checkpoints, generation and saving; then finish, with exit_code 1 after a NaN loss, else 0.
     Online when logged in, else offline in ./wandb (WANDB_MODE overrides auto; online falls back to offline). A resume
     continues its online run; offline, each resumed piece is a run of its own ("... resumed at step N"), in one group."""
     cfg = run.cfg
@@ -489,9 +495,9 @@ def checkpoint(run, it, evaluated):
             "wandb_id": run.wandb_runs.get("id"), "wandb_group": run.wandb_runs.get("group"),
             "wandb_offline_dirs": run.wandb_runs.get("dirs", [])}
 
-def end_training(run, completed):
+def end_training(run, it, completed):
     """train()'s end: what a stop saves and prints, or a measured run's repeat command; wandb's summary; the exit code."""
-    cfg, it, stopped = run.cfg, run.it, not (completed or run.failure)  # it: the steps done; stopped: by a Ctrl-C
+    cfg, stopped = run.cfg, not (completed or run.failure)  # stopped: a Ctrl-C or SIGTERM ended the loop
     if stopped and it == run.start_iter:  # before this run's first step: nothing to save
         say(INTERRUPTED, file=sys.stderr)
     elif stopped:  # in the loop: ckpt.pt holds step it, not yet evaluated
@@ -674,9 +680,10 @@ def main(argv=None):
 # - Once model.pth is written, it quits at once. Exit 0: the training finished.
 # - A second press, at any moment, quits at once ("interrupted; files on disk are intact") with the first press's code:
 #   130, or 143 if that was SIGTERM, or 0 once model.pth is written.
-# - Under torchrun every process gets the Ctrl-C. Before training each quits (130). In training they stop together at
-#   the next multiple of 10 steps (an evaluation runs to its end), save ckpt.pt and exit 0, so torchrun adds no report
-#   of its own; after training, only the first process's final save stops, and all exit 0.
+# - Under torchrun a Ctrl-C reaches torchrun alone (each process runs in a session of its own); it passes the signal on
+#   once and kills any process still running 30 s later. Before training each quits (130). In training they stop together
+#   at the next multiple of 10 steps (an evaluation runs to its end), save ckpt.pt and exit 0, so torchrun names no failed
+#   process (it still prints its SignalException and exits 1). After training only the first's final save stops; all exit 0.
 # In code: StopRequests, first below the banner, and end_training() above.
 
 # =============================================================================
@@ -729,14 +736,6 @@ class Run:
         self.evaluated_at = it if checkpoint.get("evaluated") else None
         return {"id": checkpoint.get("wandb_id"), "group": checkpoint.get("wandb_group"),
                 "dirs": checkpoint.get("wandb_offline_dirs") or []}
-
-    def steps(self):
-        """train()'s steps until a NaN or Ctrl-C (torchrun: checked every 10 steps); a first Ctrl-C stops the loop only."""
-        with STOP.while_training(self.world):
-            self.it = self.start_iter  # the steps done
-            while not (self.failure or STOP.requested(self.it, self.dev)):
-                yield self.it
-                self.it += 1
 
     stopped = property(lambda self: bool(self.failure) or STOP.stopped)  # a NaN loss or a Ctrl-C ended training
 
