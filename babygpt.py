@@ -684,7 +684,7 @@ def main(argv=None):
 #   once and kills any process still running 30 s later. Before training each quits (130). In training they stop together
 #   at the next multiple of 10 steps (an evaluation runs to its end), save ckpt.pt and exit 0, so torchrun names no failed
 #   process (it still prints its SignalException and exits 1). After training only the first's final save stops; all exit 0.
-# In code: StopRequests, first below the banner, and end_training() above.
+# In code: end_training() above, and StopRequests below the banner (after Run).
 
 # =============================================================================
 # ---- plumbing: how the story's promises are kept. In order: the run; Ctrl-C; errors and printing; resume, the clock
