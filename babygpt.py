@@ -497,10 +497,10 @@ def checkpoint(run, it, evaluated):
 
 def end_training(run, it, completed):
     """train()'s end: what a stop saves and prints, or a measured run's repeat command; wandb's summary; the exit code."""
-    cfg, stopped = run.cfg, not (completed or run.failure)  # stopped: a Ctrl-C or SIGTERM ended the loop
-    if stopped and it == run.start_iter:  # before this run's first step: nothing to save
+    cfg, interrupted = run.cfg, not (completed or run.failure)  # a Ctrl-C or SIGTERM ended the loop
+    if interrupted and it == run.start_iter:  # before this run's first step: nothing to save
         say(INTERRUPTED, file=sys.stderr)
-    elif stopped:  # in the loop: ckpt.pt holds step it, not yet evaluated
+    elif interrupted:  # in the loop: ckpt.pt holds step it, not yet evaluated
         run.save_checkpoint(it, evaluated=False)
         say(f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}. Resume with: {resume_command(cfg, run.world)}")
     elif completed and STOP.cut_short:  # in the generation or save: ckpt.pt of the last evaluation has it all
