@@ -26,7 +26,7 @@ Read it top to bottom: the constants, then the story, in this order:
   evaluate, start_wandb        what each evaluation prints, logs to wandb and saves; all that wandb receives
   checkpoint, the two layouts  what ckpt.pt holds; what model.pth holds
   sample, main                 which model `sample` loads; the command line and its exit codes
-  "What Ctrl-C does"           each case, with what it prints, the files it leaves and its exit code
+  "What Ctrl-C does"           each case, with what it prints, the files it leaves and its exit code; then its code
 Beside the original's lines stand the features it lacks: several GPUs, float16's loss scaling, micro-batches,
 torch.compile, max_minutes, resume and Ctrl-C. Each is said where it acts; at the defaults on a CPU most do nothing.
 Below the banner, the plumbing that keeps the story's promises: parsing, the corpus, devices, wandb, file writes.
@@ -38,7 +38,7 @@ import sys
 import time
 
 STARTED = time.time()  # the timing line a run ends with ("total …s: start-up …") counts from here
-INTERRUPTED = "\ninterrupted; files on disk are intact"  # a Ctrl-C that quits at once prints this (main())
+INTERRUPTED = "\ninterrupted; files on disk are intact"  # a Ctrl-C that quits at once prints this
 if __name__ == "__main__":  # set before importing torch, which reads it at its first CPU allocation
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # speed only: big CPU tensors on huge memory pages
     signal.signal(signal.SIGINT, lambda *_: (print(INTERRUPTED, file=sys.stderr), os._exit(130)))  # while torch loads
@@ -105,7 +105,7 @@ preset = ""                   # cpu: a small model that trains in about 10 minut
 max_minutes = 0               # 0 = off; else max_iters is fitted to end training in about this many minutes (not on CUDA; --max_iters wins)
 # files and logging
 save_path = "model.pth"       # final weights, in the original script's layout (a module per head)
-ckpt_path = "ckpt.pt"         # training state for --resume=true, read first by sample; a new run overwrites it at its step-0 evaluation
+ckpt_path = "ckpt.pt"         # training state for --resume=true, read first by sample; a new run overwrites it when its step-0 evaluation ends
 checkpoint_interval = 60      # seconds between checkpoints at evaluations (0 = every evaluation)
 resume = False                # continue from ckpt_path
 init_from = ""                # start from the weights of a model.pth (babygpt's or the original script's) or ckpt.pt
@@ -153,6 +153,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, n_embed, n_head, dropout):
         super().__init__()
         self.n_head = n_head
+        self.register_buffer("head_count", torch.tensor(n_head))  # saved with the weights, so that a load can check it
         self.qkv = nn.Linear(n_embed, 3 * n_embed, bias=False)  # output rows: every head's queries, keys, then values
         self.proj = nn.Linear(n_embed, n_embed)
         self.attn_dropout = dropout
@@ -255,12 +256,13 @@ class BabyGPT(nn.Module):
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Weights in either layout: fused (one qkv matrix a layer: state_dict(), ckpt.pt["model"]) or per-head (the
-        original script's, and model.pth), which must have this model's head count (fused weights do not record one)."""
-        heads, n_head = per_head_count(state_dict), self.blocks[0].sa.n_head
-        if heads not in (0, n_head):
+        original script's, and model.pth). Their head count must be this model's."""
+        weights, n_head = fused_layout(state_dict), self.blocks[0].sa.n_head
+        if (heads := head_count(weights)) not in (0, n_head):  # 0: fused weights saved before babygpt recorded it
             raise ValueError(f"these weights have {heads} attention heads a layer and this model {n_head}; "
                              f"build it with BabyGPT(..., n_head={heads})")
-        return super().load_state_dict(fused_layout(state_dict), strict, assign)
+        weights.update({f"blocks.{i}.sa.head_count": torch.tensor(n_head) for i in range(len(self.blocks))})
+        return super().load_state_dict(weights, strict, assign)
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     """The next token (B, 1) from last-position logits (B, vocab): greedy at temperature 0, else sampled."""
@@ -377,49 +379,54 @@ def train(cfg, clock=None):
     run.prepare(model, optimizer, tokenizer, data, resumed)  # then, on CUDA, torch.compile (its warm-up changes no weight)
     train_model = compile_model(model, cfg, run.dev, run.world, run.clock, lambda m: warm_up(m, data, run))
     if run.world > 1:  # under torchrun, DDP averages the gradients of all processes in backward()
-        train_model = DDP(train_model, device_ids=[run.dev.index] if run.dev.type == "cuda" else None)
+        train_model = DDP(train_model, device_ids=[run.dev.index] if run.dev.type == "cuda" else None,
+                          broadcast_buffers=False)  # its only buffers, head_count, never change
     run.wandb = start_wandb(run)  # the first process logs; the others get a DummyWandb that does nothing
     run.start_time = time.time()  # the printed time counts from here
 
-    # ---- the loop: evaluate once in a while, then one optimizer step, until step max_iters is evaluated (or a NaN loss,
-    # or a Ctrl-C: see "What Ctrl-C does", after main)
-    it, samples = run.start_iter, []  # it: the steps done; samples: the rows of the wandb samples table
-    with STOP.while_training(run.world):  # until the loop ends, a first Ctrl-C stops the loop, not the program
-        while not STOP.requested(it, run.dev):  # under torchrun the processes compare their requests every 10 steps
-            last_step = it >= cfg.max_iters  # max_minutes may move max_iters at an evaluation
-            # ---- once in a while: evaluate the model after `it` steps, print, log, save ckpt.pt (a resume skips its own)
-            if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
-                evaluate(run, train_model, data, it, last_step, samples)
-            if last_step or run.stopped:  # the last step is evaluated, not trained; stopped: a NaN loss or a Ctrl-C
-                break
+    # ---- the loop: evaluate once in a while, then one optimizer step, until step max_iters is evaluated (or a NaN loss).
+    # A first Ctrl-C or SIGTERM raises KeyboardInterrupt, as in any Python program, caught at the end: "What Ctrl-C does".
+    it, samples, completed = run.start_iter, [], False  # it: the steps done; samples: the rows of wandb's samples table
+    try:
+        with STOP.while_training(run.world):  # one pressed during a training step is held until the step ends
+            while True:
+                STOP.check(it, run.dev)  # raises a held one (under torchrun: when the processes agree, every 10 steps)
+                last_step = it >= cfg.max_iters  # max_minutes may move max_iters at an evaluation
+                # ---- once in a while: evaluate the model after `it` steps, print, log, save ckpt.pt (a resume skips its own)
+                if (it % cfg.eval_interval == 0 or last_step) and it != run.evaluated_at:
+                    evaluate(run, train_model, data, it, last_step, samples)  # a NaN loss sets run.failure
+                if last_step or run.failure:  # the last step is evaluated, not trained
+                    break
 
-            # -------------------- TRAINING SECTION BEGIN --------------------
-            run.clock.phase("training")
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(it, cfg)
-            # x, y: (micro_batch, block_size) token ids each; one such pair a step unless grad_accum_steps > 1
-            batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
-            loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
-            # On one CPU process, stop at the first NaN loss; elsewhere a NaN in an evaluation stops training.
-            if run.dev.type == "cpu" and run.world == 1 and not math.isfinite(loss.item()):
-                run.failure = nonfinite_error(it, cfg)
-                break
-            # -------------------- TRAINING SECTION END ----------------------
-            it += 1
+                # -------------------- TRAINING SECTION BEGIN --------------------
+                run.clock.phase("training")
+                for group in optimizer.param_groups:
+                    group["lr"] = get_lr(it, cfg)
+                # x, y: (micro_batch, block_size) token ids each; one such pair a step unless grad_accum_steps > 1
+                batches = [get_batch(data["train"], run.micro_batch, cfg.block_size) for _ in range(cfg.grad_accum_steps)]
+                loss = train_step(train_model, optimizer, batches, run.ctx, run.scaler, cfg.grad_clip)
+                # On one CPU process, stop at the first NaN loss; elsewhere a NaN in an evaluation stops training.
+                if run.dev.type == "cpu" and run.world == 1 and not math.isfinite(loss.item()):
+                    run.failure = nonfinite_error(it, cfg)
+                    break
+                # -------------------- TRAINING SECTION END ----------------------
+                it += 1
 
-    # ---- generate from the prompts, as the original script did, and save model.pth
-    completed = not run.stopped  # the loop ended after evaluating its last step
-    if completed and run.rank == 0:
-        run.clock.phase("generation and saving")
-        with STOP.at_once(), run.ctx:  # a Ctrl-C abandons generating and saving; model.pth stays as it was
-            for texts in generate_texts(model, tokenizer, cfg.prompts, cfg, run.dev):
-                say("\n".join(f"{text}\n{'-' * 10}" for text in texts))  # each text, then ten dashes
-            # model.pth: the weights alone, on the CPU, in the per-head layout ("The two layouts", below)
-            weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
-            save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)  # via a temporary file
-            STOP.mark_finished()  # from here on a Ctrl-C exits 0 at once, skipping the end (torchrun: only noted)
+        # ---- generate from the prompts, as the original script did, and save model.pth
+        completed = not run.failure  # the loop ended after evaluating its last step
+        if completed and run.rank == 0:
+            run.clock.phase("generation and saving")
+            with STOP.at_once(), run.ctx:  # a Ctrl-C abandons generating and saving; model.pth stays as it was
+                for texts in generate_texts(model, tokenizer, cfg.prompts, cfg, run.dev):
+                    say("\n".join(f"{text}\n{'-' * 10}" for text in texts))  # each text, then ten dashes
+                # model.pth: the weights alone, on the CPU, in the per-head layout ("The two layouts", below)
+                weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
+                save_atomic(per_head_layout(weights, cfg.n_head, cfg.block_size), cfg.save_path)  # via a temporary file
+                STOP.mark_finished()  # from here on a Ctrl-C exits 0 at once, skipping the end (torchrun: only noted)
             say(f"模型已保存到{cfg.save_path}")
-    return end_training(run, it, completed)  # what a stop saves and prints, the timing line; returns the exit code
+    except KeyboardInterrupt:  # a first Ctrl-C or SIGTERM (a second one exits at once)
+        return end_training(run, it, completed, stopped=True)  # ckpt.pt keeps the steps done; prints how to resume
+    return end_training(run, it, completed, stopped=False)  # the timing line, and a measured run's repeat command
 
 def evaluate(run, train_model, data, it, last_step, samples):
     """Evaluate at step it: the losses, the printed line, wandb, max_minutes, ckpt.pt. A NaN loss sets run.failure."""
@@ -495,15 +502,16 @@ def checkpoint(run, it, evaluated):
             "wandb_id": run.wandb_runs.get("id"), "wandb_group": run.wandb_runs.get("group"),
             "wandb_offline_dirs": run.wandb_runs.get("dirs", [])}
 
-def end_training(run, it, completed):
-    """train()'s end: what a stop saves and prints, or a measured run's repeat command; wandb's summary; the exit code."""
-    cfg, interrupted = run.cfg, not (completed or run.failure)  # a Ctrl-C or SIGTERM ended the loop
-    if interrupted and it == run.start_iter:  # before this run's first step: nothing to save
+def end_training(run, it, completed, stopped):
+    """train()'s end: what a stop saves and prints, or a measured run's repeat command; wandb's summary; the exit code.
+    completed: the loop evaluated its last step; stopped: a Ctrl-C or SIGTERM ended training (KeyboardInterrupt)."""
+    cfg = run.cfg
+    if stopped and not completed and it == run.start_iter:  # before this run's first step: nothing to save
         say(INTERRUPTED, file=sys.stderr)
-    elif interrupted:  # in the loop: ckpt.pt holds step it, not yet evaluated
+    elif stopped and not completed:  # in the loop: ckpt.pt holds step it, not yet evaluated
         run.save_checkpoint(it, evaluated=False)
         say(f"interrupted at step {it}; checkpoint saved to {cfg.ckpt_path}. Resume with: {resume_command(cfg, run.world)}")
-    elif completed and STOP.cut_short:  # in the generation or save: ckpt.pt of the last evaluation has it all
+    elif stopped:  # in the generation or save: ckpt.pt of the last evaluation has it all
         say(f"\ninterrupted before {cfg.save_path} was written; {cfg.ckpt_path} holds all {it} steps. "
             f"Resume with: {resume_command(cfg, run.world)}")
     elif completed and cfg._measured:  # what this machine decided (dtype, steps), written out
@@ -512,19 +520,19 @@ def end_training(run, it, completed):
     if run.failure:
         raise UserError(run.failure)  # main() prints it and exits 1
     # a stop before model.pth was written: the shell hears 130 or 143 (torchrun: 0, see "What Ctrl-C does")
-    return 128 + STOP.signum if (STOP.stopped or STOP.cut_short) and run.world == 1 else 0
+    return 128 + (STOP.signum or signal.SIGINT) if stopped and run.world == 1 else 0
 
 # -----------------------------------------------------------------------------
 # The two layouts of the weights. Fused (the model's, ckpt.pt's): token_embedding_table.weight, position_embedding_table.weight,
-# blocks.N.{ln1, sa.qkv, sa.proj, ln2, ffwd.net.0, ffwd.net.2}.{weight, bias} (sa.qkv: one matrix, no bias; its rows all
-# queries, keys, then values), ln_final.{weight, bias}, lm_head.{weight, bias}.
-# Per-head (the original script's, model.pth's): the same, but blocks.N.sa.heads.H.{query, key, value}.weight and .tril
-# (a causal mask) for each head H in place of sa.qkv, and postion_embedding_table (sic): the original loads it strictly.
+# blocks.N.{ln1, sa.qkv, sa.proj, ln2, ffwd.net.0, ffwd.net.2}.{weight, bias}, blocks.N.sa.head_count (sa.qkv: one matrix,
+# no bias; its rows all queries, keys, then values), ln_final.{weight, bias}, lm_head.{weight, bias}. Per-head (the
+# original script's, model.pth's): the same, but blocks.N.sa.heads.H.{query, key, value}.weight and .tril (a causal mask)
+# for each head H in place of sa.qkv and head_count, and postion_embedding_table (sic): the original loads it strictly.
 
-def per_head_count(state_dict):
-    """The number of attention heads a state_dict in the original script's layout has (0 for the fused layout)."""
-    found = (re.match(r"(?:module\.|_orig_mod\.)*blocks\.0\.sa\.heads\.(\d+)\.", k) for k in state_dict)
-    return len({m[1] for m in found if m})
+def head_count(state_dict):
+    """The attention heads a layer that weights in either layout record (0: fused, saved before babygpt recorded it)."""
+    count = fused_layout(state_dict).get("blocks.0.sa.head_count")
+    return 0 if count is None else int(count)
 
 def state_dict_shape(sd, path):
     """vocab_size, n_embed, block_size and n_layer, read off the tensors of a state_dict in either layout."""
@@ -539,8 +547,8 @@ def state_dict_shape(sd, path):
         raise UserError(f"{path} does not hold babygpt weights") from None
 
 def fused_layout(state_dict):
-    """The fused layout from either: per-head query/key/value rows joined into qkv, the tril masks dropped
-    (attention's is_causal replaces them), and prefixes left by torch.compile or DDP removed."""
+    """The fused layout from either: per-head query/key/value rows joined into qkv and counted in head_count, the tril
+    masks dropped (attention's is_causal replaces them), and prefixes left by torch.compile or DDP removed."""
     out, heads = {}, {}
     for key, value in state_dict.items():
         key = re.sub(r"^(?:module\.|_orig_mod\.)+", "", key)  # DDP around a compiled model leaves both
@@ -553,6 +561,7 @@ def fused_layout(state_dict):
     for layer, parts in heads.items():
         out[f"blocks.{layer}.sa.qkv.weight"] = torch.cat(
             [parts[name][h] for name in ("query", "key", "value") for h in sorted(parts[name])])
+        out[f"blocks.{layer}.sa.head_count"] = torch.tensor(len(parts["query"]))
     return out
 
 def per_head_layout(state_dict, n_head, block_size):
@@ -562,7 +571,8 @@ def per_head_layout(state_dict, n_head, block_size):
     for key, value in state_dict.items():
         m = re.fullmatch(r"blocks\.(\d+)\.sa\.qkv\.weight", key)
         if m is None:
-            out[key.replace("position_embedding_table", "postion_embedding_table")] = value
+            if not key.endswith(".sa.head_count"):  # the original's modules count their heads themselves
+                out[key.replace("position_embedding_table", "postion_embedding_table")] = value
             continue
         q, k, v = (w.chunk(n_head) for w in value.chunk(3))  # rows: every head's queries, keys, then values
         for h in range(n_head):
@@ -598,7 +608,7 @@ def sample(cfg):
     dev = choose_device(cfg.device)
     torch.manual_seed(cfg.seed)
     # The model: ckpt_path if it exists (even a stopped run's; --ckpt_path= skips it), else save_path. Its shape comes
-    # from the file; the constants at the top shape only the next training (and n_head a fused model.pth's head count).
+    # from the file; the constants at the top shape only the next training (and n_head an older fused model.pth's).
     if os.path.exists(cfg.ckpt_path):  # ckpt.pt: the weights, the vocabulary and the settings of the training
         state, shape = read_checkpoint(cfg.ckpt_path)  # torch.load on the CPU; n_head: its config's; the rest: its weights
         weights, tokenizer = state["model"], Tokenizer(state["chars"])
@@ -606,13 +616,13 @@ def sample(cfg):
     elif os.path.exists(cfg.save_path):  # model.pth: weights only; the vocabulary is that of data_path
         weights, source = load_file(cfg.save_path, "model file"), cfg.save_path
         tokenizer = model_pth_vocabulary(cfg, weights)  # data_path's, which must have the file's vocab_size
-        # n_head: its modules per head, or --n_head for a fused file (a hand-saved state_dict(): no head count)
-        shape = {**state_dict_shape(weights, source), "n_head": per_head_count(weights) or cfg.n_head}
+        # n_head: the file's (per-head modules, or fused weights' head_count), or --n_head if an older babygpt saved it
+        shape = {**state_dict_shape(weights, source), "n_head": head_count(weights) or cfg.n_head}
     else:
         raise UserError(f"no model to sample from: neither {cfg.ckpt_path} nor {cfg.save_path} "
                         f"exists; train one first with: python babygpt.py")
     check_prompts(cfg, tokenizer, source)  # prompts and top_k must fit the vocabulary, else exit 1
-    if shape["n_embed"] % shape["n_head"]:  # a fused model.pth with another --n_head, or a damaged file
+    if shape["n_embed"] % shape["n_head"]:  # an older fused model.pth with another --n_head, or a damaged file
         raise UserError(f"{source} has n_embed={shape['n_embed']}, which n_head={shape['n_head']} does not divide")
     model = BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"], shape["n_head"], shape["n_layer"])
     load_weights(model, weights, source.split(" ")[0], shape)  # a shape that differs: a one-line error
@@ -643,11 +653,11 @@ def sample(cfg):
 
 def main(argv=None):
     """The command line: parse, validate, then train or sample. Returns the exit code of `python babygpt.py`: 0 when
-    done, 1 after an error (one line), after Ctrl-C or SIGTERM as "What Ctrl-C does" says (130 or 143, or 0)."""
+    done, 1 after an error (one line), 130 or 143 after Ctrl-C or SIGTERM; a second one exits from its handler."""
     clock = PhaseClock(None if argv is None else time.time())
     argv = sys.argv[1:] if argv is None else argv
     try:
-        with STOP:  # catches Ctrl-C and SIGTERM until main returns, as "What Ctrl-C does" (below) says
+        with STOP:  # handles Ctrl-C and SIGTERM until main returns, as "What Ctrl-C does" (below) says
             command, cfg = parse_args(argv)
             validate_config(cfg)
             if command == "sample":
@@ -661,33 +671,100 @@ def main(argv=None):
         report_error(ProcessError("out of GPU memory; lower --batch_size or --block_size, or raise "
                                   "--grad_accum_steps (the same gradients, in smaller pieces)"))
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a first Ctrl-C or SIGTERM before training or in sample
         print(INTERRUPTED, file=sys.stderr, flush=True)
-        return 0 if STOP.finished else 128 + (STOP.signum or signal.SIGINT)
+        return 128 + (STOP.signum or signal.SIGINT)
 
 # -----------------------------------------------------------------------------
-# What Ctrl-C does. SIGTERM (as `kill` sends) does the same, with exit code 143 where Ctrl-C's is 130.
-# - Before training (loading, measuring, compiling) and in `sample`: "interrupted; files on disk are intact". Exit 130.
-# - During training, the first press stops the run at a safe point, then saves what it has:
-#   - in a training step, it prints "stopping after this step" and the step ends;
-#   - in an evaluation, it prints "stopping now" and the evaluation is abandoned where it is;
-#   then ckpt.pt holds the N steps done (marked not evaluated, so a resume evaluates step N first if one is due), and
-#   the run prints "interrupted at step N; checkpoint saved to ckpt.pt. Resume with: …" and its timing line. Exit 130.
-#   Before this run's first step there is nothing to save: "interrupted; files on disk are intact", timing line. Exit 130.
+# What Ctrl-C does. SIGTERM (as `kill` sends) does the same, with exit code 143 where Ctrl-C's is 130. A first press
+# raises KeyboardInterrupt, as in any Python program, except in a training step: there it is held until the step ends
+# (STOP.check), so that ckpt.pt never holds half a step. Case by case:
+# - Before training (loading, measuring, compiling) and in `sample`: main() catches it and prints "interrupted; files on
+#   disk are intact". Exit 130.
+# - In a training step it prints "stopping after this step" and the step ends; in an evaluation it prints "stopping now"
+#   and the evaluation is abandoned where it is. Then train() catches it: ckpt.pt holds the N steps done (marked not
+#   evaluated, so a resume evaluates step N first if one is due), and the run prints "interrupted at step N; checkpoint
+#   saved to ckpt.pt. Resume with: …" and its timing line. Exit 130. Before this run's first step there is nothing to
+#   save: "interrupted; files on disk are intact", timing line. Exit 130.
 # - In the final generation and save, it prints "stopping now" and abandons both; model.pth stays as it was. ckpt.pt,
 #   saved at the last evaluation, holds all N steps: "interrupted before model.pth was written; ckpt.pt holds all N
 #   steps. Resume with: …" (that resume only generates and saves). Exit 130.
-# - Once model.pth is written, it quits at once. Exit 0: the training finished.
-# - A second press, at any moment, quits at once ("interrupted; files on disk are intact") with the first press's code:
-#   130, or 143 if that was SIGTERM, or 0 once model.pth is written.
+# - Once model.pth is written, it exits at once: "interrupted; files on disk are intact". Exit 0: the training finished.
+# - A second press, at any moment, exits at once ("interrupted; files on disk are intact") with the first press's code:
+#   130, or 143 if that was SIGTERM, or 0 once model.pth is written. A file being written keeps its previous contents.
 # - Under torchrun a Ctrl-C reaches torchrun alone (each process runs in a session of its own); it passes the signal on
 #   once and kills any process still running 30 s later. Before training each quits (130). In training they stop together
 #   at the next multiple of 10 steps (an evaluation runs to its end), save ckpt.pt and exit 0, so torchrun names no failed
 #   process (it still prints its SignalException and exits 1). After training only the first's final save stops; all exit 0.
-# In code: end_training() above, and StopRequests below the banner (after Run).
+
+class StopRequests:
+    """The cases above, in code. main() enters STOP, which handles SIGINT and SIGTERM until it returns. A first request
+    does what `mode` says: "raise" raises KeyboardInterrupt; "abandon" says "stopping now" and raises it; "step" says
+    when the stop will come and holds it for check(); "late" only notes it. A second one exits (as does, on one process,
+    any once model.pth is written)."""
+
+    def __init__(self):
+        self.signum, self.mode, self.world = None, "raise", 1  # the first request's signal; what one does now; processes
+        self.finished = False  # model.pth is written
+
+    def __enter__(self):
+        self.__init__()
+        self.old = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+    def on_signal(self, signum, frame):
+        if self.signum is not None or (self.finished and self.world == 1):
+            say(INTERRUPTED, file=sys.stderr)
+            sys.exit(0 if self.finished else 128 + self.signum)  # SystemExit, which no `except KeyboardInterrupt` stops
+        self.signum = signum
+        if self.mode in ("abandon", "step"):
+            when = ("now" if self.mode == "abandon" else "after this step" if self.world == 1
+                    else "within 10 steps, unless training ends first")
+            say(f"\nstopping {when} (a second Ctrl-C or SIGTERM quits at once)", file=sys.stderr)
+        if self.mode in ("raise", "abandon"):
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def while_training(self, world):  # the loop: "step"; after it "raise", but under torchrun "late": all reach the end
+        self.mode, self.world = "step", world
+        try:
+            yield
+        finally:
+            self.mode = "raise" if world == 1 else "late"
+
+    @contextlib.contextmanager
+    def at_once(self):  # "abandon", except in training under torchrun, where every process must finish the block
+        before = self.mode
+        self.mode = "step" if before == "step" and self.world > 1 else "abandon"
+        try:
+            yield
+        finally:
+            self.mode = before
+
+    def mark_finished(self):  # model.pth is written: one process exits 0 at a request; under torchrun it is only noted
+        self.finished, self.mode = True, "late"
+
+    def check(self, it, dev):
+        """Raise a held request before step it; under torchrun only at multiples of 10 steps, then in every process if
+        any process had one, so that all stop at the same step."""
+        held = self.signum is not None
+        if self.world > 1:
+            if it % 10:
+                return
+            flag = torch.tensor([float(held)], device=dev)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            held = flag.item() > 0
+        if held:
+            raise KeyboardInterrupt
+
+STOP = StopRequests()
 
 # =============================================================================
-# ---- plumbing: how the story's promises are kept. In order: the run; Ctrl-C; errors and printing; resume, the clock
+# ---- plumbing: how the story's promises are kept. In order: the run; errors and printing; resume, the clock
 # ---- and the printed commands; weight files; wandb; settings and --help; the corpus; devices, dtype and compile.
 
 # The run: this process's part in a training (`run` in train()): rank, device, dtype, clock, speed, wandb, checkpoints
@@ -736,8 +813,6 @@ class Run:
         self.evaluated_at = it if checkpoint.get("evaluated") else None
         return {"id": checkpoint.get("wandb_id"), "group": checkpoint.get("wandb_group"),
                 "dirs": checkpoint.get("wandb_offline_dirs") or []}
-
-    stopped = property(lambda self: bool(self.failure) or STOP.stopped)  # a NaN loss or a Ctrl-C ended training
 
     def tokens_per_sec(self, it):
         """Training tokens a second since the last evaluation (0 before any step); the clock then counts evaluation."""
@@ -793,80 +868,6 @@ class Run:
             dist.destroy_process_group()
         seconds, total = self.clock.figures()  # again: closing wandb took time too
         say(f"total {total:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
-
-# Ctrl-C and SIGTERM, as "What Ctrl-C does" (after main()) says
-
-class Interrupted(BaseException):
-    """Ends a `with STOP.at_once()` block at a first Ctrl-C (a BaseException: no `except Exception` swallows it)."""
-
-class StopRequests:
-    """"What Ctrl-C does" in code: main() enters STOP, which handles SIGINT and SIGTERM until it returns. A first request
-    does what `mode` says ("quit" raises KeyboardInterrupt, "abandon" Interrupted); a second always quits."""
-
-    def __init__(self):
-        self.signum, self.mode, self.world = None, "quit", 1  # the first request's signal; what one does now; processes
-        self.agreed_at = None  # under torchrun: the step at which the processes agreed to stop
-        self.cut_short = self.finished = False  # an at_once block was abandoned; model.pth is written (exit 0)
-
-    def __enter__(self):
-        self.__init__()
-        self.old = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-    def on_signal(self, signum, frame):
-        second, self.signum = self.signum is not None, self.signum or signum
-        if second or self.mode == "quit":
-            raise KeyboardInterrupt  # main() exits 128 + the first request's signal, or 0 once model.pth is written
-        if self.mode == "late":
-            return
-        when = ("now" if self.mode == "abandon" else "after this step" if self.world == 1
-                else "within 10 steps, unless training ends first")
-        say(f"\nstopping {when} (a second Ctrl-C or SIGTERM quits at once)", file=sys.stderr)
-        if self.mode == "abandon":
-            raise Interrupted
-
-    @contextlib.contextmanager
-    def while_training(self, world):  # the loop: "step"; after it "quit", or under torchrun "late"
-        self.mode, self.world = "step", world
-        try:
-            yield
-        finally:
-            self.mode = "quit" if world == 1 else "late"
-
-    @contextlib.contextmanager
-    def at_once(self):  # "abandon", except in training under torchrun, where every process must finish the block
-        before = self.mode
-        self.mode = "step" if before == "step" and self.world > 1 else "abandon"
-        try:
-            yield
-        except Interrupted:
-            self.cut_short = True
-        finally:
-            self.mode = before
-
-    def mark_finished(self):  # model.pth is written: a request now quits with exit 0 (under torchrun: is only noted)
-        self.finished, self.mode = True, "quit" if self.world == 1 else "late"
-
-    @property
-    def stopped(self):  # whether training stopped on request (under torchrun: once the processes agreed)
-        return self.signum is not None if self.world == 1 else self.agreed_at is not None
-
-    def requested(self, it, dev):
-        """Whether to stop before step `it`; under torchrun the processes compare notes every 10 steps."""
-        if self.world == 1:
-            return self.signum is not None
-        if it % 10:
-            return False
-        flag = torch.tensor([float(self.signum is not None)], device=dev)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.agreed_at = it if flag.item() > 0 else None
-        return self.agreed_at is not None
-
-STOP = StopRequests()
 
 class UserError(Exception):
     """A problem with the user's input or files: one line, exit code 1 (under torchrun printed once)."""
@@ -1010,7 +1011,7 @@ SHAPE_KEYS = ("vocab_size", "block_size", "n_embed", "n_head", "n_layer")
 def load_weights(model, sd, path, shape=None, fix="use the data and shape settings it was trained with"):
     """Load a state_dict (either layout) into model, or say in one line which shape setting or tensor differs."""
     here = {**state_dict_shape(model.state_dict(), "model"), "n_head": model.blocks[0].sa.n_head}
-    found = shape or {**state_dict_shape(sd, path), "n_head": per_head_count(sd) or None}  # fused: no head count
+    found = shape or {**state_dict_shape(sd, path), "n_head": head_count(sd) or None}  # None: not recorded
     diffs = [f"{k}={found[k]} (here {here[k]})" for k in SHAPE_KEYS if found.get(k) not in (None, here[k])]
     if diffs:
         raise UserError(f"{path} does not fit this model: it was trained with {', '.join(diffs)}; {fix}")

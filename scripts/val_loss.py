@@ -31,7 +31,7 @@ def main():
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     val = ids[int(0.9 * len(ids)):]
     model = babygpt.BabyGPT(tokenizer.vocab_size, shape["block_size"], shape["n_embed"],
-                            babygpt.per_head_count(sd) or babygpt.n_head, shape["n_layer"], dropout=0.0)
+                            babygpt.head_count(sd) or babygpt.n_head, shape["n_layer"], dropout=0.0)
     model.load_state_dict(sd)  # either layout
     model.eval()
     gen = torch.Generator().manual_seed(args.seed)

@@ -4,7 +4,6 @@ import os
 import re
 import runpy
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -109,6 +108,23 @@ def test_weights_with_another_head_count_are_refused_naming_both_counts(trained)
     model = babygpt.BabyGPT(vocab, block_size=16, n_embed=32, n_head=4, n_layer=2)
     with pytest.raises(ValueError, match=r"2 attention heads a layer and this model 4.*n_head=2"):
         model.load_state_dict(torch.load(trained / "model.pth"))
+
+
+def test_fused_weights_record_their_head_count_and_another_is_refused():
+    """Fused weights (state_dict(), ckpt.pt's "model") carry their head count: in a model with another count they are
+    refused, naming both, instead of computing another function; fused weights saved without it still load."""
+    sd = babygpt.BabyGPT(30, block_size=8, n_embed=12, n_head=3, n_layer=2).state_dict()
+    assert babygpt.head_count(sd) == 3
+    two_heads = babygpt.BabyGPT(30, block_size=8, n_embed=12, n_head=2, n_layer=2)
+    with pytest.raises(ValueError, match=r"3 attention heads a layer and this model 2.*n_head=3"):
+        two_heads.load_state_dict(sd)
+    with pytest.raises(babygpt.UserError, match=r"n_head=3 \(here 2\)"):
+        babygpt.load_weights(two_heads, sd, "model.pth")
+    older = {k: v for k, v in sd.items() if not k.endswith(".head_count")}
+    assert babygpt.head_count(older) == 0
+    model = babygpt.BabyGPT(30, block_size=8, n_embed=12, n_head=3, n_layer=2)
+    model.load_state_dict(older)
+    assert same_weights(model.state_dict(), sd)
 
 
 def test_seed_layout_round_trips_and_shares_one_mask():
@@ -295,8 +311,9 @@ def _setup(work, steps):
             sd = torch.load(path, weights_only=True)
             del sd["lm_head.bias"]
             torch.save(sd, path)
-        elif kind == "fused":  # ckpt.pt's weights alone: a state_dict() saved by hand, which records no head count
-            torch.save(torch.load(work / "ckpt.pt", weights_only=True)["model"], path)
+        elif kind == "fused":  # ckpt.pt's weights alone, as an older babygpt saved them: no head count recorded
+            weights = torch.load(work / "ckpt.pt", weights_only=True)["model"]
+            torch.save({k: v for k, v in weights.items() if not k.endswith(".head_count")}, path)
         elif kind in ("unconfigured", "headless"):  # its settings lack the head count, or say 0
             state = torch.load(path, weights_only=True)
             state["config"].pop("n_head") if kind == "unconfigured" else state["config"].update(n_head=0)

@@ -284,9 +284,8 @@ def test_a_stop_during_the_last_evaluation_keeps_the_run_resumable(work, capsys,
 
     def estimate_loss(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:  # steps 0, 5, then the last one, 10: as the signal handler does in STOP.at_once()
-            babygpt.STOP.signum = signal.SIGINT
-            raise babygpt.Interrupted
+        if len(calls) == 3:  # steps 0, 5, then the last one, 10
+            babygpt.STOP.on_signal(signal.SIGINT, None)  # in an evaluation: raises KeyboardInterrupt
         return real(*args, **kwargs)
     monkeypatch.setattr(babygpt, "estimate_loss", estimate_loss)
     (work / "model.pth").unlink()
