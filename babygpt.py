@@ -613,6 +613,8 @@ def sample(cfg):
         state, shape = read_checkpoint(cfg.ckpt_path)  # torch.load on the CPU; n_head: its config's; the rest: its weights
         weights, tokenizer = state["model"], Tokenizer(state["chars"])
         source = f"{cfg.ckpt_path} (step {state['iter_num']})"
+        if state["iter_num"] < state["config"].get("max_iters", 0) and os.path.exists(cfg.save_path):
+            say(f"note: {cfg.ckpt_path} is an unfinished run's; --ckpt_path= samples {cfg.save_path} instead")
     elif os.path.exists(cfg.save_path):  # model.pth: weights only; the vocabulary is that of data_path
         weights, source = load_file(cfg.save_path, "model file"), cfg.save_path
         tokenizer = model_pth_vocabulary(cfg, weights)  # data_path's, which must have the file's vocab_size
@@ -679,8 +681,7 @@ def main(argv=None):
 # What Ctrl-C does. SIGTERM (as `kill` sends) does the same, with exit code 143 where Ctrl-C's is 130. A first press
 # raises KeyboardInterrupt, as in any Python program, except in a training step: there it is held until the step ends
 # (STOP.check), so that ckpt.pt never holds half a step. Case by case:
-# - Before training (loading, measuring, compiling) and in `sample`: main() catches it and prints "interrupted; files on
-#   disk are intact". Exit 130.
+# - Before training (loading, measuring, compiling) and in `sample`: "interrupted; files on disk are intact". Exit 130.
 # - In a training step it prints "stopping after this step" and the step ends; in an evaluation it prints "stopping now"
 #   and the evaluation is abandoned where it is. Then train() catches it: ckpt.pt holds the N steps done (marked not
 #   evaluated, so a resume evaluates step N first if one is due), and the run prints "interrupted at step N; checkpoint
@@ -700,8 +701,7 @@ def main(argv=None):
 class StopRequests:
     """The cases above, in code. main() enters STOP, which handles SIGINT and SIGTERM until it returns. A first request
     does what `mode` says: "raise" raises KeyboardInterrupt; "abandon" says "stopping now" and raises it; "step" says
-    when the stop will come and holds it for check(); "late" only notes it. A second one exits (as does, on one process,
-    any once model.pth is written)."""
+    when the stop comes and holds it for check(); "late" only notes it. A second exits (one process: any after model.pth)."""
 
     def __init__(self):
         self.signum, self.mode, self.world = None, "raise", 1  # the first request's signal; what one does now; processes

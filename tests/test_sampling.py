@@ -92,6 +92,23 @@ def test_sample_falls_back_to_model_pth(work, capsys, monkeypatch):
     assert "poems.txt" in one_line_error(proc)
 
 
+def test_sample_says_when_ckpt_pt_is_an_unfinished_runs_beside_a_model_pth(work, capsys, monkeypatch):
+    """ckpt.pt, read first, may be a later run's that stopped early while model.pth holds a finished one: sample
+    says so and how to read model.pth. A finished run's ckpt.pt, or one without a model.pth, gets no such note."""
+    args = ["sample", *tiny(), "--prompts=春江", "--max_new_token=5", "--temperature=0"]
+    finished, = sample_here(capsys, monkeypatch, work, args)
+    assert finished.returncode == 0 and "note:" not in finished.stdout, show(finished)
+    state = torch.load(work / "ckpt.pt", weights_only=True)
+    state["config"]["max_iters"] = state["iter_num"] + 100  # as a run stopped before its last step
+    torch.save(state, work / "ckpt.pt")
+    unfinished, = sample_here(capsys, monkeypatch, work, args)
+    assert unfinished.returncode == 0, show(unfinished)
+    assert "note: ckpt.pt is an unfinished run's; --ckpt_path= samples model.pth instead" in unfinished.stdout
+    (work / "model.pth").unlink()
+    alone, = sample_here(capsys, monkeypatch, work, args)
+    assert alone.returncode == 0 and "note:" not in alone.stdout, show(alone)
+
+
 def test_sample_asks_for_prompts_on_a_terminal(work):
     """With no prompts on a terminal, `sample` asks (请输入文字: ) until Ctrl-D; an empty line asks again and a
     character it never saw gets a hint instead of a crash."""
