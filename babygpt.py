@@ -674,7 +674,7 @@ def main(argv=None):
                                   "--grad_accum_steps (the same gradients, in smaller pieces)"))
         return 1
     except KeyboardInterrupt:  # a first Ctrl-C or SIGTERM before training or in sample
-        print(INTERRUPTED, file=sys.stderr, flush=True)
+        say(INTERRUPTED, file=sys.stderr)  # under torchrun, which passes it to every process: once
         return 128 + (STOP.signum or signal.SIGINT)
 
 # -----------------------------------------------------------------------------

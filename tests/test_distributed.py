@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 import babygpt
 from conftest import (WRAPPED, ROOT, LONG, Running, all_finite, assert_close_weights, batch, cli_env, load_ckpt,
-                      losses, max_change, same_files, same_weights, snapshot, step_weights, succeeded,
+                      losses, max_change, run_main, same_files, same_weights, snapshot, step_weights, succeeded,
                       temp_files, tiny, tiny_model, torchrun_cmd)
 
 
@@ -292,6 +292,16 @@ def test_under_torchrun_a_ctrl_c_after_training_is_noted_and_every_process_reach
             except KeyboardInterrupt:
                 pytest.fail("a Ctrl-C after training ended a torchrun process before run.finish's barrier")
             assert stop.signum == signal.SIGINT
+
+
+def test_under_torchrun_a_ctrl_c_before_training_is_reported_once(capsys, monkeypatch):
+    """torchrun passes a Ctrl-C on to every process: before training each quits with 130, and only the first says so,
+    not one line per process."""
+    monkeypatch.setattr(babygpt, "parse_args", lambda argv: babygpt.STOP.on_signal(signal.SIGINT, None))
+    for rank, printed in (("1", ""), ("0", "interrupted; files on disk are intact")):
+        monkeypatch.setenv("RANK", rank)
+        res = run_main(capsys, [])
+        assert res.returncode == 130 and res.stderr.strip() == printed, (rank, res)
 
 
 def test_under_torchrun_a_ctrl_c_in_training_says_the_stop_comes_within_10_steps(capsys, monkeypatch):
